@@ -1,0 +1,493 @@
+"""The toy world: scenes of flat shapes, edits of the paper's six kinds, a training-noise model
+and a ground-truth judge.
+
+It is a miniature of real instruction-guided editing that the project can train end to end on a
+CPU and judge exactly. Everything is deterministic from a seed. Rendering is aliased (no
+anti-aliasing), so every pixel has one palette colour and the judge can compare images exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+DEFAULT_SIZE = 64
+
+SHAPES = ("circle", "square", "triangle", "diamond")
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "purple": (150, 60, 190),
+    "orange": (245, 140, 30),
+}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (245, 245, 245),
+    "gray": (128, 128, 128),
+    "black": (25, 25, 25),
+    "pink": (250, 185, 200),
+    "cyan": (120, 215, 225),
+}
+SIZES = ("small", "large")
+# Object radius as a fraction of the image side; a large object still fits its grid cell.
+RADIUS = {"small": 5 / 64, "large": 8 / 64}
+JITTER = 2 / 64
+
+# Grid cells (row, col) and the words for them.
+CELLS = [(r, c) for r in range(3) for c in range(3)]
+CELL_NAMES = {
+    (0, 0): "top left", (0, 1): "top", (0, 2): "top right",
+    (1, 0): "left", (1, 1): "center", (1, 2): "right",
+    (2, 0): "bottom left", (2, 1): "bottom", (2, 2): "bottom right",
+}
+# "at the top left" reads better than "in the top left"; "on the left" than "at the left".
+CELL_PREPOSITION = {(1, 0): "on", (1, 2): "on", (1, 1): "in"}
+
+EDIT_KINDS = ("add", "remove", "recolour", "move", "resize", "background")
+CORRUPTIONS = ("wrong_object", "partial", "extra_change", "no_change")
+
+
+def location_phrase(cell: tuple[int, int]) -> str:
+    return f"{CELL_PREPOSITION.get(cell, 'at')} the {CELL_NAMES[cell]}"
+
+
+@dataclass(frozen=True)
+class ToyObject:
+    shape: str
+    colour: str
+    size: str
+    cell: tuple[int, int]
+    jitter: tuple[float, float]  # offset from the cell centre, in fractions of the image side
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[ToyObject, ...]
+    background: str
+
+    def caption(self) -> str:
+        parts = [f"a {o.size} {o.colour} {o.shape} {location_phrase(o.cell)}" for o in self.objects]
+        return ", ".join(parts) + f" on a {self.background} background"
+
+    def render(self, size: int = DEFAULT_SIZE) -> Image.Image:
+        img = Image.new("RGB", (size, size), BACKGROUNDS[self.background])
+        draw = ImageDraw.Draw(img)
+        for obj in self.objects:
+            draw_object(draw, obj, size)
+        return img
+
+    def empty_cells(self) -> list[tuple[int, int]]:
+        used = {o.cell for o in self.objects}
+        return [c for c in CELLS if c not in used]
+
+    def replace(self, index: int, obj: ToyObject | None) -> "Scene":
+        objects = list(self.objects)
+        if obj is None:
+            objects.pop(index)
+        else:
+            objects[index] = obj
+        return Scene(tuple(objects), self.background)
+
+    def to_json(self) -> dict:
+        return {"background": self.background, "objects": [dataclasses.asdict(o) for o in self.objects]}
+
+    @staticmethod
+    def from_json(data: dict) -> "Scene":
+        objs = tuple(
+            ToyObject(o["shape"], o["colour"], o["size"], tuple(o["cell"]), tuple(o["jitter"]))  # type: ignore[arg-type]
+            for o in data["objects"]
+        )
+        return Scene(objs, data["background"])
+
+
+def draw_object(draw: ImageDraw.ImageDraw, obj: ToyObject, size: int) -> None:
+    cx = (obj.cell[1] + 0.5) / 3 * size + obj.jitter[0] * size
+    cy = (obj.cell[0] + 0.5) / 3 * size + obj.jitter[1] * size
+    r = RADIUS[obj.size] * size
+    fill = COLOURS[obj.colour]
+    if obj.shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif obj.shape == "square":
+        s = r * 0.9
+        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+    elif obj.shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill)
+    elif obj.shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {obj.shape!r}")
+
+
+def random_object(rng: np.random.Generator, cell: tuple[int, int]) -> ToyObject:
+    jitter = tuple(float(v) for v in rng.uniform(-JITTER, JITTER, size=2))
+    return ToyObject(
+        shape=SHAPES[rng.integers(len(SHAPES))],
+        colour=list(COLOURS)[rng.integers(len(COLOURS))],
+        size=SIZES[rng.integers(len(SIZES))],
+        cell=cell,
+        jitter=jitter,  # type: ignore[arg-type]
+    )
+
+
+def random_scene(rng: np.random.Generator, max_objects: int = 3) -> Scene:
+    n = int(rng.integers(1, max_objects + 1))
+    cells = [CELLS[i] for i in rng.choice(len(CELLS), size=n, replace=False)]
+    objects = tuple(random_object(rng, c) for c in cells)
+    return Scene(objects, list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))])
+
+
+# ---------------------------------------------------------------- referring expressions
+def referring_expressions(scene: Scene, index: int) -> list[str]:
+    """Every description from our templates that picks object `index` and no other."""
+    o = scene.objects[index]
+    templates = [
+        (lambda x: (x.shape,), f"the {o.shape}"),
+        (lambda x: (x.colour, x.shape), f"the {o.colour} {o.shape}"),
+        (lambda x: (x.size, x.shape), f"the {o.size} {o.shape}"),
+        (lambda x: (x.shape, x.cell), f"the {o.shape} {location_phrase(o.cell)}"),
+        (lambda x: (x.colour, x.shape, x.cell), f"the {o.colour} {o.shape} {location_phrase(o.cell)}"),
+    ]
+    found = []
+    for key, text in templates:
+        matches = [x for x in scene.objects if key(x) == key(o)]
+        if len(matches) == 1:
+            found.append(text)
+    return found  # the last template is always unique: one object per cell
+
+
+def refer(scene: Scene, index: int, rng: np.random.Generator) -> str:
+    options = referring_expressions(scene, index)
+    return options[int(rng.integers(len(options)))]
+
+
+def describe_for_adding(o: ToyObject) -> str:
+    return f"a {o.size} {o.colour} {o.shape} {location_phrase(o.cell)}"
+
+
+# ---------------------------------------------------------------- edits
+@dataclass(frozen=True)
+class Edit:
+    kind: str
+    instruction: str
+    inverse_instruction: str
+    source: Scene
+    target: Scene
+    # which object indices of the source the edit touches (empty for add/background)
+    touched: tuple[int, ...] = field(default=())
+
+
+def _pick(rng: np.random.Generator, options: list[str]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def make_edit(scene: Scene, kind: str, rng: np.random.Generator) -> Edit | None:
+    """One edit of `kind` on `scene`, or None when the scene does not allow it."""
+    n = len(scene.objects)
+    if kind == "add":
+        empty = scene.empty_cells()
+        if not empty or n >= 4:
+            return None
+        new = random_object(rng, empty[int(rng.integers(len(empty)))])
+        target = Scene(scene.objects + (new,), scene.background)
+        desc = describe_for_adding(new)
+        instruction = _pick(rng, [f"add {desc}", f"put {desc}", f"draw {desc}"])
+        inverse = f"remove {refer(target, n, rng)}"
+        return Edit(kind, instruction, inverse, scene, target, ())
+    if n == 0 and kind != "background":
+        return None
+    i = int(rng.integers(n)) if n else 0
+    if kind == "remove":
+        o = scene.objects[i]
+        ref = refer(scene, i, rng)
+        instruction = _pick(rng, [f"remove {ref}", f"delete {ref}", f"take away {ref}", f"get rid of {ref}"])
+        return Edit(kind, instruction, f"add {describe_for_adding(o)}", scene, scene.replace(i, None), (i,))
+    if kind == "recolour":
+        o = scene.objects[i]
+        colour = _pick(rng, [c for c in COLOURS if c != o.colour])
+        target = scene.replace(i, dataclasses.replace(o, colour=colour))
+        ref = refer(scene, i, rng)
+        instruction = _pick(rng, [f"make {ref} {colour}", f"turn {ref} {colour}",
+                                  f"change the colour of {ref} to {colour}", f"paint {ref} {colour}"])
+        inverse = f"make {refer(target, i, rng)} {o.colour}"
+        return Edit(kind, instruction, inverse, scene, target, (i,))
+    if kind == "move":
+        o = scene.objects[i]
+        empty = scene.empty_cells()
+        cell = empty[int(rng.integers(len(empty)))]
+        target = scene.replace(i, dataclasses.replace(o, cell=cell))
+        ref = refer(scene, i, rng)
+        where = f"to the {CELL_NAMES[cell]}"
+        instruction = _pick(rng, [f"move {ref} {where}", f"shift {ref} {where}", f"slide {ref} {where}"])
+        inverse = f"move {refer(target, i, rng)} to the {CELL_NAMES[o.cell]}"
+        return Edit(kind, instruction, inverse, scene, target, (i,))
+    if kind == "resize":
+        o = scene.objects[i]
+        ref = refer(scene, i, rng)
+        grow = o.size == "small"
+        target = scene.replace(i, dataclasses.replace(o, size="large" if grow else "small"))
+        ref_after = refer(target, i, rng)
+        bigger = [f"make {{}} bigger", f"make {{}} larger", f"enlarge {{}}", f"increase the size of {{}}"]
+        smaller = [f"make {{}} smaller", f"shrink {{}}", f"reduce the size of {{}}"]
+        instruction = _pick(rng, bigger if grow else smaller).format(ref)
+        inverse = _pick(rng, smaller if grow else bigger).format(ref_after)
+        return Edit(kind, instruction, inverse, scene, target, (i,))
+    if kind == "background":
+        bg = _pick(rng, [b for b in BACKGROUNDS if b != scene.background])
+        target = Scene(scene.objects, bg)
+        instruction = _pick(rng, [f"change the background to {bg}", f"make the background {bg}",
+                                  f"turn the background {bg}", f"paint the background {bg}"])
+        return Edit(kind, instruction, f"make the background {scene.background}", scene, target, ())
+    raise ValueError(f"unknown edit kind {kind!r}")
+
+
+def random_edit(rng: np.random.Generator, kind: str | None = None) -> Edit:
+    while True:
+        scene = random_scene(rng)
+        k = kind if kind is not None else EDIT_KINDS[int(rng.integers(len(EDIT_KINDS)))]
+        edit = make_edit(scene, k, rng)
+        if edit is not None:
+            return edit
+
+
+# ---------------------------------------------------------------- training noise
+def corrupt(edit: Edit, rng: np.random.Generator, size: int = DEFAULT_SIZE) -> tuple[Image.Image, str]:
+    """A wrong target like those of automatically generated datasets, and the corruption's name."""
+    kind = CORRUPTIONS[int(rng.integers(len(CORRUPTIONS)))]
+    source = edit.source
+    if kind == "no_change":
+        return source.render(size), kind
+    if kind == "partial":
+        src = np.asarray(source.render(size))
+        tgt = np.asarray(edit.target.render(size))
+        changed = np.any(src != tgt, axis=-1)
+        ys, xs = np.nonzero(changed)
+        out = tgt.copy()
+        if len(xs):
+            # keep only the left (or top) half of the change
+            if rng.random() < 0.5:
+                keep = np.arange(size)[None, :] <= (xs.min() + xs.max()) / 2
+            else:
+                keep = np.arange(size)[:, None] <= (ys.min() + ys.max()) / 2
+            out = np.where((changed & ~keep)[..., None], src, tgt)
+        return Image.fromarray(out.astype(np.uint8)), kind
+    if kind == "wrong_object":
+        others = [j for j in range(len(source.objects)) if j not in edit.touched]
+        if edit.kind in ("remove", "recolour", "move", "resize") and others:
+            # same kind of edit, applied to another object
+            j = others[int(rng.integers(len(others)))]
+            wrong = _apply_like(edit, source, j, rng)
+            if wrong is not None:
+                return wrong.render(size), kind
+        if edit.kind == "background":
+            bg = _pick(rng, [b for b in BACKGROUNDS if b not in (source.background, edit.target.background)])
+            return Scene(edit.target.objects, bg).render(size), kind
+        if edit.kind == "add":
+            new = edit.target.objects[-1]
+            colour = _pick(rng, [c for c in COLOURS if c != new.colour])
+            return Scene(source.objects + (dataclasses.replace(new, colour=colour),), source.background).render(size), kind
+        kind = "extra_change"  # nothing else to pick: fall through
+    # extra_change: the right edit plus an unwanted recolour of another object (or of the background)
+    target = edit.target
+    candidates = [j for j in range(len(target.objects)) if j not in edit.touched and
+                  not (edit.kind == "add" and j == len(target.objects) - 1)]
+    if candidates:
+        j = candidates[int(rng.integers(len(candidates)))]
+        o = target.objects[j]
+        target = target.replace(j, dataclasses.replace(o, colour=_pick(rng, [c for c in COLOURS if c != o.colour])))
+    else:
+        target = Scene(target.objects, _pick(rng, [b for b in BACKGROUNDS if b != target.background]))
+    return target.render(size), "extra_change"
+
+
+def _apply_like(edit: Edit, scene: Scene, j: int, rng: np.random.Generator) -> Scene | None:
+    o = scene.objects[j]
+    if edit.kind == "remove":
+        return scene.replace(j, None)
+    if edit.kind == "recolour":
+        return scene.replace(j, dataclasses.replace(o, colour=_pick(rng, [c for c in COLOURS if c != o.colour])))
+    if edit.kind == "move":
+        empty = scene.empty_cells()
+        return scene.replace(j, dataclasses.replace(o, cell=empty[int(rng.integers(len(empty)))]))
+    if edit.kind == "resize":
+        return scene.replace(j, dataclasses.replace(o, size="large" if o.size == "small" else "small"))
+    return None
+
+
+# ---------------------------------------------------------------- samples and datasets
+@dataclass
+class ToyExample:
+    id: str
+    edit: Edit
+    input_image: Image.Image
+    edited_image: Image.Image  # what the dataset says; may be corrupted
+    clean_image: Image.Image
+    corruption: str | None
+
+
+def sample_example(seed: int, size: int = DEFAULT_SIZE, noise: float = 0.0, kind: str | None = None) -> ToyExample:
+    """The example for `seed`: the same seed always gives the same example."""
+    rng = np.random.default_rng([seed, 7919])
+    edit = random_edit(rng, kind)
+    clean = edit.target.render(size)
+    edited, corruption = clean, None
+    if noise > 0 and rng.random() < noise:
+        edited, corruption = corrupt(edit, rng, size)
+    return ToyExample(f"toy-{seed:08d}", edit, edit.source.render(size), edited, clean, corruption)
+
+
+def _save_png_atomic(img: Image.Image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def write_dataset(out: Path, n: int, seed: int, noise: float = 0.0, size: int = DEFAULT_SIZE,
+                  progress: bool = True) -> Path:
+    """Write `n` examples as `out/metadata.jsonl` + PNGs (the InstructPix2Pix column format)."""
+    from tqdm.auto import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "images").mkdir(exist_ok=True)
+    rows = []
+    for k in tqdm(range(n), desc="toy sample", disable=not progress):
+        ex = sample_example(seed + k, size=size, noise=noise)
+        paths = {}
+        for name, img in (("input", ex.input_image), ("edited", ex.edited_image), ("clean", ex.clean_image)):
+            rel = f"images/{ex.id}_{name}.png"
+            _save_png_atomic(img, out / rel)
+            paths[name] = rel
+        rows.append({
+            "id": ex.id,
+            "input_image": paths["input"],
+            "edit_prompt": ex.edit.instruction,
+            "edited_image": paths["edited"],
+            "clean_image": paths["clean"],
+            "kind": ex.edit.kind,
+            "inverse_prompt": ex.edit.inverse_instruction,
+            "corruption": ex.corruption,
+            "seed": seed + k,
+            "source_scene": ex.edit.source.to_json(),
+        })
+    tmp = out / ".metadata.jsonl.tmp"
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, out / "metadata.jsonl")
+    return out / "metadata.jsonl"
+
+
+def iter_captions(seed: int, n: int) -> Iterator[tuple[Image.Image, str]]:
+    rng = np.random.default_rng([seed, 104729])
+    for _ in range(n):
+        scene = random_scene(rng)
+        yield scene.render(), scene.caption()
+
+
+def vocabulary() -> list[str]:
+    """Every word the toy world writes, for the generated tokenizer."""
+    words: set[str] = set()
+    rng = np.random.default_rng(0)
+    for k in range(3000):
+        ex = sample_example(k, noise=0.0)
+        for text in (ex.edit.instruction, ex.edit.inverse_instruction, ex.edit.source.caption()):
+            words.update(text.replace(",", " , ").split())
+    words.update(SHAPES, COLOURS, BACKGROUNDS, SIZES, ["image", "quality", "is", "out", "of",
+                 "one", "two", "three", "four", "five"])
+    del rng
+    return sorted(words)
+
+
+# ---------------------------------------------------------------- the judge
+@dataclass
+class Judgement:
+    following: float  # share of the region that should change that matches the clean target
+    preservation: float  # worst share, over the regions that should stay, that matches the source
+    stray_pixels: int  # pixels outside the edit that changed
+    success: bool
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FOLLOW_MIN = 0.8
+PRESERVE_MIN = 0.9
+STRAY_MAX_AT_64 = 24  # about half the area of the smallest object
+COLOUR_TOL = 60.0  # Euclidean RGB distance; palette colours are at least ~100 apart
+
+
+def _as_array(img: Image.Image | np.ndarray, size: int) -> np.ndarray:
+    if isinstance(img, Image.Image):
+        img = img.convert("RGB")
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.Resampling.BILINEAR)
+        img = np.asarray(img)
+    return img.astype(np.float32)
+
+
+def _edges(a: np.ndarray) -> np.ndarray:
+    diff = np.zeros(a.shape[:2], dtype=bool)
+    d_x = np.any(a[:, 1:] != a[:, :-1], axis=-1)
+    d_y = np.any(a[1:] != a[:-1], axis=-1)
+    diff[:, 1:] |= d_x
+    diff[:, :-1] |= d_x
+    diff[1:] |= d_y
+    diff[:-1] |= d_y
+    return diff
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    out = mask.copy()
+    out[1:] |= mask[:-1]
+    out[:-1] |= mask[1:]
+    out[:, 1:] |= mask[:, :-1]
+    out[:, :-1] |= mask[:, 1:]
+    return out
+
+
+def _regions(a: np.ndarray, allowed: np.ndarray) -> list[np.ndarray]:
+    """Connected regions of one colour inside `allowed` (4-connectivity)."""
+    from scipy import ndimage
+
+    regions: list[np.ndarray] = []
+    colours = np.unique(a[allowed].reshape(-1, a.shape[-1]), axis=0)
+    for colour in colours:
+        labels, n = ndimage.label(allowed & np.all(a == colour, axis=-1))
+        regions.extend(labels == k for k in range(1, n + 1))
+    return regions
+
+
+def judge(source: Image.Image | np.ndarray, clean_target: Image.Image | np.ndarray,
+          output: Image.Image | np.ndarray) -> Judgement:
+    """Did `output` make the edit that turns `source` into `clean_target`, and only that edit?
+
+    Works on images alone: the region that should change is where source and clean target
+    differ. A one-pixel band around every colour edge is left out, so blur at edges is not
+    punished, but a wrong colour, a missing or extra object, or a change elsewhere is.
+    """
+    size = clean_target.size[0] if isinstance(clean_target, Image.Image) else clean_target.shape[0]
+    src, tgt, out = (_as_array(x, size) for x in (source, clean_target, output))
+    band = _dilate(_edges(src) | _edges(tgt))
+    change = np.any(src != tgt, axis=-1)
+    close_tgt = np.linalg.norm(out - tgt, axis=-1) < COLOUR_TOL
+    close_src = np.linalg.norm(out - src, axis=-1) < COLOUR_TOL
+    inner_change = change & ~band
+    if inner_change.sum() < 4:  # a tiny change lies almost wholly on edges
+        inner_change = change
+    following = float(close_tgt[inner_change].mean()) if inner_change.any() else 1.0
+    keep = ~change & ~band
+    stray = int((keep & ~close_src).sum())
+    preservation = 1.0
+    for region in _regions(src, keep):
+        if region.sum() >= 6:
+            preservation = min(preservation, float(close_src[region].mean()))
+    stray_max = STRAY_MAX_AT_64 * (size / 64) ** 2
+    success = following >= FOLLOW_MIN and preservation >= PRESERVE_MIN and stray <= stray_max
+    return Judgement(following, preservation, stray, bool(success))

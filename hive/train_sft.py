@@ -1,0 +1,210 @@
+"""Supervised InstructPix2Pix training (the "SFT trainer").
+
+Follows diffusers' train_instruct_pix2pix.py: frozen VAE and text encoder; the UNet sees the
+noisy target latent concatenated with the (unscaled) source latent; conditioning dropout drops
+the text alone, the image alone, or both, 5% each, so sampling can use two guidance scales.
+Extras: min-SNR loss weighting (faster convergence), optional per-example loss weights (used by
+the weighted-reward fine-tuning), EMA, checkpoints with exact resume.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionInstructPix2PixPipeline,
+                       UNet2DConditionModel)
+from diffusers.training_utils import EMAModel, compute_snr
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from hive.data import TripletBatch, TripletSource
+from hive.training import LossLog, make_accelerator, resume_latest, save_checkpoint
+
+DROP_PROB = 0.05
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 4000
+    batch_size: int = 32
+    lr: float = 3e-4
+    warmup_steps: int = 200
+    min_snr_gamma: float | None = 5.0
+    ema_decay: float | None = 0.999
+    checkpoint_every: int = 250
+    mixed_precision: str = "no"
+    seed: int = 0
+    gradient_checkpointing: bool = False
+
+
+def expand_conv_in(unet: UNet2DConditionModel, in_channels: int = 8) -> UNet2DConditionModel:
+    """Give a text-to-image UNet the extra source-latent input channels, zero-initialised, as
+    InstructPix2Pix does: at step 0 the model is exactly the text-to-image model."""
+    old = unet.conv_in
+    if old.in_channels == in_channels:
+        return unet
+    new = torch.nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, : old.in_channels] = old.weight
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=in_channels)
+    return unet
+
+
+def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str],
+                   device: torch.device) -> torch.Tensor:
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids.to(device)
+    return text_encoder(ids)[0]
+
+
+def sft_loss(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
+             tokenizer: CLIPTokenizer, noise_scheduler: DDPMScheduler, batch: TripletBatch,
+             generator: torch.Generator, min_snr_gamma: float | None,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The InstructPix2Pix denoising loss of one batch (mean over examples)."""
+    device = batch.source.device
+    bsz = batch.source.shape[0]
+    with torch.no_grad():
+        target_latents = vae.encode(batch.edited).latent_dist.sample(generator) * vae.config.scaling_factor
+        source_latents = vae.encode(batch.source).latent_dist.mode()
+        text = encode_prompts(tokenizer, text_encoder, batch.prompts, device)
+        null_text = encode_prompts(tokenizer, text_encoder, [""], device)
+    noise = torch.randn(target_latents.shape, generator=generator, device=device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator,
+                              device=device)
+    noisy = noise_scheduler.add_noise(target_latents, noise, timesteps)
+    # conditioning dropout: p<.05 text only, .05-.10 both, .10-.15 image only
+    p = torch.rand(bsz, generator=generator, device=device)
+    drop_text = (p < 2 * DROP_PROB).view(bsz, 1, 1)
+    keep_image = ~((p >= DROP_PROB) & (p < 3 * DROP_PROB))
+    text = torch.where(drop_text, null_text.expand_as(text), text)
+    source_latents = source_latents * keep_image.view(bsz, 1, 1, 1).to(source_latents.dtype)
+    pred = unet(torch.cat([noisy, source_latents], dim=1), timesteps, text).sample
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(target_latents, noise, timesteps)
+    else:
+        target = noise
+    per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if min_snr_gamma is not None:
+        snr = compute_snr(noise_scheduler, timesteps)
+        w = torch.clamp(snr, max=min_snr_gamma) / snr
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            w = w * snr / (snr + 1)  # keeps the same weighting in v-space
+        per_example = per_example * w
+    if weights is not None:
+        per_example = per_example * weights
+    return per_example.mean()
+
+
+def load_components(base: Path | str, unet_init: UNet2DConditionModel | None = None):
+    """VAE, text encoder, tokenizer and scheduler config of a pipeline folder (or hub id), and its UNet
+    unless `unet_init` is given."""
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    unet = unet_init if unet_init is not None else UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    return vae, text_encoder, tokenizer, noise_scheduler, expand_conv_in(unet)
+
+
+def train_sft(base: Path | str, data: TripletSource, out: Path, config: SFTConfig,
+              unet_init: UNet2DConditionModel | None = None,
+              weight_fn: Callable[[TripletBatch], torch.Tensor] | None = None,
+              on_checkpoint: Callable[[int, Path], None] | None = None) -> Path:
+    """Train the UNet of pipeline `base` on `data`; write the pipeline to OUT/pipeline.
+
+    Resumes from the newest checkpoint in OUT/checkpoints. `weight_fn` gives per-example loss
+    weights (weighted-reward fine-tuning)."""
+    accelerator = make_accelerator(config.mixed_precision, config.seed)
+    vae, text_encoder, tokenizer, noise_scheduler, unet = load_components(base, unet_init)
+    vae.requires_grad_(False).eval()
+    text_encoder.requires_grad_(False).eval()
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.01,
+                                  fused=torch.cuda.is_available())
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
+    ema = None
+    if config.ema_decay is not None:
+        ema = EMAModel(unet.parameters(), decay=config.ema_decay, use_ema_warmup=True,
+                       model_cls=UNet2DConditionModel, model_config=unet.config)
+        accelerator.register_for_checkpointing(ema)
+    unet, optimizer, schedule = accelerator.prepare(unet, optimizer, schedule)
+    device = accelerator.device
+    vae.to(device)
+    text_encoder.to(device)
+    if ema is not None:
+        ema.to(device)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"base": str(base), **asdict(config)}, indent=2))
+    start = resume_latest(accelerator, out)
+    log = LossLog(out, accelerator.is_main_process)
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train editor",
+               disable=not accelerator.is_local_main_process)
+    running = None
+    for step in bar:
+        batch = data.batch(step, config.batch_size)
+        batch = TripletBatch(batch.source.to(device), batch.edited.to(device), batch.prompts)
+        generator = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + step)
+        weights = weight_fn(batch).to(device) if weight_fn is not None else None
+        with accelerator.autocast():
+            loss = sft_loss(unet, vae, text_encoder, tokenizer, noise_scheduler, batch, generator,
+                            config.min_snr_gamma, weights)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(unet.parameters())
+        value = loss.item()
+        running = value if running is None else 0.98 * running + 0.02 * value
+        bar.set_postfix(loss=f"{running:.4f}")
+        if (step + 1) % 25 == 0:
+            log.log(step + 1, loss=value, loss_avg=running, lr=schedule.get_last_lr()[0])
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            ckpt = save_checkpoint(accelerator, out, step + 1)
+            if on_checkpoint is not None and accelerator.is_main_process:
+                on_checkpoint(step + 1, ckpt)
+    accelerator.wait_for_everyone()
+    final_unet = accelerator.unwrap_model(unet)
+    if ema is not None:
+        ema.copy_to(final_unet.parameters())
+    if accelerator.is_main_process:
+        save_pipeline(base, final_unet, out / "pipeline")
+    return out / "pipeline"
+
+
+def save_pipeline(base: Path | str, unet: UNet2DConditionModel, dest: Path) -> Path:
+    """Assemble base's VAE, text encoder, tokenizer and scheduler with `unet` into a pipeline folder,
+    written beside `dest` and renamed into place."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+    scheduler = EulerAncestralDiscreteScheduler.from_pretrained(base, subfolder="scheduler")
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet.to(torch.float32),
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    extra = Path(base) / "hive.json" if not isinstance(base, str) or Path(base).exists() else None
+    if extra is not None and extra.exists():
+        shutil.copy(extra, tmp / "hive.json")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+

@@ -1,0 +1,63 @@
+"""Train the toy AutoencoderKL on toy scenes (reconstruction + a small KL term)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from hive import toy
+from hive.training import LossLog, make_accelerator, resume_latest, save_checkpoint
+from hive.zoo import toy_vae
+
+
+def scene_batch(step: int, batch_size: int, size: int) -> torch.Tensor:
+    """Batch `step` of the training stream: sources and clean targets of toy edits, in [-1, 1]."""
+    images = []
+    for k in range(batch_size // 2):
+        ex = toy.sample_example(10_000_000 + step * batch_size + k, size=size)
+        images += [np.asarray(ex.input_image), np.asarray(ex.clean_image)]
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x
+
+
+def train_vae(out: Path, steps: int = 3000, batch_size: int = 32, lr: float = 1e-3,
+              kl_weight: float = 1e-6, size: int = toy.DEFAULT_SIZE, checkpoint_every: int = 500) -> Path:
+    accelerator = make_accelerator()
+    vae = toy_vae()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    vae, optimizer = accelerator.prepare(vae, optimizer)
+    start = resume_latest(accelerator, out)
+    log = LossLog(out, accelerator.is_main_process)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train vae",
+               disable=not accelerator.is_local_main_process)
+    for step in bar:
+        x = scene_batch(step, batch_size, size).to(accelerator.device)
+        posterior = accelerator.unwrap_model(vae).encode(x).latent_dist
+        recon = accelerator.unwrap_model(vae).decode(posterior.sample()).sample
+        l1 = (recon - x).abs().mean()
+        kl = posterior.kl().mean()
+        loss = l1 + 0.5 * (recon - x).pow(2).mean() + kl_weight * kl
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        bar.set_postfix(l1=f"{l1.item():.4f}")
+        if (step + 1) % 50 == 0:
+            log.log(step + 1, loss=loss.item(), l1=l1.item(), kl=kl.item())
+        if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            save_checkpoint(accelerator, out, step + 1)
+    model = accelerator.unwrap_model(vae)
+    model.eval()
+    # SD's convention: scale latents to unit variance for the diffusion model.
+    with torch.no_grad():
+        x = scene_batch(999_999, 64, size)
+        latents = model.encode(x).latent_dist.sample()
+        model.register_to_config(scaling_factor=float(1.0 / latents.std()))
+        l1 = (model.decode(model.encode(x).latent_dist.mode()).sample.clamp(-1, 1) - x).abs().mean().item() / 2
+    if accelerator.is_main_process:
+        model.save_pretrained(out / "model")
+        (out / "model" / "metrics.json").write_text(json.dumps({"recon_l1_01": l1, "steps": steps}, indent=2))
+    return out / "model"

@@ -1,0 +1,97 @@
+"""Configurations of the toy zoo (and SD-1.5-shaped ones for tests), and the pipeline assembly.
+
+The toy zoo is the embedded default: a generated tokenizer, a tiny CLIP, a tiny AutoencoderKL
+(64 px -> 16x16x4 latents) and an 8-channel InstructPix2Pix UNet. Each piece is a standard
+diffusers/transformers model, so the same code runs on timbrooks/instruct-pix2pix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+from hive.tokenizer import MODEL_MAX_LENGTH
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_EDITOR = MODELS_DIR / "toy-editor"
+TOY_CLIP = MODELS_DIR / "toy-clip"
+TOY_VAE = MODELS_DIR / "toy-vae"
+TOY_TOKENIZER = MODELS_DIR / "toy-tokenizer"
+TOY_RESOLUTION = 64
+
+
+def toy_clip_config(vocab_size: int, bos_token_id: int, eos_token_id: int) -> CLIPConfig:
+    text = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=MODEL_MAX_LENGTH, projection_dim=128,
+        bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
+    )
+    vision = CLIPVisionConfig(
+        image_size=TOY_RESOLUTION, patch_size=8, hidden_size=128, intermediate_size=512,
+        num_hidden_layers=4, num_attention_heads=4, projection_dim=128,
+    )
+    return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=128)
+
+
+def toy_clip(vocab_size: int, bos_token_id: int, eos_token_id: int) -> CLIPModel:
+    return CLIPModel(toy_clip_config(vocab_size, bos_token_id, eos_token_id))
+
+
+def toy_vae() -> AutoencoderKL:
+    """Factor-4 autoencoder: three blocks, two downsamplings, 4 latent channels like SD."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=TOY_RESOLUTION,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8,
+        mid_block_add_attention=False,
+    )
+
+
+def toy_unet(cross_attention_dim: int = 128) -> UNet2DConditionModel:
+    """The toy editor's UNet: 16x16 latents, 8 input channels (noisy latent + source latent)."""
+    return UNet2DConditionModel(
+        sample_size=TOY_RESOLUTION // 4, in_channels=8, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(64, 128, 192), layers_per_block=1, cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8, norm_num_groups=32,
+    )
+
+
+def sd15_unet(in_channels: int = 4, tiny: bool = True) -> UNet2DConditionModel:
+    """SD-1.5's UNet layout; `tiny` shrinks the widths (same blocks and shapes) for tests."""
+    widths = (32, 64, 64, 64) if tiny else (320, 640, 1280, 1280)
+    return UNet2DConditionModel(
+        sample_size=64 if not tiny else 8, in_channels=in_channels, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=widths, layers_per_block=2 if not tiny else 1,
+        cross_attention_dim=768 if not tiny else 32, attention_head_dim=8,
+        norm_num_groups=32 if not tiny else 16,
+    )
+
+
+def toy_scheduler() -> EulerAncestralDiscreteScheduler:
+    """SD-1.5's noise schedule with the Euler-ancestral sampler that InstructPix2Pix uses."""
+    return EulerAncestralDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
+    )
+
+
+def assemble_base(vae_dir: Path, clip_dir: Path, dest: Path, unet: UNet2DConditionModel | None = None) -> Path:
+    """A pipeline folder from a trained VAE and CLIP (its text tower and tokenizer) and a fresh
+    (or given) UNet: the starting point of SFT training."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    text_encoder = CLIPTextModel.from_pretrained(clip_dir)
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=AutoencoderKL.from_pretrained(vae_dir), text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(clip_dir),
+        unet=unet if unet is not None else toy_unet(text_encoder.config.hidden_size),
+        scheduler=toy_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(dest)
+    return dest
