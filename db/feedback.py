@@ -512,8 +512,7 @@ def undo_last_ranking(session: Session, annotator_id: int) -> UndoneRanking | No
     if last is None:
         return None
     done = UndoneRanking(last.id, last.request_id)
-    session.execute(delete(RankingItem).where(RankingItem.ranking_id == last.id))
-    session.delete(last)
+    session.delete(last)  # items go with it (ORM cascade, and ON DELETE CASCADE)
     session.flush()
     return done
 
@@ -801,5 +800,4 @@ def delete_user_data(session: Session, user_id: int, store: ImageStore) -> dict[
     counts["images"] = session.execute(delete(Image).where(Image.id.in_(gone))).rowcount
     session.info.setdefault(_PENDING_FILES, []).extend((store, sha) for sha in shas)
     counts["files"] = len(shas)
-    session.expunge_all()  # rows deleted in bulk must not linger in the identity map
     return counts
