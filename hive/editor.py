@@ -131,7 +131,7 @@ class Editor:
         if dtype is None:
             dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
-            self.model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+            self.model, dtype=dtype, safety_checker=None, requires_safety_checker=False)
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.info = read_model_info(self.model)

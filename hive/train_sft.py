@@ -108,11 +108,13 @@ def sft_loss(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPT
 def load_components(base: Path | str, unet_init: UNet2DConditionModel | None = None):
     """VAE, text encoder, tokenizer and scheduler config of a pipeline folder (or hub id), and its UNet
     unless `unet_init` is given."""
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
-    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
+    f32 = torch.float32
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", dtype=f32)
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=f32)
     tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
     noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
-    unet = unet_init if unet_init is not None else UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    unet = unet_init if unet_init is not None else UNet2DConditionModel.from_pretrained(
+        base, subfolder="unet", dtype=f32)
     return vae, text_encoder, tokenizer, noise_scheduler, expand_conv_in(unet)
 
 
@@ -191,8 +193,8 @@ def save_pipeline(base: Path | str, unet: UNet2DConditionModel, dest: Path) -> P
     written beside `dest` and renamed into place."""
     from diffusers import EulerAncestralDiscreteScheduler
 
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
-    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", dtype=torch.float32)
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=torch.float32)
     tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
     scheduler = EulerAncestralDiscreteScheduler.from_pretrained(base, subfolder="scheduler")
     pipe = StableDiffusionInstructPix2PixPipeline(
@@ -208,3 +210,25 @@ def save_pipeline(base: Path | str, unet: UNet2DConditionModel, dest: Path) -> P
     tmp.rename(dest)
     return dest
 
+
+
+def export_checkpoint(run: Path, dest: Path, use_ema: bool = True) -> Path:
+    """Write the newest checkpoint of a (possibly still running) SFT run as a pipeline folder,
+    with the EMA weights when the run keeps them."""
+    from safetensors.torch import load_file
+
+    from hive.training import checkpoint_dirs
+
+    base = json.loads((run / "config.json").read_text())["base"]
+    ckpts = checkpoint_dirs(run)
+    if not ckpts:
+        raise FileNotFoundError(f"no checkpoint under {run / 'checkpoints'}")
+    unet = expand_conv_in(UNet2DConditionModel.from_pretrained(base, subfolder="unet", dtype=torch.float32))
+    unet.load_state_dict(load_file(ckpts[-1] / "model.safetensors"))
+    ema_file = ckpts[-1] / "custom_checkpoint_0.pkl"
+    if use_ema and ema_file.exists():
+        shadow = torch.load(ema_file, map_location="cpu", weights_only=False)["shadow_params"]
+        with torch.no_grad():
+            for param, value in zip(unet.parameters(), shadow):
+                param.copy_(value)
+    return save_pipeline(base, unet, dest)

@@ -55,7 +55,7 @@ def toy_unet(cross_attention_dim: int = 128) -> UNet2DConditionModel:
         sample_size=TOY_RESOLUTION // 4, in_channels=8, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(64, 128, 192), layers_per_block=1, cross_attention_dim=cross_attention_dim,
+        block_out_channels=(64, 96, 128), layers_per_block=1, cross_attention_dim=cross_attention_dim,
         attention_head_dim=8, norm_num_groups=32,
     )
 

@@ -1,0 +1,317 @@
+"""`python -m hive`: the command line. Each command is a thin wrapper around one module."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def print_json(obj: dict) -> None:
+    """`--json` contract: one JSON object, on the last line of stdout."""
+    sys.stdout.flush()
+    print(json.dumps(obj, default=str), flush=True)
+
+
+# ---------------------------------------------------------------- toy
+def cmd_toy_sample(args: argparse.Namespace) -> int:
+    from hive.toy import write_dataset
+
+    path = write_dataset(Path(args.out), n=args.n, seed=args.seed, noise=args.noise, size=args.size)
+    if args.json:
+        print_json({"metadata": str(path), "n": args.n})
+    else:
+        print(f"wrote {args.n} examples to {path}")
+    return 0
+
+
+# ---------------------------------------------------------------- training the zoo
+def cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    from hive.tokenizer import write_tokenizer
+
+    out = write_tokenizer(Path(args.out))
+    print(f"wrote tokenizer to {out}")
+    return 0
+
+
+def cmd_train_vae(args: argparse.Namespace) -> int:
+    from hive.train_vae import train_vae
+
+    t = time.time()
+    path = train_vae(Path(args.out), steps=args.steps, batch_size=args.batch_size)
+    _report_training(args, path, t)
+    return 0
+
+
+def cmd_train_clip(args: argparse.Namespace) -> int:
+    from hive.train_clip import train_clip
+
+    t = time.time()
+    path = train_clip(Path(args.out), Path(args.tokenizer), steps=args.steps, batch_size=args.batch_size)
+    _report_training(args, path, t)
+    return 0
+
+
+def cmd_train_editor(args: argparse.Namespace) -> int:
+    from hive.data import FolderTriplets, ToyTriplets
+    from hive.train_sft import SFTConfig, train_sft
+    from hive.zoo import assemble_base
+
+    out = Path(args.out)
+    base = args.base
+    if base is None:
+        if not (args.vae and args.clip):
+            print("error: give --base PIPELINE, or --vae and --clip to start a fresh toy UNet", file=sys.stderr)
+            return 2
+        base = out / "base"
+        if not (base / "model_index.json").exists():
+            assemble_base(Path(args.vae), Path(args.clip), base)
+    resolution = args.resolution
+    if args.data:
+        data = FolderTriplets(Path(args.data), resolution, seed=args.seed)
+    else:
+        data = ToyTriplets(resolution, noise=args.toy_noise, seed=args.seed)
+    config = SFTConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                       ema_decay=None if args.no_ema else args.ema_decay, mixed_precision=args.mixed_precision,
+                       checkpoint_every=args.checkpoint_every, gradient_checkpointing=args.gradient_checkpointing)
+    t = time.time()
+    path = train_sft(base, data, out, config)
+    _report_training(args, path, t)
+    return 0
+
+
+def _report_training(args: argparse.Namespace, path: Path, started: float) -> None:
+    seconds = round(time.time() - started, 1)
+    if getattr(args, "json", False):
+        print_json({"model": str(path), "seconds": seconds})
+    else:
+        print(f"saved {path} ({seconds} s)")
+
+
+# ---------------------------------------------------------------- edit
+def cmd_edit(args: argparse.Namespace) -> int:
+    from hive.editor import Editor, EditorInputError
+
+    out = Path(args.out)
+    try:
+        editor = Editor(args.model)
+        if args.data:
+            return _edit_dataset(editor, Path(args.data), out, args)
+        if not (args.image and args.instruction is not None):
+            print("error: give --image and --instruction, or --data DIR", file=sys.stderr)
+            return 2
+        result = editor.edit(args.image, args.instruction, variants=args.variants, seed=args.seed,
+                             steps=args.steps, guidance=args.guidance, image_guidance=args.image_guidance)
+    except EditorInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    records = result.records_json()
+    for rec, img in zip(records, result.images):
+        name = f"variant_{rec['index']}_seed{rec['seed']}.png"
+        _save_png_atomic(img, out / name)
+        rec["file"] = name
+    _write_json_atomic(out / "variants.json", {"source": str(args.image), "variants": records})
+    if args.json:
+        print_json({"out": str(out), "files": [r["file"] for r in records]})
+    else:
+        print(f"wrote {len(records)} variants to {out}")
+    return 0
+
+
+def _edit_dataset(editor, data: Path, out: Path, args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from hive.data import read_metadata
+    from hive.editor import load_image
+
+    rows = read_metadata(data)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    results = []
+    batch = max(1, args.batch)
+    seed = args.seed if args.seed is not None else 0
+    for start in tqdm(range(0, len(rows), batch), desc="edit dataset"):
+        chunk = rows[start:start + batch]
+        sources = [load_image(data / r["input_image"]) for r in chunk]
+        prompts = [editor.prompt_for(r["edit_prompt"]) for r in chunk]
+        seeds = [[seed + (start + j) * args.variants + k for k in range(args.variants)] for j in range(len(chunk))]
+        outs = editor.sample(sources, prompts, seeds, args.steps, args.guidance, args.image_guidance)
+        for r, imgs, ss in zip(chunk, outs, seeds):
+            paths = []
+            for k, img in enumerate(imgs):
+                rel = f"images/{r['id']}_{k}.png"
+                _save_png_atomic(img, out / rel)
+                paths.append(rel)
+            results.append({"id": r["id"], "output_images": paths, "seeds": ss})
+    tmp = out / ".metadata.jsonl.tmp"
+    with open(tmp, "w") as f:
+        for row in results:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, out / "metadata.jsonl")
+    if args.json:
+        print_json({"out": str(out), "rows": len(results)})
+    else:
+        print(f"edited {len(results)} rows into {out / 'metadata.jsonl'}")
+    return 0
+
+
+def _save_png_atomic(img, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _write_json_atomic(path: Path, obj: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- evaluate and bench
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from hive.evaluate import evaluate_toy
+
+    report = evaluate_toy(args.model, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                          image_guidance=args.image_guidance, batch=args.batch,
+                          out=Path(args.out) if args.out else None)
+    if args.json:
+        print_json(report)
+    else:
+        print(f"judge success {report['success']:.1%} on {report['n']} fresh toy edits")
+        for kind, v in report["per_kind"].items():
+            print(f"  {kind:<11} {v['success']:.1%}  (n={v['n']})")
+    return 0
+
+
+def cmd_bench_edit(args: argparse.Namespace) -> int:
+    from hive.bench import bench_edit
+
+    result = bench_edit(args.model, variants=args.variants, steps=args.steps, repeats=args.repeats,
+                        record_result=not args.no_record)
+    if args.json:
+        print_json(result)
+    else:
+        for k, v in result.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+# ---------------------------------------------------------------- the parser
+def build_parser() -> argparse.ArgumentParser:
+    from hive.editor import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS
+
+    parser = argparse.ArgumentParser(prog="python -m hive", description="HIVE: instruction-guided image editing "
+                                     "that learns from human feedback.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def sampling_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default=None, help="pipeline folder or hub id (default: $HIVE_MODEL or the "
+                       "embedded toy editor)")
+        p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps (default %(default)s)")
+        p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="text guidance (default %(default)s)")
+        p.add_argument("--image-guidance", type=float, default=DEFAULT_IMAGE_GUIDANCE,
+                       help="image guidance (default %(default)s)")
+
+    # toy
+    toy = sub.add_parser("toy", help="the toy world").add_subparsers(dest="toy_command", required=True,
+                                                                     metavar="SUBCOMMAND")
+    p = toy.add_parser("sample", help="write a toy edit dataset (metadata.jsonl + PNGs)")
+    p.add_argument("--n", type=int, required=True, help="number of examples")
+    p.add_argument("--seed", type=int, default=0, help="first seed; example k uses seed+k")
+    p.add_argument("--noise", type=float, default=0.0, help="probability that a target is corrupted (0..1)")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.set_defaults(func=cmd_toy_sample)
+
+    # train
+    train = sub.add_parser("train", help="train a piece of the toy zoo").add_subparsers(
+        dest="train_command", required=True, metavar="PIECE")
+    p = train.add_parser("tokenizer", help="generate the CLIP tokenizer from the toy vocabulary")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_train_tokenizer)
+    p = train.add_parser("vae", help="train the tiny AutoencoderKL on toy scenes")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, loss.jsonl, model/)")
+    p.add_argument("--steps", type=int, default=700)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_train_vae)
+    p = train.add_parser("clip", help="train the tiny CLIP on toy scenes and captions")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, loss.jsonl, model/)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder (from `train tokenizer`)")
+    p.add_argument("--steps", type=int, default=700)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_train_clip)
+    p = train.add_parser("editor", help="SFT-train an InstructPix2Pix UNet (resumes from OUT/checkpoints)")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, loss.jsonl, pipeline/)")
+    p.add_argument("--base", help="pipeline folder or hub id to start from")
+    p.add_argument("--vae", help="with --clip: start a fresh toy UNet on this VAE folder")
+    p.add_argument("--clip", help="CLIP folder whose text tower and tokenizer the editor uses")
+    p.add_argument("--data", help="dataset folder with metadata.jsonl (default: endless fresh toy edits)")
+    p.add_argument("--toy-noise", type=float, default=0.0, help="corruption rate of the toy stream")
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_train_editor)
+
+    # edit
+    p = sub.add_parser("edit", help="edit one image (K variants) or every row of a dataset")
+    p.add_argument("--image", help="the image to edit")
+    p.add_argument("--instruction", help="what to change, e.g. 'make the red circle blue'")
+    p.add_argument("--data", help="dataset folder with metadata.jsonl: edit every row")
+    p.add_argument("--variants", type=int, default=4, help="variants per edit (1-8, default 4)")
+    p.add_argument("--seed", type=int, default=None, help="seed of variant 0; variant i uses seed+i")
+    p.add_argument("--batch", type=int, default=16, help="with --data: rows per pipeline call")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--json", action="store_true")
+    sampling_args(p)
+    p.set_defaults(func=cmd_edit)
+
+    # evaluate
+    p = sub.add_parser("evaluate", help="judge success per edit kind on fresh toy edits")
+    p.add_argument("--n", type=int, default=300)
+    p.add_argument("--seed", type=int, default=900_000_000, help="first evaluation seed (never used in training)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--out", help="folder for outputs and the report")
+    p.add_argument("--json", action="store_true")
+    sampling_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    # bench
+    bench = sub.add_parser("bench", help="speed benchmarks against the plain diffusers reference").add_subparsers(
+        dest="bench_command", required=True, metavar="WHAT")
+    p = bench.add_parser("edit", help="K variants of one toy edit: ours vs a plain diffusers pipeline call")
+    p.add_argument("--model", default=None)
+    p.add_argument("--variants", type=int, default=4)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-record", action="store_true", help="do not write bench/results/*.json")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_edit)
+
+    try:
+        from db.cli import register as register_db
+    except ImportError:
+        register_db = None
+    if register_db is not None:
+        register_db(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
