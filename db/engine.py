@@ -60,7 +60,9 @@ def _sqlite_on_begin(conn: Connection) -> None:
 def _create(url: str) -> Engine:
     u = make_url(url)
     if u.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        # Up to 32 connections per process: the app's worker threads must not starve
+        # waiting for a pooled connection (the default 5 + 10 is too few for 16 writers).
+        return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=24)
     memory = u.database in (None, "", ":memory:")
     if memory:
         engine = create_engine(
