@@ -74,7 +74,9 @@ def sft_loss(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPT
     device = batch.source.device
     bsz = batch.source.shape[0]
     with torch.no_grad():
-        target_latents = vae.encode(batch.edited).latent_dist.sample(generator) * vae.config.scaling_factor
+        # mode(), not sample(): our VAE is a deterministic autoencoder (see hive.train_vae); for SD's
+        # VAE the two differ by noise of std ~1e-3.
+        target_latents = vae.encode(batch.edited).latent_dist.mode() * vae.config.scaling_factor
         source_latents = vae.encode(batch.source).latent_dist.mode()
         text = encode_prompts(tokenizer, text_encoder, batch.prompts, device)
         null_text = encode_prompts(tokenizer, text_encoder, [""], device)

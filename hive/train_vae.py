@@ -1,4 +1,7 @@
-"""Train the toy AutoencoderKL on toy scenes (reconstruction + a small KL term)."""
+"""Train the toy AutoencoderKL on toy scenes (reconstruction + a small KL term).
+
+Trained as a deterministic autoencoder on the posterior mean; the KL term only keeps the latents
+bounded. All our code encodes with `latent_dist.mode()`."""
 
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ def scene_batch(step: int, batch_size: int, size: int) -> torch.Tensor:
     return x
 
 
-def train_vae(out: Path, steps: int = 3000, batch_size: int = 32, lr: float = 1e-3,
+def train_vae(out: Path, steps: int = 1200, batch_size: int = 16, lr: float = 1e-3,
               kl_weight: float = 1e-6, size: int = toy.DEFAULT_SIZE, checkpoint_every: int = 500) -> Path:
     accelerator = make_accelerator()
     vae = toy_vae()
@@ -37,7 +40,9 @@ def train_vae(out: Path, steps: int = 3000, batch_size: int = 32, lr: float = 1e
     for step in bar:
         x = scene_batch(step, batch_size, size).to(accelerator.device)
         posterior = accelerator.unwrap_model(vae).encode(x).latent_dist
-        recon = accelerator.unwrap_model(vae).decode(posterior.sample()).sample
+        # Deterministic autoencoding (the posterior mean): the editor only ever uses `mode()`, and
+        # sampling std-1 noise early on teaches the decoder to paint blobs.
+        recon = accelerator.unwrap_model(vae).decode(posterior.mode()).sample
         l1 = (recon - x).abs().mean()
         kl = posterior.kl().mean()
         loss = l1 + 0.5 * (recon - x).pow(2).mean() + kl_weight * kl
@@ -54,7 +59,7 @@ def train_vae(out: Path, steps: int = 3000, batch_size: int = 32, lr: float = 1e
     # SD's convention: scale latents to unit variance for the diffusion model.
     with torch.no_grad():
         x = scene_batch(999_999, 64, size)
-        latents = model.encode(x).latent_dist.sample()
+        latents = model.encode(x).latent_dist.mode()
         model.register_to_config(scaling_factor=float(1.0 / latents.std()))
         l1 = (model.decode(model.encode(x).latent_dist.mode()).sample.clamp(-1, 1) - x).abs().mean().item() / 2
     if accelerator.is_main_process:
