@@ -29,6 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 from sqlalchemy import JSON, BigInteger, Boolean, Column, Float, Integer, String, Table, insert, select, text, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.images import ImageStore, check_sha256
@@ -326,6 +327,10 @@ def import_data(session: Session, store: ImageStore, path: Path | str, fmt: str 
                 session.execute(insert(tables[name]), rows)
         session.flush()
         _reset_sequences(session)
+    except IntegrityError as exc:
+        for sha in created:
+            store.delete(sha)
+        raise ExportError(f"export rows break the schema's rules: {exc.orig}") from None
     except BaseException:
         for sha in created:
             store.delete(sha)

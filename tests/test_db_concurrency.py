@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -85,17 +86,21 @@ def test_16_threads_500_rankings_each_stored_exactly_once(
 
 def test_first_use_from_many_processes_migrates_once(hive: HiveEnv, tmp_path: Path) -> None:
     """Processes opening a brand-new database together all see it migrated to head."""
-    env = {**os.environ, "HIVE_HOME": str(hive.home), "HIVE_DB_URL": hive.url}
+    # All processes import first, then open the database at the same instant.
+    start_at = time.time() + 3
+    env = {**os.environ, "HIVE_HOME": str(hive.home), "HIVE_DB_URL": hive.url, "START_AT": str(start_at)}
     root = Path(__file__).resolve().parents[1]
     code = (
+        "import os, time\n"
         "from db.engine import get_engine\n"
+        "time.sleep(max(0.0, float(os.environ['START_AT']) - time.time()))\n"
         "from db.migrate import current_revision\n"
         "print(current_revision(get_engine()))\n"
     )
     procs = [
         subprocess.Popen([sys.executable, "-c", code], env=env, cwd=root,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(4)
+        for _ in range(6)
     ]
     results = [p.communicate(timeout=120) + (p.returncode,) for p in procs]
     for out, err, rc in results:
