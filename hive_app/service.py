@@ -1,0 +1,376 @@
+"""What the app does, without any Gradio: edit, the ranking queue, rankings, blind A/B pairs.
+
+The UI (`hive_app.ui`) and the API endpoints both call these methods, so one edit goes
+UI click -> `HiveService.edit` -> `hive.editor.Editor.edit` -> `db.feedback` rows.
+Every method validates all input before it writes anything, and writes in one transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from PIL import Image as PILImage
+from sqlalchemy import func, select
+
+from db import feedback as fb
+from db.engine import session_scope
+from db.images import ImageError, ImageStore, get_or_create_image
+from db.models import EditRequest, Image, ModelVersion, Ranking, Variant, utcnow
+from hive import toy
+from hive.editor import (DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS, Editor, EditorInputError,
+                         load_image)
+from hive_app.auth import Auth, AuthError, Principal, Signer
+from hive_app.config import AppConfig
+
+MIN_VARIANTS, MAX_VARIANTS, DEFAULT_VARIANTS = 2, 8, 4
+MAX_STEPS = 100
+MAX_SEED = 2**31 - 16
+QUEUE_OWNER = "hive-queue"  # the account that owns requests filled from a dataset
+CHOICES = {"left", "right", "tie", "both_bad"}
+
+
+class AppInputError(ValueError):
+    """Bad input from a person or an API client; nothing was written."""
+
+
+# ---------------------------------------------------------------- results
+@dataclass
+class EditOutcome:
+    request_id: int
+    variant_ids: list[int]
+    images: list[PILImage.Image]
+    records: list[dict]
+    model_version: str
+
+    def to_json(self) -> dict:
+        return {"request_id": self.request_id, "variant_ids": self.variant_ids,
+                "model_version": self.model_version, "variants": self.records}
+
+
+@dataclass
+class RankItem:
+    """One request waiting for this annotator's ranking (gold status is not shown to them)."""
+
+    request_id: int
+    instruction: str
+    source_path: str
+    variant_ids: list[int]
+    variant_paths: list[str]
+    own: bool
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ComparePair:
+    """A blind A/B pair: `token` carries (signed) which version is on which side."""
+
+    token: str
+    instruction: str
+    source_path: str
+    left_path: str
+    right_path: str
+
+
+# ---------------------------------------------------------------- helpers
+def _number(value: Any, what: str, lo: float, hi: float, integer: bool = False) -> float | int:
+    """A finite number in [lo, hi] from a form field or JSON, else AppInputError."""
+    if isinstance(value, bool) or value is None or value == "":
+        raise AppInputError(f"{what} must be a number")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise AppInputError(f"{what} must be a number, not {value!r}") from None
+    if not math.isfinite(x) or not lo <= x <= hi:
+        raise AppInputError(f"{what} must be between {lo:g} and {hi:g}, not {value!r}")
+    if integer:
+        if x != int(x):
+            raise AppInputError(f"{what} must be a whole number, not {value!r}")
+        return int(x)
+    return x
+
+
+def order_to_ranks(order: Any) -> dict[int, int]:
+    """`[best, [tied, tied], worst]` (variant ids, best first) -> {variant_id: rank}.
+
+    Refuses repeated variants and anything that is not ids or lists of ids."""
+    if not isinstance(order, (list, tuple)) or not order:
+        raise AppInputError("the ranking must be a non-empty list of variant ids, best first; "
+                            "tied variants go together in a list, e.g. [12, [14, 13], 15]")
+    ranks: dict[int, int] = {}
+    for rank, tier in enumerate(order, start=1):
+        ids = tier if isinstance(tier, (list, tuple)) else [tier]
+        if not ids:
+            raise AppInputError(f"place {rank} of the ranking is an empty list")
+        for vid in ids:
+            if isinstance(vid, bool) or not isinstance(vid, (int, float)) or int(vid) != vid:
+                raise AppInputError(f"variant ids must be whole numbers, not {vid!r}")
+            vid = int(vid)
+            if vid in ranks:
+                raise AppInputError(f"variant {vid} appears more than once in the ranking")
+            ranks[vid] = rank
+    return ranks
+
+
+class EditorPool:
+    """Loaded editors by path, each with a lock: a diffusers pipeline is not thread-safe."""
+
+    def __init__(self, loader: Callable[[str], Editor] | None = None):
+        self._loader = loader or (lambda path: Editor(path))
+        self._editors: dict[str, tuple[Editor, threading.Lock]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: str) -> tuple[Editor, threading.Lock]:
+        with self._lock:
+            if path not in self._editors:
+                editor = self._loader(path)
+                # denoising steps drive the UI's progress bar (gr.Progress(track_tqdm=True))
+                editor.pipe.set_progress_bar_config(disable=False, desc="denoising", leave=False)
+                self._editors[path] = (editor, threading.Lock())
+            return self._editors[path]
+
+
+# ---------------------------------------------------------------- the service
+class HiveService:
+    def __init__(self, config: AppConfig, store: ImageStore | None = None, editors: EditorPool | None = None):
+        self.config = config
+        self.store = store or ImageStore()
+        self.editors = editors or EditorPool()
+        self.signer = Signer.from_home(self.store.home)
+        self.auth = Auth(self.signer, config.anonymous_edit, config.anonymous_rank)
+        self.served = self._ensure_served_editor()
+
+    # -- the registry: which editor is served ------------------------------------------------
+    def _ensure_served_editor(self) -> int:
+        """Register the configured editor; promote it if asked to (or if none is promoted)."""
+        path = self.config.model
+        with session_scope() as s:
+            mv = s.scalar(select(ModelVersion).where(ModelVersion.kind == "editor", ModelVersion.path == path)
+                          .order_by(ModelVersion.id))
+            if mv is None:
+                name, n = Path(path).name or path, 1
+                while s.scalar(select(ModelVersion.id).where(ModelVersion.kind == "editor", ModelVersion.name == name)):
+                    n += 1
+                    name = f"{Path(path).name}-{n}"
+                mv = fb.register_model_version(s, "editor", name, path)
+            current = fb.promoted_version(s, "editor")
+            if current is None or (self.config.explicit_model and current.id != mv.id):
+                fb.set_model_status(s, mv.id, "promoted")
+            return fb.promoted_version(s, "editor").id
+
+    def editor_version(self) -> ModelVersion:
+        """The promoted editor (admins change it with promote / roll back)."""
+        with session_scope(write=False) as s:
+            mv = fb.promoted_version(s, "editor")
+        if mv is None:
+            raise AppInputError("no editor is promoted: an admin must promote one")
+        return mv
+
+    def editor_versions(self) -> list[ModelVersion]:
+        with session_scope(write=False) as s:
+            return list(s.scalars(select(ModelVersion).where(ModelVersion.kind == "editor").order_by(ModelVersion.id)))
+
+    # -- edit ----------------------------------------------------------------------------------
+    def edit(self, token: str | None, image: Any, instruction: str, variants: Any = DEFAULT_VARIANTS,
+             seed: Any = None, steps: Any = DEFAULT_STEPS, guidance: Any = DEFAULT_GUIDANCE,
+             image_guidance: Any = DEFAULT_IMAGE_GUIDANCE, consent: bool = False) -> EditOutcome:
+        """K variants of one edit by the promoted editor, recorded with their parameters.
+
+        Order: check who, check every input (image, instruction, numbers), sample, then write the
+        request, its source and its variants in one transaction; bad input writes nothing."""
+        who = self.auth.for_edit(token)
+        k = _number(variants, "variants", MIN_VARIANTS, MAX_VARIANTS, integer=True)
+        n_steps = _number(steps, "steps", 1, MAX_STEPS, integer=True)
+        g_text = _number(guidance, "text guidance", 0, 30)
+        g_image = _number(image_guidance, "image guidance", 0, 10)
+        base_seed = None if seed in (None, "", -1) else _number(seed, "seed", 0, MAX_SEED, integer=True)
+        if image is None or (isinstance(image, str) and not image):
+            raise AppInputError("no image: upload a photo, or draw a toy scene")
+        source = load_image(image)  # EditorInputError for non-images and huge images
+        version = self.editor_version()
+        editor, lock = self.editors.get(version.path)
+        editor.prompt_for(instruction)  # EditorInputError for empty or too long instructions
+        with lock:
+            result = editor.edit(source, instruction, variants=k, seed=base_seed, steps=n_steps,
+                                 guidance=g_text, image_guidance=g_image)
+        records = result.records_json()
+        with session_scope() as s:
+            src = get_or_create_image(s, self.store, source)
+            req = fb.create_edit_request(
+                s, who.user_id, src.id, " ".join(instruction.split()), version.id,
+                params={"variants": k, "seed": records[0]["seed"], "steps": n_steps, "guidance": g_text,
+                        "image_guidance": g_image, "model": version.path, "model_version": version.name},
+                consent=bool(consent))
+            rows = [(get_or_create_image(s, self.store, img).id, rec["seed"], rec)
+                    for img, rec in zip(result.images, records)]
+            made = fb.add_variants(s, req.id, rows)
+            return EditOutcome(req.id, [v.id for v in made], result.images, records, version.name)
+
+    # -- the ranking queue ---------------------------------------------------------------------
+    def next_item(self, token: str | None, exclude: set[int] | None = None) -> RankItem | None:
+        """The next request for this annotator: their own unranked requests first, then every
+        `gold_every`-th item a gold item, then others' requests that still need rankings."""
+        who = self.auth.for_rank(token)
+        exclude = exclude or set()
+        with session_scope(write=False) as s:
+            done = select(Ranking.request_id).where(Ranking.annotator_id == who.user_id)
+            ready = (select(EditRequest).where(EditRequest.id.in_(select(Variant.request_id)),
+                                               EditRequest.id.not_in(done),
+                                               EditRequest.id.not_in(exclude or {-1})))
+            own = s.scalar(ready.where(EditRequest.user_id == who.user_id)
+                           .order_by(EditRequest.created_at.desc(), EditRequest.id.desc()).limit(1))
+            if own is not None:
+                return self._item(s, own, True)
+            n_done = s.scalar(select(func.count()).select_from(done.subquery())) or 0
+            candidates = s.scalars(ready.where(EditRequest.user_id != who.user_id)
+                                   .order_by(EditRequest.created_at, EditRequest.id).limit(500)).all()
+            gold = [r for r in candidates if is_gold(r)]
+            plain = [r for r in candidates if not is_gold(r)]
+            if gold and self.config.gold_every > 0 and (n_done + 1) % self.config.gold_every == 0:
+                return self._item(s, gold[0], False)
+            counts = dict(s.execute(select(Ranking.request_id, func.count())
+                                    .where(Ranking.request_id.in_([r.id for r in plain]), Ranking.skip.is_(False))
+                                    .group_by(Ranking.request_id)).all())
+            open_ = [r for r in plain if counts.get(r.id, 0) < self.config.rankings_per_request]
+            # finish partly ranked requests first: agreement needs several rankings of one request
+            open_.sort(key=lambda r: (-counts.get(r.id, 0), r.created_at, r.id))
+            if open_:
+                return self._item(s, open_[0], False)
+            return self._item(s, gold[0], False) if gold else None
+
+    def request_item(self, token: str | None, request_id: int) -> RankItem:
+        """A given request, for ranking right after editing it."""
+        who = self.auth.for_rank(token)
+        with session_scope(write=False) as s:
+            req = s.get(EditRequest, int(request_id))
+            if req is None or not req.variants:
+                raise AppInputError(f"unknown edit request {request_id}")
+            return self._item(s, req, req.user_id == who.user_id)
+
+    def _item(self, s, req: EditRequest, own: bool) -> RankItem:
+        source = s.get(Image, req.source_image_id)
+        variants = sorted(req.variants, key=lambda v: v.position)
+        paths = dict(s.execute(select(Image.id, Image.path).where(Image.id.in_([v.image_id for v in variants]))).all())
+        home = self.store.home
+        return RankItem(req.id, req.instruction, str(home / source.path), [v.id for v in variants],
+                        [str(home / paths[v.image_id]) for v in variants], own)
+
+    def submit_ranking(self, token: str | None, request_id: Any, order: Any = None, *, all_bad: bool = False,
+                       skip: bool = False, ratings: dict | None = None, seconds: float | None = None,
+                       submission_key: str | None = None) -> int:
+        """Store one ranking; returns its id. `order` lists variant ids best first, ties in lists."""
+        who = self.auth.for_rank(token)
+        rid = _number(request_id, "request id", 1, 2**62, integer=True)
+        ranks = order_to_ranks(order) if order else {}
+        with session_scope() as s:
+            variant_ids = list(s.scalars(select(Variant.id).where(Variant.request_id == rid).order_by(Variant.position)))
+            if not variant_ids:
+                raise AppInputError(f"unknown edit request {rid}")
+            if ranks and not skip:
+                stray = sorted(set(ranks) - set(variant_ids))
+                if stray:
+                    raise AppInputError(f"variant(s) {stray} do not belong to request {rid}")
+                missing = [v for v in variant_ids if v not in ranks]
+                if missing:
+                    positions = [variant_ids.index(v) + 1 for v in missing]
+                    raise AppInputError(f"variant(s) {missing} (number {', '.join(map(str, positions))} of "
+                                        f"{len(variant_ids)}) of request {rid} have no rank: rank every variant "
+                                        "(tied variants share a rank), or mark all bad or skip")
+            clean_ratings = {int(k): v for k, v in (ratings or {}).items()} if isinstance(ratings, dict) else ratings
+            ranking = fb.submit_ranking(s, rid, who.user_id, None if skip else ranks, all_bad=bool(all_bad),
+                                        skip=bool(skip), ratings=None if skip else (clean_ratings or None),
+                                        seconds=seconds, submission_key=submission_key)
+            return ranking.id
+
+    def undo_last(self, token: str | None) -> int | None:
+        """Delete this annotator's latest ranking; returns the request id to rank again, or None."""
+        who = self.auth.for_rank(token)
+        with session_scope() as s:
+            undone = fb.undo_last_ranking(s, who.user_id)
+        return None if undone is None else undone.request_id
+
+    def counters(self, token: str | None) -> dict[str, int]:
+        """What this annotator has done (all time and today) and how many requests still wait."""
+        who = self.auth.for_rank(token)
+        midnight = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
+        with session_scope(write=False) as s:
+            mine = select(func.count()).select_from(Ranking).where(Ranking.annotator_id == who.user_id)
+            total = s.scalar(mine) or 0
+            today = s.scalar(mine.where(Ranking.created_at >= midnight)) or 0
+            done = select(Ranking.request_id).where(Ranking.annotator_id == who.user_id)
+            waiting = s.scalar(select(func.count()).select_from(EditRequest).where(
+                EditRequest.id.in_(select(Variant.request_id)), EditRequest.id.not_in(done))) or 0
+        return {"ranked": int(total), "today": int(today), "waiting": int(waiting)}
+
+    # -- blind A/B -----------------------------------------------------------------------------
+    def compare_pair(self, token: str | None, image: Any = None, instruction: str | None = None,
+                     seed: int | None = None) -> ComparePair:
+        """Two editor versions edit the same input with the same seed; sides are shuffled."""
+        who = self.auth.for_rank(token)
+        versions = self.editor_versions()
+        if len(versions) < 2:
+            raise AppInputError(f"a comparison needs two editor versions; the registry has {len(versions)}")
+        rng = random.SystemRandom()
+        promoted = [v for v in versions if v.status == "promoted"]
+        first = promoted[0] if promoted else versions[-1]
+        others = [v for v in versions if v.id != first.id]
+        second = rng.choice([v for v in others if v.status == "candidate"] or others)
+        if image is None:
+            example = toy.sample_example(rng.randrange(10**9))
+            source, instruction = example.input_image, example.edit.instruction
+        else:
+            source = load_image(image)
+        seed = rng.randrange(MAX_SEED) if seed is None else int(seed)
+        outputs = []
+        for mv in (first, second):
+            editor, lock = self.editors.get(mv.path)
+            prompt = editor.prompt_for(instruction or "")
+            with lock:
+                outputs.append(editor.sample([source], [prompt], [[seed]], DEFAULT_STEPS, DEFAULT_GUIDANCE,
+                                             DEFAULT_IMAGE_GUIDANCE)[0][0])
+        with session_scope() as s:
+            src, ia, ib = (get_or_create_image(s, self.store, im) for im in (source, *outputs))
+            paths = {row.id: str(self.store.home / row.path) for row in (src, ia, ib)}
+            ids = (src.id, ia.id, ib.id)
+        a_left = rng.random() < 0.5
+        token_ = self.signer.sign({"va": first.id, "vb": second.id, "src": ids[0], "ia": ids[1], "ib": ids[2],
+                                   "ins": " ".join(instruction.split()), "left_a": a_left, "t": time.time(),
+                                   "by": who.user_id})
+        left, right = (ids[1], ids[2]) if a_left else (ids[2], ids[1])
+        return ComparePair(token_, " ".join(instruction.split()), paths[ids[0]], paths[left], paths[right])
+
+    def compare_vote(self, token: str | None, pair_token: str, choice: str, seconds: float | None = None) -> int:
+        """Record a vote: left, right, tie or both_bad. The database knows a, b and tie, so
+        "both bad" is stored as a tie (neither version wins)."""
+        who = self.auth.for_rank(token)
+        if choice not in CHOICES:
+            raise AppInputError(f"choice must be one of left, right, tie, both_bad; not {choice!r}")
+        pair = self.signer.verify(pair_token or "")
+        if pair is None or "va" not in pair:
+            raise AppInputError("unknown or damaged A/B pair: ask for a new pair")
+        if pair.get("by") != who.user_id:
+            raise AppInputError("this A/B pair was drawn for another account: ask for a new pair")
+        stored = {"left": "a" if pair["left_a"] else "b", "right": "b" if pair["left_a"] else "a"}.get(choice, "tie")
+        key = hashlib.sha256(pair_token.encode()).hexdigest()[:40]
+        with session_scope() as s:
+            comp = fb.record_comparison(s, who.user_id, pair["va"], pair["vb"], stored, instruction=pair["ins"],
+                                        a_shown_left=bool(pair["left_a"]), source_image_id=pair["src"],
+                                        image_a_id=pair["ia"], image_b_id=pair["ib"], seconds=seconds,
+                                        submission_key=key)
+            return comp.id
+
+
+def is_gold(req: EditRequest) -> bool:
+    return bool((req.params or {}).get("gold"))
+
+
+USER_ERRORS = (AppInputError, EditorInputError, AuthError, fb.FeedbackError, ImageError)
+"""Errors whose message is meant for the person who sent the input (shown as is)."""
