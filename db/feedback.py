@@ -31,7 +31,6 @@ from db.models import (
     RATING_MAX,
     RATING_MIN,
     ROLES,
-    RUN_STATUSES,
     Comparison,
     EditRequest,
     Image,
