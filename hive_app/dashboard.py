@@ -69,8 +69,9 @@ def build() -> dict:
     if rankings.empty:
         _empty(ax, "no rankings yet")
     else:
-        per_hour = rankings.set_index("created_at").resample("1h").size().cumsum()
-        ax.step(per_hour.index, per_hour.values, where="post")
+        times = rankings["created_at"].sort_values()
+        ax.plot(times, range(1, len(times) + 1), drawstyle="steps-post", marker=".")
+        ax.set_ylim(0, len(times) + 1)
         ax.set_title("rankings over time (cumulative)")
         ax.set_ylabel("rankings")
         fig1.autofmt_xdate()

@@ -187,17 +187,10 @@ class HiveService:
         Order: check who, check every input (image, instruction, numbers), sample, then write the
         request, its source and its variants in one transaction; bad input writes nothing."""
         who = self.auth.for_edit(token)
-        k = _number(variants, "variants", MIN_VARIANTS, MAX_VARIANTS, integer=True)
-        n_steps = _number(steps, "steps", 1, MAX_STEPS, integer=True)
-        g_text = _number(guidance, "text guidance", 0, 30)
-        g_image = _number(image_guidance, "image guidance", 0, 10)
-        base_seed = None if seed in (None, "", -1) else _number(seed, "seed", 0, MAX_SEED, integer=True)
-        if image is None or (isinstance(image, str) and not image):
-            raise AppInputError("no image: upload a photo, or draw a toy scene")
-        source = load_image(image)  # EditorInputError for non-images and huge images
-        version = self.editor_version()
-        editor, lock = self.editors.get(version.path)
-        editor.prompt_for(instruction)  # EditorInputError for empty or too long instructions
+        checked = self.check_edit(image, instruction, variants, seed, steps, guidance, image_guidance)
+        source, version, editor, lock = checked["source"], checked["version"], checked["editor"], checked["lock"]
+        k, base_seed, n_steps = checked["variants"], checked["seed"], checked["steps"]
+        g_text, g_image = checked["guidance"], checked["image_guidance"]
         with lock:
             result = editor.edit(source, instruction, variants=k, seed=base_seed, steps=n_steps,
                                  guidance=g_text, image_guidance=g_image)
@@ -213,6 +206,25 @@ class HiveService:
                     for img, rec in zip(result.images, records)]
             made = fb.add_variants(s, req.id, rows)
             return EditOutcome(req.id, [v.id for v in made], result.images, records, version.name)
+
+    def check_edit(self, image: Any, instruction: str, variants: Any = DEFAULT_VARIANTS, seed: Any = None,
+                   steps: Any = DEFAULT_STEPS, guidance: Any = DEFAULT_GUIDANCE,
+                   image_guidance: Any = DEFAULT_IMAGE_GUIDANCE) -> dict:
+        """Every check of an edit's input, without writing anything (the UI calls it before it
+        opens a guest session, so that bad input leaves no trace at all)."""
+        k = _number(variants, "variants", MIN_VARIANTS, MAX_VARIANTS, integer=True)
+        n_steps = _number(steps, "steps", 1, MAX_STEPS, integer=True)
+        g_text = _number(guidance, "text guidance", 0, 30)
+        g_image = _number(image_guidance, "image guidance", 0, 10)
+        base_seed = None if seed in (None, "", -1) else _number(seed, "seed", 0, MAX_SEED, integer=True)
+        if image is None or (isinstance(image, str) and not image):
+            raise AppInputError("no image: upload a photo, or draw a toy scene")
+        source = load_image(image)  # EditorInputError for non-images and huge images
+        version = self.editor_version()
+        editor, lock = self.editors.get(version.path)
+        editor.prompt_for(instruction)  # EditorInputError for empty or too long instructions
+        return {"source": source, "version": version, "editor": editor, "lock": lock, "variants": k,
+                "seed": base_seed, "steps": n_steps, "guidance": g_text, "image_guidance": g_image}
 
     # -- the ranking queue ---------------------------------------------------------------------
     def next_item(self, token: str | None, exclude: set[int] | None = None) -> RankItem | None:

@@ -278,9 +278,10 @@ def build_app(svc: HiveService) -> gr.Blocks:
         def do_edit(tok, src, text, k, seed, steps, g, ig, agree, progress=gr.Progress(track_tqdm=True)):
             """Edit button -> HiveService.edit -> Editor.edit; the variants are recorded in the db."""
             try:
-                tok = ensure_token(tok)
                 if not src:
                     raise AppInputError("no image: upload a photo, or draw a toy scene")
+                svc.check_edit(src, text, k, None if seed in (None, -1) else seed, steps, g, ig)
+                tok = ensure_token(tok)
                 progress(0, desc="sampling variants")
                 out = svc.edit(tok, src, text, variants=k, seed=None if seed in (None, -1) else seed,
                                steps=steps, guidance=g, image_guidance=ig, consent=bool(agree))

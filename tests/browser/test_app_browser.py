@@ -1,0 +1,170 @@
+"""The app in real headless Chromium: a visitor edits and ranks, an annotator works through the
+queue, an admin runs a job and sees it finish, a non-admin cannot reach admin actions; bad input
+through the UI gets a clear message and writes nothing. Also takes the README's screenshots."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from gradio_client import Client
+from playwright.sync_api import Page, expect
+from sqlalchemy import select
+
+from db.engine import session_scope
+from db.models import EditRequest, Ranking, TrainingRun, User
+from hive import toy
+from hive_app.queue import fill_queue
+from tests.app_fixtures import bad_files  # noqa: F401
+from tests.app_server import USERS
+
+
+def tab(page: Page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def sign_in(page: Page, name: str) -> None:
+    page.locator("#login-name input, #login-name textarea").first.fill(name)
+    page.locator("#login-password input").fill(USERS[name][1])
+    page.locator("#login-btn").click()
+    expect(page.locator("#who")).to_contain_text(f"Signed in as {name}")
+
+
+def upload(page: Page, path) -> None:
+    """Upload through the file chooser, as a person does (clearing an earlier upload first)."""
+    clear = page.locator("#upload button[aria-label=Clear]")
+    if clear.count():
+        clear.click()
+    with page.expect_file_chooser() as chooser:
+        page.locator("#upload button.upload-container").click()
+    chooser.value.set_files(str(path))
+
+
+def status(page: Page, elem: str):
+    return expect(page.locator(f"#{elem}"))
+
+
+def shown_variants(page: Page) -> int:
+    return sum(page.locator(f"#place-{i}").is_visible() for i in range(1, 9))
+
+
+def place_all_with_keys(page: Page, n: int | None = None) -> None:
+    """Keys 1..n give variants places 1..n (waiting for each, so the picks do not race)."""
+    page.locator("#rank-item").click()  # focus out of any input
+    n = n or shown_variants(page)
+    for i in range(1, n + 1):
+        page.keyboard.press(str(i))
+        expect(page.locator(f"#place-{i} input")).to_have_value(str(i))
+
+
+def test_visitor_uploads_edits_ranks_and_submits(page: Page, app, bad_files, tmp_path, shots):
+    before = app.counts()
+    # bad input first: each gets a clear message, and nothing is written
+    upload(page, bad_files["not_image"])
+    status(page, "edit-status").to_contain_text("not an image")
+    upload(page, bad_files["huge"])
+    status(page, "edit-status").to_contain_text("too large: 10000x10000")
+    page.locator("#edit-btn").click()
+    status(page, "edit-status").to_contain_text("no image")
+    source = tmp_path / "scene.png"
+    toy.sample_example(7).input_image.save(source)
+    upload(page, source)
+    status(page, "edit-status").to_contain_text("Loaded a 64×64 image")
+    instruction = page.locator("#instruction textarea")
+    instruction.fill("")
+    page.locator("#edit-btn").click()
+    status(page, "edit-status").to_contain_text("instruction is empty")
+    instruction.fill("x" * 60_000)
+    page.locator("#edit-btn").click()
+    status(page, "edit-status").to_contain_text("instruction is too long: 60000 characters")
+    assert app.counts() == before
+
+    # the real edit: 4 variants, then rank them with the keyboard and submit
+    instruction.fill("make the circle blue")
+    page.locator("#consent input").check()
+    page.locator("#edit-btn").click()
+    status(page, "edit-status").to_contain_text(re.compile(r"Request \d+: 4 variants"))
+    expect(page.locator("#gallery img")).to_have_count(4)
+    page.screenshot(path=str(shots / "edit.png"), full_page=True)
+    page.locator("#rank-these").click()
+    expect(page.locator("#rank-item")).to_contain_text("(yours)")
+    place_all_with_keys(page, 4)
+    page.screenshot(path=str(shots / "rank.png"), full_page=True)
+    page.keyboard.press("Enter")
+    status(page, "rank-status").to_contain_text("Ranking of request")
+    with session_scope(write=False) as s:
+        req = s.scalars(select(EditRequest).order_by(EditRequest.id.desc())).first()
+        ranking = s.scalar(select(Ranking).where(Ranking.request_id == req.id))
+        owner = s.get(User, req.user_id)
+        ranks = sorted(i.rank for i in ranking.items)
+    assert req.consent_training and owner.name.startswith("guest-")
+    assert ranking.annotator_id == owner.id and ranks == [1, 2, 3, 4]
+
+
+def test_annotator_works_through_the_queue(page: Page, app, tmp_path, shots):
+    toy.write_dataset(tmp_path / "ds", n=3, seed=11)
+    fill_queue(app.running.service, tmp_path / "ds", variants=3, gold_rate=0.5, log=lambda m: None)
+    sign_in(page, "bea")
+    tab(page, "Rank")
+    page.locator("#rank-next").click()
+    done = 0
+    while True:
+        item = page.locator("#rank-item")
+        expect(item).not_to_have_text("")
+        if "queue is empty" in item.inner_text():
+            break
+        expect(item).to_contain_text("Request")
+        rid = re.search(r"Request (\d+)", item.inner_text()).group(1)
+        place_all_with_keys(page)
+        page.keyboard.press("Enter")
+        status(page, "rank-status").to_contain_text(f"request {rid} saved")
+        done += 1
+        if done == 1:  # undo the first submission and rank it again
+            page.keyboard.press("u")
+            status(page, "rank-status").to_contain_text(f"Undid your ranking of request {rid}")
+            place_all_with_keys(page)
+            page.locator("#rank-submit").click()
+            status(page, "rank-status").to_contain_text(f"request {rid} saved")
+        assert done < 10
+    status(page, "rank-counter").to_contain_text(f"You ranked {done} requests")
+    with session_scope(write=False) as s:
+        bea = s.scalar(select(User).where(User.name == "bea"))
+        mine = s.scalars(select(Ranking).where(Ranking.annotator_id == bea.id)).all()
+    assert len(mine) == done >= 3
+
+    # a blind A/B vote, then the dashboard
+    tab(page, "Compare")
+    page.locator("#pair-btn").click()
+    status(page, "pair-instruction").to_contain_text("Instruction")
+    page.screenshot(path=str(shots / "compare.png"), full_page=True)
+    page.locator("#vote-left").click()
+    status(page, "compare-status").to_contain_text("Vote saved")
+    tab(page, "Dashboard")
+    status(page, "dash-summary").to_contain_text("rankings by")
+    page.wait_for_timeout(1500)  # let the plots draw
+    page.screenshot(path=str(shots / "dashboard.png"), full_page=True)
+
+
+def test_admin_starts_a_job_and_sees_it_finish(page: Page, app, shots):
+    sign_in(page, "boss")
+    tab(page, "Admin")
+    page.locator("#job-config textarea, #job-config input").first.fill('{"n": 2, "steps": 2}')
+    page.locator("#job-start").click()
+    status(page, "admin-status").to_contain_text("queued")
+    expect(page.locator("#jobs-table")).to_contain_text("succeeded", timeout=90_000)
+    expect(page.locator("#job-log textarea")).to_have_value(re.compile("finished"), timeout=10_000)
+    page.screenshot(path=str(shots / "admin.png"), full_page=True)
+    with session_scope(write=False) as s:
+        runs = s.scalars(select(TrainingRun)).all()
+    assert [(r.kind, r.status) for r in runs] == [("evaluate", "succeeded")]
+
+
+def test_non_admin_cannot_reach_admin_actions(page: Page, app):
+    expect(page.get_by_role("tab", name="Admin")).to_have_count(0)
+    sign_in(page, "ann")
+    expect(page.get_by_role("tab", name="Admin")).to_have_count(0)
+    # ... nor through the API, with the same account
+    client = Client(app.url, verbose=False)
+    token = client.predict("ann", USERS["ann"][1], api_name="/login")
+    with pytest.raises(Exception, match="admins only"):
+        client.predict(token, "evaluate", {"n": 1}, api_name="/start_job")
