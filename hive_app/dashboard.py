@@ -119,7 +119,7 @@ def build() -> dict:
             ax.barh(labels, rates, xerr=[lows, highs], color="#54a24b")
             ax.axvline(0.5, color="#888", lw=1, ls="--")
             ax.set_xlim(0, 1)
-            ax.set_title("win rate of the first version (decided votes, 95% CI)")
+            ax.set_title("win rate of version 1 (decided votes, 95% CI)")
         else:
             _empty(ax, "only ties so far")
     fig4.tight_layout()

@@ -55,6 +55,19 @@ class EditOutcome:
 
 
 @dataclass
+class CheckedEdit:
+    """An edit's input after every check: what `Editor.edit` gets."""
+
+    source: PILImage.Image
+    version: ModelVersion
+    variants: int
+    seed: int | None
+    steps: int
+    guidance: float
+    image_guidance: float
+
+
+@dataclass
 class RankItem:
     """One request waiting for this annotator's ranking (gold status is not shown to them)."""
 
@@ -187,20 +200,20 @@ class HiveService:
         Order: check who, check every input (image, instruction, numbers), sample, then write the
         request, its source and its variants in one transaction; bad input writes nothing."""
         who = self.auth.for_edit(token)
-        checked = self.check_edit(image, instruction, variants, seed, steps, guidance, image_guidance)
-        source, version, editor, lock = checked["source"], checked["version"], checked["editor"], checked["lock"]
-        k, base_seed, n_steps = checked["variants"], checked["seed"], checked["steps"]
-        g_text, g_image = checked["guidance"], checked["image_guidance"]
+        c = self.check_edit(image, instruction, variants, seed, steps, guidance, image_guidance)
+        editor, lock = self.editors.get(c.version.path)
         with lock:
-            result = editor.edit(source, instruction, variants=k, seed=base_seed, steps=n_steps,
-                                 guidance=g_text, image_guidance=g_image)
+            result = editor.edit(c.source, instruction, variants=c.variants, seed=c.seed, steps=c.steps,
+                                 guidance=c.guidance, image_guidance=c.image_guidance)
         records = result.records_json()
+        version = c.version
         with session_scope() as s:
-            src = get_or_create_image(s, self.store, source)
+            src = get_or_create_image(s, self.store, c.source)
             req = fb.create_edit_request(
                 s, who.user_id, src.id, " ".join(instruction.split()), version.id,
-                params={"variants": k, "seed": records[0]["seed"], "steps": n_steps, "guidance": g_text,
-                        "image_guidance": g_image, "model": version.path, "model_version": version.name},
+                params={"variants": c.variants, "seed": records[0]["seed"], "steps": c.steps,
+                        "guidance": c.guidance, "image_guidance": c.image_guidance, "model": version.path,
+                        "model_version": version.name},
                 consent=bool(consent))
             rows = [(get_or_create_image(s, self.store, img).id, rec["seed"], rec)
                     for img, rec in zip(result.images, records)]
@@ -209,7 +222,7 @@ class HiveService:
 
     def check_edit(self, image: Any, instruction: str, variants: Any = DEFAULT_VARIANTS, seed: Any = None,
                    steps: Any = DEFAULT_STEPS, guidance: Any = DEFAULT_GUIDANCE,
-                   image_guidance: Any = DEFAULT_IMAGE_GUIDANCE) -> dict:
+                   image_guidance: Any = DEFAULT_IMAGE_GUIDANCE) -> CheckedEdit:
         """Every check of an edit's input, without writing anything (the UI calls it before it
         opens a guest session, so that bad input leaves no trace at all)."""
         k = _number(variants, "variants", MIN_VARIANTS, MAX_VARIANTS, integer=True)
@@ -221,10 +234,9 @@ class HiveService:
             raise AppInputError("no image: upload a photo, or draw a toy scene")
         source = load_image(image)  # EditorInputError for non-images and huge images
         version = self.editor_version()
-        editor, lock = self.editors.get(version.path)
+        editor, _ = self.editors.get(version.path)
         editor.prompt_for(instruction)  # EditorInputError for empty or too long instructions
-        return {"source": source, "version": version, "editor": editor, "lock": lock, "variants": k,
-                "seed": base_seed, "steps": n_steps, "guidance": g_text, "image_guidance": g_image}
+        return CheckedEdit(source, version, k, base_seed, n_steps, g_text, g_image)
 
     # -- the ranking queue ---------------------------------------------------------------------
     def next_item(self, token: str | None, exclude: set[int] | None = None) -> RankItem | None:

@@ -122,3 +122,16 @@ def test_visitor_accounts_edit_but_do_not_rank(app, client, source):
                        api_name="/submit_ranking")
     with session_scope(write=False) as s:
         assert s.scalars(select(Ranking).where(Ranking.request_id == info["request_id"])).all() == []
+
+
+def test_admin_promotes_and_rolls_back_editor_versions(app, client, source):
+    admin = login(client, "boss")
+    assert client.predict(admin, 2, api_name="/promote_version") == {"promoted": "tiny-candidate"}
+    info, _ = edit(client, login(client, "ann"), source)
+    assert info["model_version"] == "tiny-candidate"  # edits now use the promoted version
+    promoted_first = client.predict(admin, api_name="/rollback_version")["promoted"]
+    assert promoted_first != "tiny-candidate"
+    info, _ = edit(client, login(client, "ann"), source)
+    assert info["model_version"] == promoted_first
+    with pytest.raises(Exception, match="unknown editor version"):
+        client.predict(admin, 999, api_name="/promote_version")
