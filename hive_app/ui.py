@@ -630,5 +630,9 @@ def build_api(svc: HiveService) -> None:
 
 def launch_kwargs(svc: HiveService) -> dict:
     """What `demo.launch` needs besides host and port (Gradio 6 takes theme, css and head here)."""
-    return {"allowed_paths": [str(svc.store.home)], "head": KEYBOARD_JS, "css": CSS, "show_error": True,
-            "max_file_size": "64mb"}
+    home = svc.store.home
+    # Only stored images and drawn toy scenes may be served: never the database, the session
+    # secret or job logs, which also live in HIVE_HOME.
+    return {"allowed_paths": [str(home / "images"), str(home / "tmp")],
+            "blocked_paths": [str(home / "app_secret"), str(home / "jobs"), str(home / "hive.db")],
+            "head": KEYBOARD_JS, "css": CSS, "show_error": True, "max_file_size": "64mb"}

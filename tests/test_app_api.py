@@ -135,3 +135,39 @@ def test_admin_promotes_and_rolls_back_editor_versions(app, client, source):
     assert info["model_version"] == promoted_first
     with pytest.raises(Exception, match="unknown editor version"):
         client.predict(admin, 999, api_name="/promote_version")
+
+
+def test_only_images_are_served_from_the_data_folder(app, client, source):
+    import urllib.error
+    import urllib.request
+
+    edit(client, login(client, "ann"), source)
+    with session_scope(write=False) as s:
+        from db.models import Image
+
+        image_path = app.home / s.scalars(select(Image.path)).first()
+
+    def status(path) -> int:
+        try:
+            return urllib.request.urlopen(f"{app.url}gradio_api/file={path}", timeout=10).status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert status(image_path) == 200
+    for secret in ("app_secret", "hive.db"):
+        assert (app.home / secret).exists()
+        assert status(app.home / secret) in (403, 404)
+
+
+def test_edit_cannot_read_server_files_by_path(app, client):
+    """Naming a file on the server instead of uploading one reads nothing useful: Gradio only
+    accepts paths in its upload, temp or working folders, and a non-image is refused."""
+    before = app.counts()
+    forged = {"path": str(app.home / "hive.db"), "meta": {"_type": "gradio.FileData"}}
+    with pytest.raises(Exception) as info:
+        client.predict(forged, "make it red", 4, 1, 2, 7.5, 1.5, False, login(client, "ann"), api_name="/edit")
+    assert "not an image" in str(info.value) or "Cannot move" in str(info.value)
+    with pytest.raises(Exception):
+        client.predict({"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, "make it red", 4, 1, 2, 7.5,
+                       1.5, False, login(client, "ann"), api_name="/edit")
+    assert app.counts() == before
