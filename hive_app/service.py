@@ -234,8 +234,9 @@ class HiveService:
             raise AppInputError("no image: upload a photo, or draw a toy scene")
         source = load_image(image)  # EditorInputError for non-images and huge images
         version = self.editor_version()
-        editor, _ = self.editors.get(version.path)
-        editor.prompt_for(instruction)  # EditorInputError for empty or too long instructions
+        editor, lock = self.editors.get(version.path)
+        with lock:  # the tokenizer is shared with running edits; fast tokenizers are not thread-safe
+            editor.prompt_for(instruction)  # EditorInputError for empty or too long instructions
         return CheckedEdit(source, version, k, base_seed, n_steps, g_text, g_image)
 
     # -- the ranking queue ---------------------------------------------------------------------
@@ -356,8 +357,8 @@ class HiveService:
         outputs = []
         for mv in (first, second):
             editor, lock = self.editors.get(mv.path)
-            prompt = editor.prompt_for(instruction or "")
             with lock:
+                prompt = editor.prompt_for(instruction or "")
                 outputs.append(editor.sample([source], [prompt], [[seed]], DEFAULT_STEPS, DEFAULT_GUIDANCE,
                                              DEFAULT_IMAGE_GUIDANCE)[0][0])
         with session_scope() as s:

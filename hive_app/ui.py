@@ -159,9 +159,10 @@ def build_app(svc: HiveService) -> gr.Blocks:
                                 picks.append(gr.Button(f"Pick ({i + 1})", size="sm", elem_id=f"pick-{i + 1}"))
                             cols.append(col)
                     with gr.Accordion("Optional ratings (1–5)", open=False):
-                        rating_dds = []
+                        rating_dds, rating_rows = [], []
                         for i in range(K):
-                            with gr.Row(visible=True):
+                            with gr.Row(visible=False) as rating_row:
+                                rating_rows.append(rating_row)
                                 for dim in DIMENSIONS:
                                     rating_dds.append(gr.Dropdown(label=f"Variant {i + 1}: {dim.replace('_', ' ')}",
                                                                   choices=["", "1", "2", "3", "4", "5"], value="",
@@ -297,8 +298,8 @@ def build_app(svc: HiveService) -> gr.Blocks:
                        api_visibility="private", concurrency_limit=2, concurrency_id="editor")
 
         # ================================================================ handlers: rank
-        rank_outputs = [item_state, item_md, rank_source, *cols, *imgs, *rank_dds, *rating_dds, counter_md,
-                        rank_status, token, who_md]
+        rank_outputs = [item_state, item_md, rank_source, *cols, *imgs, *rank_dds, *rating_rows, *rating_dds,
+                        counter_md, rank_status, token, who_md]
 
         def render(tok: str, item: RankItem | None, status: str) -> list:
             """Component values for one request (or for an empty queue)."""
@@ -308,7 +309,7 @@ def build_app(svc: HiveService) -> gr.Blocks:
             if item is None:
                 return [None, "The queue is empty: nothing waits for your ranking.", None,
                         *[gr.update(visible=False)] * K, *[None] * K, *[gr.update(value=None)] * K,
-                        *[""] * (K * 3), counter, status, tok, who_line(tok)]
+                        *[gr.update(visible=False)] * K, *[""] * (K * 3), counter, status, tok, who_line(tok)]
             k = len(item.variant_ids)
             places = [str(p) for p in range(1, k + 1)]
             state = {"request_id": item.request_id, "variant_ids": item.variant_ids, "shown_at": time.time()}
@@ -317,6 +318,7 @@ def build_app(svc: HiveService) -> gr.Blocks:
                     *[gr.update(visible=i < k) for i in range(K)],
                     *[item.variant_paths[i] if i < k else None for i in range(K)],
                     *[gr.update(choices=[""] + places, value="") for _ in range(K)],
+                    *[gr.update(visible=i < k) for i in range(K)],
                     *[""] * (K * 3), counter, status, tok, who_line(tok)]
 
         def next_item(tok: str, status: str = ""):

@@ -89,16 +89,21 @@ def test_visitor_uploads_edits_ranks_and_submits(page: Page, app, bad_files, tmp
     page.locator("#rank-these").click()
     expect(page.locator("#rank-item")).to_contain_text("(yours)")
     place_all_with_keys(page, 4)
+    page.get_by_text("Optional ratings (1–5)").click()  # an optional rating: quality 4 for variant 1
+    page.locator("#rate-1-quality input").click()
+    page.get_by_role("option", name="4", exact=True).click()
+    expect(page.locator("#rate-1-quality input")).to_have_value("4")
     page.screenshot(path=str(shots / "rank.png"), full_page=True)
+    page.locator("#rank-item").click()
     page.keyboard.press("Enter")
     status(page, "rank-status").to_contain_text("Ranking of request")
     with session_scope(write=False) as s:
         req = s.scalars(select(EditRequest).order_by(EditRequest.id.desc())).first()
         ranking = s.scalar(select(Ranking).where(Ranking.request_id == req.id))
         owner = s.get(User, req.user_id)
-        ranks = sorted(i.rank for i in ranking.items)
+        items = sorted((i.rank, i.quality) for i in ranking.items)
     assert req.consent_training and owner.name.startswith("guest-")
-    assert ranking.annotator_id == owner.id and ranks == [1, 2, 3, 4]
+    assert ranking.annotator_id == owner.id and items == [(1, 4), (2, None), (3, None), (4, None)]
 
 
 def test_annotator_works_through_the_queue(page: Page, app, tmp_path, shots):
