@@ -62,12 +62,17 @@ def cmd_queue(args: argparse.Namespace) -> int:
         message = (f"queued job {run_id}: the app's background worker will sample {args.variants} variants for "
                    f"each of {len(rows)} rows (start the app with `python app.py` if it is not running)")
     else:
-        from hive_app.config import AppConfig
+        from hive_app.config import AppConfig, model_missing_message
         from hive_app.queue import fill_queue
         from hive_app.service import HiveService
 
+        config = AppConfig.from_env(args.model)
+        problem = model_missing_message(config.model)
+        if problem:
+            print(problem, file=sys.stderr)
+            return 2
         try:
-            result = fill_queue(HiveService(AppConfig.from_env(args.model)), data, variants=args.variants,
+            result = fill_queue(HiveService(config), data, variants=args.variants,
                                 gold_rate=args.gold_rate, limit=args.limit)
         except (AppInputError, EditorInputError) as exc:
             return fail(str(exc))

@@ -129,7 +129,7 @@ def build_app(svc: HiveService) -> gr.Blocks:
                             guidance_in = gr.Slider(0, 20, value=DEFAULT_GUIDANCE, step=0.5, label="Text guidance")
                             image_guidance_in = gr.Slider(0, 5, value=DEFAULT_IMAGE_GUIDANCE, step=0.1,
                                                           label="Image guidance")
-                        consent = gr.Checkbox(label="You may use this photo and my rankings to train the editor",
+                        consent = gr.Checkbox(label="You may use this photo and its edits to train the editor",
                                               value=False, elem_id="consent")
                         edit_btn = gr.Button("Edit", variant="primary", elem_id="edit-btn")
                     with gr.Column(scale=1):

@@ -304,6 +304,8 @@ def test_queue_command(svc, hive, tmp_path, capsys, monkeypatch):
     assert jobs.JobWorker(svc).run_one()
     with session_scope(write=False) as s:
         assert len(s.scalars(select(EditRequest)).all()) == 2
+    assert run("queue", "--data", str(data), "--now", "--model", str(tmp_path / "no-editor")) == 2
+    assert "no editor at" in capsys.readouterr().err
     monkeypatch.setenv("HIVE_MODEL", svc.config.model)
     assert run("queue", "--data", str(data), "--now", "--json") == 0  # already queued rows are skipped
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["queued"] == 0
