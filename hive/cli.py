@@ -83,6 +83,23 @@ def cmd_train_editor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_export(args: argparse.Namespace) -> int:
+    from hive.train_sft import export_checkpoint
+
+    path = export_checkpoint(Path(args.run), Path(args.out), use_ema=not args.no_ema)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_train_ship(args: argparse.Namespace) -> int:
+    from hive.zoo import MODELS_DIR, ship
+
+    written = ship(Path(args.editor), Path(args.clip), Path(args.models) if args.models else MODELS_DIR)
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    return 0
+
+
 def _report_training(args: argparse.Namespace, path: Path, started: float) -> None:
     seconds = round(time.time() - started, 1)
     if getattr(args, "json", False):
@@ -235,8 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_tokenizer)
     p = train.add_parser("vae", help="train the tiny AutoencoderKL on toy scenes")
     p.add_argument("--out", required=True, help="run folder (checkpoints, loss.jsonl, model/)")
-    p.add_argument("--steps", type=int, default=700)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--batch-size", type=int, default=64, help="images per step (each a random 32 px crop)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train_vae)
     p = train.add_parser("clip", help="train the tiny CLIP on toy scenes and captions")
@@ -265,6 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train_editor)
+
+    p = train.add_parser("export", help="write the newest checkpoint of an editor run as a pipeline folder")
+    p.add_argument("--run", required=True, help="run folder of `train editor`")
+    p.add_argument("--out", required=True, help="pipeline folder to write")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA")
+    p.set_defaults(func=cmd_train_export)
+    p = train.add_parser("ship", help="install a trained editor and CLIP as the embedded default (models/)")
+    p.add_argument("--editor", required=True, help="editor pipeline folder")
+    p.add_argument("--clip", required=True, help="CLIP folder")
+    p.add_argument("--models", help="models folder (default: the repo's models/)")
+    p.set_defaults(func=cmd_train_ship)
 
     # edit
     p = sub.add_parser("edit", help="edit one image (K variants) or every row of a dataset")

@@ -27,8 +27,28 @@ def scene_batch(step: int, batch_size: int, size: int) -> torch.Tensor:
     return x
 
 
-def train_vae(out: Path, steps: int = 1200, batch_size: int = 16, lr: float = 1e-3,
-              kl_weight: float = 1e-6, size: int = toy.DEFAULT_SIZE, checkpoint_every: int = 500) -> Path:
+def object_weight(x: torch.Tensor, object_boost: float = 9.0) -> torch.Tensor:
+    """Per-pixel loss weight: objects (pixels far from the image's median colour, its background)
+    count 1 + `object_boost` times. Objects are a few percent of the pixels; unweighted, the
+    autoencoder learns backgrounds first and paints objects as blobs for a long time."""
+    median = x.flatten(2).median(dim=2).values[:, :, None, None]
+    is_object = ((x - median).abs().amax(dim=1, keepdim=True) > 0.1).float()
+    return 1.0 + object_boost * is_object
+
+
+def random_crops(x: torch.Tensor, crop: int, step: int) -> torch.Tensor:
+    """One random `crop`-pixel window per image: the autoencoder is fully convolutional, and a
+    quarter-size window costs a quarter of the compute while keeping the variety of scenes."""
+    g = torch.Generator().manual_seed(step)
+    n, _, h, w = x.shape
+    ys = torch.randint(0, h - crop + 1, (n,), generator=g)
+    xs = torch.randint(0, w - crop + 1, (n,), generator=g)
+    return torch.stack([x[i, :, ys[i]:ys[i] + crop, xs[i]:xs[i] + crop] for i in range(n)])
+
+
+def train_vae(out: Path, steps: int = 1200, batch_size: int = 64, lr: float = 1e-3,
+              kl_weight: float = 1e-6, size: int = toy.DEFAULT_SIZE, crop: int | None = 32,
+              checkpoint_every: int = 250) -> Path:
     accelerator = make_accelerator()
     vae = toy_vae()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
@@ -38,14 +58,20 @@ def train_vae(out: Path, steps: int = 1200, batch_size: int = 16, lr: float = 1e
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train vae",
                disable=not accelerator.is_local_main_process)
     for step in bar:
-        x = scene_batch(step, batch_size, size).to(accelerator.device)
+        x = scene_batch(step, batch_size, size)
+        weight = object_weight(x)
+        if crop is not None and crop < size:
+            x = random_crops(torch.cat([x, weight], 1), crop, step)
+            x, weight = x[:, :3], x[:, 3:]
+        x, weight = x.to(accelerator.device), weight.to(accelerator.device)
         posterior = accelerator.unwrap_model(vae).encode(x).latent_dist
         # Deterministic autoencoding (the posterior mean): the editor only ever uses `mode()`, and
         # sampling std-1 noise early on teaches the decoder to paint blobs.
         recon = accelerator.unwrap_model(vae).decode(posterior.mode()).sample
         l1 = (recon - x).abs().mean()
         kl = posterior.kl().mean()
-        loss = l1 + 0.5 * (recon - x).pow(2).mean() + kl_weight * kl
+        err = weight * ((recon - x).abs() + 0.5 * (recon - x).pow(2))
+        loss = err.mean() / weight.mean() + kl_weight * kl
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad()

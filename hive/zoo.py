@@ -56,7 +56,9 @@ def toy_unet(cross_attention_dim: int = 128) -> UNet2DConditionModel:
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         block_out_channels=(64, 96, 128), layers_per_block=1, cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8, norm_num_groups=32,
+        # 8 groups (8-16 channels each), not SD's 32: with 2 channels a group, GroupNorm wipes out
+        # most of the per-channel mean, and flat colours (a background change) are all mean.
+        attention_head_dim=8, norm_num_groups=8,
     )
 
 
@@ -95,3 +97,32 @@ def assemble_base(vae_dir: Path, clip_dir: Path, dest: Path, unet: UNet2DConditi
         scheduler=toy_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(dest)
     return dest
+
+
+def ship(editor_dir: Path, clip_dir: Path, models_dir: Path = MODELS_DIR) -> dict[str, Path]:
+    """Copy a trained editor pipeline and CLIP into `models/` with fp16 weights (half the bytes;
+    loaders upcast on the CPU). Each folder is written beside its place and renamed into it."""
+    import shutil
+
+    import torch
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+    from transformers import CLIPImageProcessor, CLIPTokenizer
+
+    written = {}
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(editor_dir, dtype=torch.float16)
+    clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.float16)
+    for name, save in (("toy-editor", pipe.save_pretrained), ("toy-clip", clip.save_pretrained)):
+        dest = models_dir / name
+        tmp = models_dir / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save(tmp)
+        if name == "toy-clip":
+            CLIPTokenizer.from_pretrained(clip_dir).save_pretrained(tmp)
+            CLIPImageProcessor.from_pretrained(clip_dir).save_pretrained(tmp)
+        info = Path(editor_dir) / "hive.json"
+        if name == "toy-editor" and info.exists():
+            shutil.copy(info, tmp / "hive.json")
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+        written[name] = dest
+    return written
