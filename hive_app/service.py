@@ -26,7 +26,7 @@ from db.models import EditRequest, Image, ModelVersion, Ranking, Variant, utcnow
 from hive import toy
 from hive.editor import (DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS, Editor, EditorInputError,
                          load_image)
-from hive_app.auth import Auth, AuthError, Principal, Signer
+from hive_app.auth import Auth, AuthError, Signer
 from hive_app.config import AppConfig
 
 MIN_VARIANTS, MAX_VARIANTS, DEFAULT_VARIANTS = 2, 8, 4
@@ -240,36 +240,39 @@ class HiveService:
         return CheckedEdit(source, version, k, base_seed, n_steps, g_text, g_image)
 
     # -- the ranking queue ---------------------------------------------------------------------
-    def next_item(self, token: str | None, exclude: set[int] | None = None) -> RankItem | None:
+    def next_item(self, token: str | None) -> RankItem | None:
         """The next request for this annotator: their own unranked requests first, then every
-        `gold_every`-th item a gold item, then others' requests that still need rankings."""
+        `gold_every`-th item a gold item, then others' requests that still have fewer than
+        `rankings_per_request` rankings (partly ranked ones first: agreement needs several
+        rankings of one request), oldest first. Gold items have no cap: everyone ranks them."""
         who = self.auth.for_rank(token)
-        exclude = exclude or set()
         with session_scope(write=False) as s:
             done = select(Ranking.request_id).where(Ranking.annotator_id == who.user_id)
-            ready = (select(EditRequest).where(EditRequest.id.in_(select(Variant.request_id)),
-                                               EditRequest.id.not_in(done),
-                                               EditRequest.id.not_in(exclude or {-1})))
+            ready = select(EditRequest).where(EditRequest.id.in_(select(Variant.request_id)),
+                                              EditRequest.id.not_in(done))
             own = s.scalar(ready.where(EditRequest.user_id == who.user_id)
                            .order_by(EditRequest.created_at.desc(), EditRequest.id.desc()).limit(1))
             if own is not None:
                 return self._item(s, own, True)
+            others = ready.where(EditRequest.user_id != who.user_id)
+            gold = others.where(EditRequest.params["gold"].as_boolean().is_(True)) \
+                .order_by(EditRequest.created_at, EditRequest.id).limit(1)
             n_done = s.scalar(select(func.count()).select_from(done.subquery())) or 0
-            candidates = s.scalars(ready.where(EditRequest.user_id != who.user_id)
-                                   .order_by(EditRequest.created_at, EditRequest.id).limit(500)).all()
-            gold = [r for r in candidates if is_gold(r)]
-            plain = [r for r in candidates if not is_gold(r)]
-            if gold and self.config.gold_every > 0 and (n_done + 1) % self.config.gold_every == 0:
-                return self._item(s, gold[0], False)
-            counts = dict(s.execute(select(Ranking.request_id, func.count())
-                                    .where(Ranking.request_id.in_([r.id for r in plain]), Ranking.skip.is_(False))
-                                    .group_by(Ranking.request_id)).all())
-            open_ = [r for r in plain if counts.get(r.id, 0) < self.config.rankings_per_request]
-            # finish partly ranked requests first: agreement needs several rankings of one request
-            open_.sort(key=lambda r: (-counts.get(r.id, 0), r.created_at, r.id))
-            if open_:
-                return self._item(s, open_[0], False)
-            return self._item(s, gold[0], False) if gold else None
+            if self.config.gold_every > 0 and (n_done + 1) % self.config.gold_every == 0:
+                item = s.scalar(gold)
+                if item is not None:
+                    return self._item(s, item, False)
+            counts = (select(Ranking.request_id, func.count().label("n")).where(Ranking.skip.is_(False))
+                      .group_by(Ranking.request_id).subquery())
+            n = func.coalesce(counts.c.n, 0)
+            plain = s.scalar(others.outerjoin(counts, counts.c.request_id == EditRequest.id)
+                             .where(n < self.config.rankings_per_request,
+                                    func.coalesce(EditRequest.params["gold"].as_boolean(), False).is_(False))
+                             .order_by(n.desc(), EditRequest.created_at, EditRequest.id).limit(1))
+            if plain is not None:
+                return self._item(s, plain, False)
+            item = s.scalar(gold)
+            return self._item(s, item, False) if item is not None else None
 
     def request_item(self, token: str | None, request_id: int) -> RankItem:
         """A given request, for ranking right after editing it."""
@@ -391,10 +394,6 @@ class HiveService:
                                         image_a_id=pair["ia"], image_b_id=pair["ib"], seconds=seconds,
                                         submission_key=key)
             return comp.id
-
-
-def is_gold(req: EditRequest) -> bool:
-    return bool((req.params or {}).get("gold"))
 
 
 USER_ERRORS = (AppInputError, EditorInputError, AuthError, fb.FeedbackError, ImageError)

@@ -18,7 +18,7 @@ from hive_app import jobs
 from hive_app.auth import AuthError, Signer
 from hive_app.queue import fill_queue, gold_accuracy
 from hive_app.service import USER_ERRORS, AppInputError
-from tests.app_fixtures import (PASSWORDS, accounts, bad_files, editor_pool, hive, hive_factory,  # noqa: F401
+from tests.app_fixtures import (accounts, bad_files, editor_pool, hive, hive_factory,  # noqa: F401
                                 make_service, svc)
 
 FAST = dict(steps=2)
@@ -331,3 +331,18 @@ def test_app_refuses_a_missing_model_folder_with_a_clear_message(tmp_path, capsy
 
     assert app.main(["--model", str(tmp_path / "no-such-editor")]) == 2
     assert "no editor at" in capsys.readouterr().err
+
+
+def test_gold_items_are_mixed_in_every_nth_item(make_service, accounts, tmp_path):
+    svc = make_service(rankings_per_request=1, gold_every=2)
+    fill_queue(svc, _toy_dataset(tmp_path, 1), variants=2, gold_rate=1.0, log=lambda m: None)
+    plain = [_request(svc, accounts["boss"], k=2)[0] for _ in range(2)]
+    seen = []
+    for _ in range(3):
+        item = svc.next_item(accounts["ann"])
+        seen.append("plain" if item.request_id in plain else "gold")
+        svc.submit_ranking(accounts["ann"], item.request_id, [item.variant_ids])
+    assert seen == ["plain", "gold", "plain"]
+    assert svc.next_item(accounts["ann"]) is None
+    # the plain requests are full (one ranking each); gold items have no cap, so bea gets the gold one
+    assert svc.next_item(accounts["bea"]).request_id not in plain
