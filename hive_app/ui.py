@@ -267,7 +267,7 @@ def build_app(svc: HiveService) -> gr.Blocks:
             path = svc.store.home / "tmp" / f"toy-{seed}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             ex.input_image.save(path)
-            return str(path), ex.input_image, ex.edit.instruction, f"Toy scene {seed}: {ex.scene.caption}"
+            return str(path), ex.input_image, ex.edit.instruction, f"Toy scene {seed}: {ex.edit.source.caption()}"
 
         upload.upload(on_upload, upload, [source_path, source_img, edit_status], api_visibility="private")
         upload.clear(lambda: (None, None, ""), None, [source_path, source_img, edit_status], api_visibility="private")

@@ -11,6 +11,7 @@ from gradio_client import Client
 from playwright.sync_api import Page, expect
 from sqlalchemy import select
 
+from db import feedback as fb
 from db.engine import session_scope
 from db.models import EditRequest, Ranking, TrainingRun, User
 from hive import toy
@@ -162,9 +163,27 @@ def test_admin_starts_a_job_and_sees_it_finish(page: Page, app, shots):
     with session_scope(write=False) as s:
         runs = s.scalars(select(TrainingRun)).all()
     assert [(r.kind, r.status) for r in runs] == [("evaluate", "succeeded")]
+    # promote the candidate, then roll back to the editor promoted before it
+    page.locator("#version-dd input").click()
+    page.get_by_role("option", name="tiny-candidate (candidate)").click()
+    page.locator("#promote-btn").click()
+    status(page, "admin-status").to_contain_text("Now serving tiny-candidate")
+    page.locator("#rollback-btn").click()
+    status(page, "admin-status").to_contain_text("Now serving")
+    expect(page.locator("#admin-status")).not_to_contain_text("tiny-candidate")
+    with session_scope(write=False) as s:
+        promoted = fb.promoted_version(s, "editor")
+    assert promoted.name != "tiny-candidate" and promoted.id == app.running.service.served
 
 
 def test_non_admin_cannot_reach_admin_actions(page: Page, app):
+    page.locator("#toy-btn").click()  # (the toy-scene button fills the source and an instruction)
+    status(page, "edit-status").to_contain_text(re.compile(r"Toy scene \d+: a (small|large) "))
+    expect(page.locator("#instruction textarea")).not_to_have_value("")
+    page.locator("#example input").click()  # (and so does an example)
+    page.get_by_role("option").first.click()
+    status(page, "edit-status").to_contain_text("Toy scene 11:")
+    expect(page.locator("#instruction textarea")).to_have_value(toy.sample_example(11).edit.instruction)
     expect(page.get_by_role("tab", name="Admin")).to_have_count(0)
     sign_in(page, "ann")
     expect(page.get_by_role("tab", name="Admin")).to_have_count(0)
