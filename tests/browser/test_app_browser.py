@@ -89,7 +89,14 @@ def test_visitor_uploads_edits_ranks_and_submits(page: Page, app, bad_files, tmp
     page.screenshot(path=str(shots / "edit.png"), full_page=True)
     page.locator("#rank-these").click()
     expect(page.locator("#rank-item")).to_contain_text("(yours)")
-    place_all_with_keys(page, 4)
+    place_all_with_keys(page, 3)  # a ranking with a variant missing is refused, and nothing is written
+    page.keyboard.press("Enter")
+    status(page, "rank-status").to_contain_text("variant(s) [4] have no place")
+    with session_scope(write=False) as s:
+        assert s.scalars(select(Ranking)).all() == []
+    page.locator("#rank-item").click()
+    page.keyboard.press("4")
+    expect(page.locator("#place-4 input")).to_have_value("4")
     page.get_by_text("Optional ratings (1–5)").click()  # an optional rating: quality 4 for variant 1
     page.locator("#rate-1-quality input").click()
     page.get_by_role("option", name="4", exact=True).click()
