@@ -303,11 +303,15 @@ def build_app(svc: HiveService) -> gr.Blocks:
 
         def render(tok: str, item: RankItem | None, status: str) -> list:
             """Component values for one request (or for an empty queue)."""
-            counts = svc.counters(tok) if tok else None
+            try:
+                counts = svc.counters(tok) if tok else None
+            except USER_ERRORS:  # e.g. a visitor account, which does not rank
+                counts = None
             counter = (f"You ranked **{counts['ranked']}** requests (**{counts['today']}** today); "
                        f"**{counts['waiting']}** waiting." if counts else "")
             if item is None:
-                return [None, "The queue is empty: nothing waits for your ranking.", None,
+                empty = "" if status.startswith("⚠") else "The queue is empty: nothing waits for your ranking."
+                return [None, empty, None,
                         *[gr.update(visible=False)] * K, *[None] * K, *[gr.update(value=None)] * K,
                         *[gr.update(visible=False)] * K, *[""] * (K * 3), counter, status, tok, who_line(tok)]
             k = len(item.variant_ids)
@@ -325,8 +329,8 @@ def build_app(svc: HiveService) -> gr.Blocks:
             try:
                 tok = ensure_token(tok)
                 return render(tok, svc.next_item(tok), status)
-            except USER_ERRORS as exc:
-                return render("", None, f"⚠ {exc}")
+            except USER_ERRORS as exc:  # the session stays as it was (a visitor stays signed in)
+                return render(tok, None, f"⚠ {exc}")
 
         def rank_request(tok: str, request_id: int | None):
             try:
@@ -334,7 +338,7 @@ def build_app(svc: HiveService) -> gr.Blocks:
                 item = svc.request_item(tok, request_id) if request_id else svc.next_item(tok)
                 return [*render(tok, item, ""), gr.Tabs(selected="rank")]
             except USER_ERRORS as exc:
-                return [*render("", None, f"⚠ {exc}"), gr.Tabs(selected="rank")]
+                return [*render(tok, None, f"⚠ {exc}"), gr.Tabs(selected="rank")]
 
         next_btn.click(next_item, token, rank_outputs, api_visibility="private")
         rank_these.click(rank_request, [token, last_request], [*rank_outputs, tabs], api_visibility="private")
