@@ -445,15 +445,23 @@ def build_app(svc: HiveService) -> gr.Blocks:
                       concurrency_id="editor")
 
         # ================================================================ handlers: dashboard
-        def refresh_dashboard():
+        def refresh_dashboard(tok):
+            """Annotators and admins only: the dashboard names annotators and their accuracy."""
+            try:
+                who = auth.principal(tok)
+            except USER_ERRORS:
+                who = None
+            if who is None or who.guest or not who.can_rank:
+                return ("Sign in with an annotator or admin account to see the dashboard.",
+                        *[None] * 6, None, None)
             d = dashboard.build()
             return (d["summary"], d["over_time"], d["per_annotator"], d["gold"], d["win_rates"], d["models"],
                     d["tradeoff"], d["annotators"], d["wins"])
 
         dash_outputs = [dash_summary, plot_time, plot_ann, plot_gold, plot_wins, plot_models, plot_trade, ann_table,
                         wins_table]
-        dash_refresh.click(refresh_dashboard, None, dash_outputs, api_visibility="private")
-        dash_tab.select(refresh_dashboard, None, dash_outputs, api_visibility="private")
+        dash_refresh.click(refresh_dashboard, token, dash_outputs, api_visibility="private")
+        dash_tab.select(refresh_dashboard, token, dash_outputs, api_visibility="private")
 
         # ================================================================ handlers: admin
         def admin_view(tok):

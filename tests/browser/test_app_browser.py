@@ -192,6 +192,9 @@ def test_non_admin_cannot_reach_admin_actions(page: Page, app):
     status(page, "edit-status").to_contain_text("Toy scene 11:")
     expect(page.locator("#instruction textarea")).to_have_value(toy.sample_example(11).edit.instruction)
     expect(page.get_by_role("tab", name="Admin")).to_have_count(0)
+    tab(page, "Dashboard")  # the dashboard names annotators: not for guests
+    status(page, "dash-summary").to_contain_text("Sign in with an annotator or admin account")
+    tab(page, "Edit")
     sign_in(page, "vic")  # a visitor account edits but does not rank, and stays signed in when told so
     tab(page, "Rank")
     page.locator("#rank-next").click()
