@@ -112,14 +112,17 @@ def loop_available() -> bool:
         return False
 
 
-if loop_available():
-    register_job_kind("loop_round", run_loop_round, "one loop round: reward model, fine-tune, evaluate", {})
+def job_kinds() -> dict[str, JobKind]:
+    """The job kinds on offer; `loop_round` joins them as soon as `hive.loop` provides `run_round`."""
+    if "loop_round" not in JOB_KINDS and loop_available():
+        register_job_kind("loop_round", run_loop_round, "one loop round: reward model, fine-tune, evaluate", {})
+    return JOB_KINDS
 
 
 # ---------------------------------------------------------------- submitting and the worker
 def submit_job(kind: str, config: dict | None = None) -> int:
     """Queue a job (any caller: the Admin tab, the API, the CLI); refuses a second one of a kind."""
-    if kind not in JOB_KINDS:
+    if kind not in job_kinds():
         raise AppInputError(f"unknown job kind {kind!r}; available: {', '.join(sorted(JOB_KINDS))}"
                             + ("" if loop_available() else " (loop_round needs hive.loop, not built yet)"))
     merged = {**JOB_KINDS[kind].defaults, **(config or {})}
@@ -176,7 +179,7 @@ class JobWorker:
         """Run the oldest queued job of a known kind; False when there is none."""
         with session_scope() as s:
             run = s.scalar(select(TrainingRun).where(TrainingRun.status == "queued",
-                                                     TrainingRun.kind.in_(list(JOB_KINDS)))
+                                                     TrainingRun.kind.in_(list(job_kinds())))
                            .order_by(TrainingRun.id).limit(1))
             if run is None:
                 return False

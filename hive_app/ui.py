@@ -215,7 +215,7 @@ def build_app(svc: HiveService) -> gr.Blocks:
                 gr.Markdown("Jobs run in a background worker, one of a kind at a time; their state is in the "
                             "database." + loop_note)
                 with gr.Row():
-                    job_kind = gr.Dropdown(label="Job", choices=sorted(jobs.JOB_KINDS), value="evaluate",
+                    job_kind = gr.Dropdown(label="Job", choices=sorted(jobs.job_kinds()), value="evaluate",
                                            elem_id="job-kind")
                     job_config = gr.Textbox(label="Config (JSON)", value=json.dumps(jobs.JOB_KINDS["evaluate"].defaults),
                                             elem_id="job-config")

@@ -278,7 +278,37 @@ def test_jobs_one_per_kind_run_in_worker_and_survive_restart(svc, hive):
 
 
 def test_loop_round_is_offered_only_when_the_loop_exists():
-    assert ("loop_round" in jobs.JOB_KINDS) == jobs.loop_available()
+    assert ("loop_round" in jobs.job_kinds()) == jobs.loop_available()
+
+
+def test_a_loop_module_plugs_in_as_the_loop_round_job(svc, hive, monkeypatch, tiny_pipeline):
+    """The contract for `hive.loop` (not built yet): `run_round(config, log, progress) -> dict`; a
+    `produced_version_id` in the result is recorded on the job. A stand-in module checks the wiring."""
+    import sys
+    import types
+
+    if jobs.loop_available():
+        pytest.skip("hive.loop exists: its own tests cover it")
+    calls = []
+
+    def run_round(config, log, progress):
+        calls.append(config)
+        log("stand-in round")
+        progress(1, 1)
+        with session_scope() as s:
+            return {"produced_version_id": fb.register_model_version(s, "editor", "round-1", str(tiny_pipeline)).id}
+
+    monkeypatch.setitem(sys.modules, "hive.loop", types.SimpleNamespace(run_round=run_round))
+    try:
+        run_id = jobs.submit_job("loop_round", {"rounds": 1})
+        assert jobs.JobWorker(svc).run_one()
+        with session_scope(write=False) as s:
+            run = s.get(TrainingRun, run_id)
+            produced = s.get(ModelVersion, run.produced_version_id)
+        assert run.status == "succeeded" and produced.name == "round-1" and calls == [{"rounds": 1}]
+        assert "stand-in round" in jobs.read_log(run)
+    finally:
+        jobs.JOB_KINDS.pop("loop_round", None)
 
 
 def test_queue_command(svc, hive, tmp_path, capsys, monkeypatch):
