@@ -165,6 +165,8 @@ class HiveService:
     def _ensure_served_editor(self) -> int:
         """Register the configured editor; promote it if asked to (or if none is promoted)."""
         path = self.config.model
+        if Path(path).exists():  # a local folder: one registry entry whatever the working directory
+            path = str(Path(path).resolve())
         with session_scope() as s:
             mv = s.scalar(select(ModelVersion).where(ModelVersion.kind == "editor", ModelVersion.path == path)
                           .order_by(ModelVersion.id))
