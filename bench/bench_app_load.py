@@ -72,7 +72,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20, help="denoising steps per edit")
     ap.add_argument("--port", type=int, default=7961)
     ap.add_argument("--time-limit", type=float, default=600, help="seconds for the whole load phase")
-    ap.add_argument("--out", default=None, help="result file (default bench/results/app_load_<model>.json)")
+    ap.add_argument("--label", default=None, help="model name in the result (default: the folder name)")
+    ap.add_argument("--out", default=None, help="result file (default bench/results/app_load_<label>.json)")
     ap.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = ap.parse_args()
 
@@ -92,7 +93,7 @@ def main() -> int:
 
             model = str(build_tiny_pipeline(tmp / "tiny-random-editor"))
             model_label = "tiny-random-editor"
-    model_label = model_label or Path(model).name
+    model_label = args.label or model_label or Path(model).name
     source = tmp / "scene.png"
     toy.sample_example(1).input_image.save(source)
 
