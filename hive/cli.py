@@ -335,6 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
         register_db = None
     if register_db is not None:
         register_db(sub)
+    try:
+        from hive_app.cli import register as register_app
+    except ImportError:  # the app's extra dependencies (gradio) are not installed
+        register_app = None
+    if register_app is not None:
+        register_app(sub)
     return parser
 
 
