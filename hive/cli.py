@@ -41,7 +41,8 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
     from hive.train_vae import train_vae
 
     t = time.time()
-    path = train_vae(Path(args.out), steps=args.steps, batch_size=args.batch_size)
+    path = train_vae(Path(args.out), steps=args.steps, batch_size=args.batch_size,
+                     init=Path(args.init) if args.init else None, decoder_only=args.decoder_only)
     _report_training(args, path, t)
     return 0
 
@@ -94,7 +95,8 @@ def cmd_train_export(args: argparse.Namespace) -> int:
 def cmd_train_ship(args: argparse.Namespace) -> int:
     from hive.zoo import MODELS_DIR, ship
 
-    written = ship(Path(args.editor), Path(args.clip), Path(args.models) if args.models else MODELS_DIR)
+    written = ship(Path(args.editor), Path(args.clip), Path(args.models) if args.models else MODELS_DIR,
+                   vae_dir=Path(args.vae) if args.vae else None)
     for name, path in written.items():
         print(f"{name}: {path}")
     return 0
@@ -254,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder (checkpoints, loss.jsonl, model/)")
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch-size", type=int, default=64, help="images per step (each a random 32 px crop)")
+    p.add_argument("--init", help="continue from this AutoencoderKL folder")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="with --init: train the decoder alone, so the latent space (and editors trained on it) stay valid")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train_vae)
     p = train.add_parser("clip", help="train the tiny CLIP on toy scenes and captions")
@@ -292,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--editor", required=True, help="editor pipeline folder")
     p.add_argument("--clip", required=True, help="CLIP folder")
     p.add_argument("--models", help="models folder (default: the repo's models/)")
+    p.add_argument("--vae", help="replace the editor's VAE by this one (same encoder, e.g. `train vae --decoder-only`)")
     p.set_defaults(func=cmd_train_ship)
 
     # edit

@@ -48,10 +48,23 @@ def random_crops(x: torch.Tensor, crop: int, step: int) -> torch.Tensor:
 
 def train_vae(out: Path, steps: int = 1200, batch_size: int = 64, lr: float = 1e-3,
               kl_weight: float = 1e-6, size: int = toy.DEFAULT_SIZE, crop: int | None = 32,
-              checkpoint_every: int = 250) -> Path:
+              checkpoint_every: int = 250, init: Path | None = None, decoder_only: bool = False) -> Path:
+    """Train (or, with `init`, continue) the toy autoencoder.
+
+    `decoder_only` freezes the encoder: the latent space stays exactly as it is, so an editor
+    UNet trained on it stays valid while its outputs get decoded better."""
+    from diffusers import AutoencoderKL
+
     accelerator = make_accelerator()
-    vae = toy_vae()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    vae = AutoencoderKL.from_pretrained(init, dtype=torch.float32) if init is not None else toy_vae()
+    if decoder_only:
+        if init is None:
+            raise ValueError("decoder_only needs an existing autoencoder (init)")
+        for module in (vae.encoder, vae.quant_conv):
+            if module is not None:
+                module.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     vae, optimizer = accelerator.prepare(vae, optimizer)
     start = resume_latest(accelerator, out)
     log = LossLog(out, accelerator.is_main_process)
@@ -64,7 +77,8 @@ def train_vae(out: Path, steps: int = 1200, batch_size: int = 64, lr: float = 1e
             x = random_crops(torch.cat([x, weight], 1), crop, step)
             x, weight = x[:, :3], x[:, 3:]
         x, weight = x.to(accelerator.device), weight.to(accelerator.device)
-        posterior = accelerator.unwrap_model(vae).encode(x).latent_dist
+        with torch.set_grad_enabled(not decoder_only):
+            posterior = accelerator.unwrap_model(vae).encode(x).latent_dist
         # Deterministic autoencoding (the posterior mean): the editor only ever uses `mode()`, and
         # sampling std-1 noise early on teaches the decoder to paint blobs.
         recon = accelerator.unwrap_model(vae).decode(posterior.mode()).sample
@@ -86,7 +100,8 @@ def train_vae(out: Path, steps: int = 1200, batch_size: int = 64, lr: float = 1e
     with torch.no_grad():
         x = scene_batch(999_999, 64, size)
         latents = model.encode(x).latent_dist.mode()
-        model.register_to_config(scaling_factor=float(1.0 / latents.std()))
+        if not decoder_only:  # the latents did not change: keep the factor the editor was trained with
+            model.register_to_config(scaling_factor=float(1.0 / latents.std()))
         l1 = (model.decode(model.encode(x).latent_dist.mode()).sample.clamp(-1, 1) - x).abs().mean().item() / 2
     if accelerator.is_main_process:
         model.save_pretrained(out / "model")

@@ -99,9 +99,10 @@ def assemble_base(vae_dir: Path, clip_dir: Path, dest: Path, unet: UNet2DConditi
     return dest
 
 
-def ship(editor_dir: Path, clip_dir: Path, models_dir: Path = MODELS_DIR) -> dict[str, Path]:
+def ship(editor_dir: Path, clip_dir: Path, models_dir: Path = MODELS_DIR, vae_dir: Path | None = None) -> dict[str, Path]:
     """Copy a trained editor pipeline and CLIP into `models/` with fp16 weights (half the bytes;
-    loaders upcast on the CPU). Each folder is written beside its place and renamed into it."""
+    loaders upcast on the CPU), optionally with a better decoder (`vae_dir`). Each folder is
+    written beside its place and renamed into it."""
     import shutil
 
     import torch
@@ -110,6 +111,11 @@ def ship(editor_dir: Path, clip_dir: Path, models_dir: Path = MODELS_DIR) -> dic
 
     written = {}
     pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(editor_dir, dtype=torch.float16)
+    if vae_dir is not None:  # a decoder fine-tuned on the same, frozen encoder (see hive.train_vae)
+        vae = AutoencoderKL.from_pretrained(vae_dir, dtype=torch.float16)
+        if vae.config.scaling_factor != pipe.vae.config.scaling_factor:
+            raise ValueError("the new VAE has another latent scale: the editor was not trained on its latents")
+        pipe.vae = vae
     clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.float16)
     for name, save in (("toy-editor", pipe.save_pretrained), ("toy-clip", clip.save_pretrained)):
         dest = models_dir / name
