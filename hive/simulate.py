@@ -1,0 +1,217 @@
+"""Simulated annotators: rank editor variants of toy edits by the ground-truth judge plus noise.
+
+A simulated annotator sees the noise-free quality q of each variant (from `toy.judge`), adds
+Gaussian noise of scale `noise`, and ranks by the noisy score; variants whose noisy scores are
+within `tie_margin` share a rank. The noise is calibrated so that one annotator agrees with the
+noise-free order on about `target` of the pairs (people agree with each other on roughly 65-80%
+of pairs in published preference data), so the reward model meets the same problem people pose:
+each ranking is a noisy view of a true order.
+
+Rankings are written through `db/` into the same tables as people's, by users marked simulated;
+the noise-free quality is kept in each variant's params (`sim_quality`) so evaluation can score
+against the true order.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from hive import toy
+
+DEFAULT_TARGET_AGREEMENT = 0.72
+DEFAULT_TIE_MARGIN = 0.02
+SIM_SEED_BASE = 500_000_000  # away from training (hive.data) and evaluation (hive.evaluate) seeds
+REQUESTER = "sim-requester"
+
+
+def quality(j: toy.Judgement) -> float:
+    """Noise-free quality in [0, 1]: instruction following and preservation count alike."""
+    return 0.5 * float(j.following) + 0.5 * float(j.preservation)
+
+
+def noisy_ranks(q: np.ndarray, noise: float, rng: np.random.Generator,
+                tie_margin: float = DEFAULT_TIE_MARGIN) -> list[int]:
+    """Dense ranks (1 = best) from noisy scores; neighbours closer than `tie_margin` tie."""
+    s = np.asarray(q, dtype=float) + rng.normal(0.0, noise, size=len(q))
+    order = np.argsort(-s, kind="stable")
+    ranks = [0] * len(q)
+    rank = 1
+    for pos, i in enumerate(order):
+        if pos > 0 and s[order[pos - 1]] - s[i] > tie_margin:
+            rank += 1
+        ranks[i] = rank
+    return ranks
+
+
+def pair_agreement(q: np.ndarray, ranks: list[int]) -> tuple[float, int]:
+    """Agreement of one ranking with the noise-free order: over pairs with distinct true quality,
+    1 for the right order, 0.5 for a tie, 0 for the wrong order. Returns (sum, n pairs)."""
+    total, n = 0.0, 0
+    for a in range(len(q)):
+        for b in range(a + 1, len(q)):
+            if q[a] == q[b]:
+                continue
+            n += 1
+            if ranks[a] == ranks[b]:
+                total += 0.5
+            elif (q[a] > q[b]) == (ranks[a] < ranks[b]):
+                total += 1.0
+    return total, n
+
+
+def expected_agreement(qualities: list[np.ndarray], noise: float, tie_margin: float = DEFAULT_TIE_MARGIN,
+                       repeats: int = 20, seed: int = 0) -> float:
+    rng = np.random.default_rng(seed)
+    total, n = 0.0, 0
+    for _ in range(repeats):
+        for q in qualities:
+            t, k = pair_agreement(q, noisy_ranks(q, noise, rng, tie_margin))
+            total += t
+            n += k
+    return total / n if n else float("nan")
+
+
+def calibrate_noise(qualities: list[np.ndarray], target: float = DEFAULT_TARGET_AGREEMENT,
+                    tie_margin: float = DEFAULT_TIE_MARGIN, seed: int = 0) -> float:
+    """The noise scale at which one annotator agrees with the true order on `target` of the pairs
+    (bisection; agreement falls as noise grows, with common random numbers for smoothness)."""
+    if not any(len(set(q.tolist())) > 1 for q in qualities):
+        raise ValueError("cannot calibrate: no set of variants has two different qualities")
+    lo, hi = 1e-4, 10.0
+    for _ in range(30):
+        mid = (lo * hi) ** 0.5
+        if expected_agreement(qualities, mid, tie_margin, seed=seed) > target:
+            lo = mid
+        else:
+            hi = mid
+    return (lo * hi) ** 0.5
+
+
+def toy_variant_qualities(n: int = 200, variants: int = 4, seed: int = SIM_SEED_BASE) -> list[np.ndarray]:
+    """Quality sets of stand-in variants made without the editor: per toy edit, `variants` picks
+    from the clean target, corrupted targets (the toy noise model) and the unchanged source."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        ex = toy.sample_example(seed + k)
+        pool = [ex.clean_image, ex.input_image]
+        pool += [toy.corrupt(ex.edit, np.random.default_rng([seed, k, c]))[0] for c in range(3)]
+        picks = rng.choice(len(pool), size=variants, replace=len(pool) < variants)
+        out.append(np.array([quality(toy.judge(ex.input_image, ex.clean_image, pool[i])) for i in picks]))
+    return out
+
+
+@dataclass
+class SimulationReport:
+    requests: int
+    variants: int
+    rankings: int
+    annotators: int
+    noise: float
+    tie_margin: float
+    calibrated: bool
+    target_agreement: float | None
+    single_annotator_agreement: float  # measured on the written rankings vs the noise-free order
+    pairs_compared: int
+    tie_rate: float
+    seconds: float
+    request_ids: list[int]
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def simulate(editor, requests: int, variants: int = 4, annotators: int = 1, per_request: int = 1,
+             noise: float | None = None, target: float = DEFAULT_TARGET_AGREEMENT,
+             tie_margin: float = DEFAULT_TIE_MARGIN, seed: int = SIM_SEED_BASE, steps: int = 20,
+             guidance: float = 7.5, image_guidance: float = 1.5, batch: int = 8, url: str | None = None,
+             progress: bool = True) -> SimulationReport:
+    """Make `requests` toy edit requests, sample `variants` per request with `editor`, rank each
+    by `per_request` of `annotators` simulated annotators, and write it all to the database.
+
+    With `noise=None` the noise is calibrated on the sampled variants' own qualities to `target`.
+    Sampling happens first and every row is written in one transaction at the end: a failure
+    writes nothing."""
+    from tqdm.auto import tqdm
+
+    from db import feedback as fb
+    from db.engine import session_scope
+    from db.images import ImageStore, get_or_create_image
+
+    if requests < 1 or not 2 <= variants <= 8 or annotators < 1 or not 1 <= per_request <= annotators:
+        raise ValueError("need requests >= 1, 2 <= variants <= 8, annotators >= 1 and 1 <= per-request <= annotators")
+    if noise is not None and noise < 0:
+        raise ValueError("noise must be >= 0")
+    started = time.time()
+    examples = [toy.sample_example(seed + k) for k in range(requests)]
+    outputs: list[list[Image.Image]] = []
+    for i in tqdm(range(0, requests, batch), desc="sample variants", disable=not progress):
+        chunk = examples[i:i + batch]
+        outputs += editor.sample([e.input_image for e in chunk], [editor.prompt_for(e.edit.instruction) for e in chunk],
+                                 [[(seed + i + j) * 16 + v for v in range(variants)] for j in range(len(chunk))],
+                                 steps, guidance, image_guidance)
+    qualities = [np.array([quality(toy.judge(e.input_image, e.clean_image, o)) for o in outs])
+                 for e, outs in zip(examples, outputs)]
+    calibrated = noise is None
+    if noise is None:
+        noise = calibrate_noise(qualities, target, tie_margin, seed=seed)
+    rng = np.random.default_rng([seed, 1])
+    plans = []
+    for q in qualities:
+        who = rng.choice(annotators, size=per_request, replace=False)
+        plans.append([(int(a), noisy_ranks(q, noise, rng, tie_margin)) for a in who])
+    agree, n_pairs, ties, n_all = 0.0, 0, 0, 0
+    for q, plan in zip(qualities, plans):
+        for _, ranks in plan:
+            t, k = pair_agreement(q, ranks)
+            agree, n_pairs = agree + t, n_pairs + k
+            m = len(ranks)
+            n_all += m * (m - 1) // 2
+            ties += sum(ranks[a] == ranks[b] for a in range(m) for b in range(a + 1, m))
+
+    params = {"steps": steps, "guidance": guidance, "image_guidance": image_guidance, "model": editor.model}
+    store = ImageStore()
+    request_ids = []
+    with session_scope(url) as s:
+        requester = fb.get_user_by_name(s, REQUESTER) or fb.create_user(s, REQUESTER, "visitor", simulated=True)
+        users = []
+        for a in range(annotators):
+            name = f"sim-annotator-{a}"
+            users.append(fb.get_user_by_name(s, name) or fb.create_user(s, name, "annotator", simulated=True))
+        for e, outs, q, plan in zip(examples, outputs, qualities, plans):
+            src = get_or_create_image(s, store, _png(e.input_image))
+            req = fb.create_edit_request(
+                s, requester.id, src.id, e.edit.instruction, None,
+                {**params, "simulated": True, "toy_seed": int(e.id.split("-")[1]), "kind": e.edit.kind,
+                 "source_caption": e.edit.source.caption(), "target_caption": e.edit.target.caption(),
+                 "noise": noise, "tie_margin": tie_margin}, consent=True)
+            imgs = [get_or_create_image(s, store, _png(o)) for o in outs]
+            vs = fb.add_variants(s, req.id, [(img.id, (int(e.id.split("-")[1])) * 16 + v,
+                                              {**params, "sim_quality": float(q[v])}) for v, img in enumerate(imgs)])
+            for a, ranks in plan:
+                fb.submit_ranking(s, req.id, users[a].id, {v.id: r for v, r in zip(vs, ranks)})
+            request_ids.append(req.id)
+    return SimulationReport(
+        requests=requests, variants=variants, rankings=sum(len(p) for p in plans), annotators=annotators,
+        noise=float(noise), tie_margin=tie_margin, calibrated=calibrated, target_agreement=target if calibrated else None,
+        single_annotator_agreement=agree / n_pairs if n_pairs else float("nan"), pairs_compared=n_pairs,
+        tie_rate=ties / n_all if n_all else 0.0, seconds=round(time.time() - started, 1), request_ids=request_ids)
+
+
+def calibration_report(n: int = 200, variants: int = 4, target: float = DEFAULT_TARGET_AGREEMENT,
+                       tie_margin: float = DEFAULT_TIE_MARGIN, seed: int = SIM_SEED_BASE) -> dict:
+    """Calibrate on editor-free stand-in variants (clean, corrupted, unchanged) and report."""
+    qs = toy_variant_qualities(n, variants, seed)
+    noise = calibrate_noise(qs, target, tie_margin)
+    return {"n": n, "variants": variants, "target_agreement": target, "noise": noise, "tie_margin": tie_margin,
+            "agreement": expected_agreement(qs, noise, tie_margin, seed=seed + 1)}
+

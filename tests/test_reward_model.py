@@ -1,0 +1,168 @@
+"""The reward model: losses, pairs of partial rankings, the split, save/reload, the ViT-L-shaped path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hive import toy
+from hive.reward import RewardModel
+from hive.train_reward import (Ranking, RewardTrainConfig, bradley_terry_loss, pair_accuracy, plackett_luce_loss,
+                               single_annotator_accuracy, split_by_request, train_reward, true_order_accuracy)
+from tests.reward_fixtures import build_tiny_clip
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> Path:
+    return build_tiny_clip(tmp_path_factory.mktemp("clip") / "clip")
+
+
+def _ranking(ranks, request_id=1, ranking_id=1, truth=None) -> Ranking:
+    n = len(ranks)
+    return Ranking(ranking_id, request_id, 1, True, "make it red", "src.png", list(range(n)),
+                   [f"v{i}.png" for i in range(n)], list(ranks), truth)
+
+
+def test_bradley_terry_prefers_the_better_item():
+    pairs = [(0, 1, 1.0)]  # item 0 beat item 1
+    right = bradley_terry_loss(torch.tensor([2.0, 0.0]), pairs)
+    wrong = bradley_terry_loss(torch.tensor([0.0, 2.0]), pairs)
+    assert right < wrong
+    s = torch.tensor([0.0, 0.0], requires_grad=True)
+    bradley_terry_loss(s, pairs).backward()
+    assert s.grad[0] < 0 < s.grad[1]  # a gradient step raises the winner and lowers the loser
+
+
+def test_tie_pulls_scores_together():
+    s = torch.tensor([1.0, 0.0], requires_grad=True)
+    loss = bradley_terry_loss(s, [(0, 1, 0.5)])
+    loss.backward()
+    assert s.grad[0] > 0 > s.grad[1]  # descending moves the higher score down, the lower up
+    equal = bradley_terry_loss(torch.tensor([0.3, 0.3]), [(0, 1, 0.5)])
+    assert equal < loss  # a tie is best explained by equal scores
+
+
+def test_pairs_of_ties_and_partial_rankings():
+    r = _ranking([1, None, 2, None])  # a top-2 ranking: items 1 and 3 unranked
+    pairs = {(i, j): y for i, j, y in r.pairs()}
+    assert (1, 3) not in pairs  # two unranked items are not judged
+    assert pairs[(0, 1)] == 1.0 and pairs[(0, 2)] == 1.0 and pairs[(1, 2)] == 0.0 and pairs[(2, 3)] == 1.0
+    tied = {(i, j): y for i, j, y in _ranking([1, 1, 2]).pairs()}
+    assert tied == {(0, 1): 0.5, (0, 2): 1.0, (1, 2): 1.0}
+
+
+def test_plackett_luce_prefers_the_right_order_and_handles_ties_and_unranked():
+    ranks = [1, 2, 3]
+    assert plackett_luce_loss(torch.tensor([3.0, 2.0, 1.0]), ranks) < plackett_luce_loss(torch.tensor([1.0, 2.0, 3.0]), ranks)
+    tie = [1, 1, 2]  # symmetric in the tied pair
+    a = plackett_luce_loss(torch.tensor([2.0, 1.0, 0.0]), tie)
+    b = plackett_luce_loss(torch.tensor([1.0, 2.0, 0.0]), tie)
+    assert torch.isclose(a, b)
+    s = torch.tensor([0.0, 0.0, 0.0], requires_grad=True)
+    plackett_luce_loss(s, [1, None, None]).backward()  # top-1: the ranked item must rise
+    assert s.grad[0] < 0 and s.grad[1] > 0 and s.grad[2] > 0
+
+
+def test_split_by_request_leaks_no_request():
+    rankings = [_ranking([1, 2, 3], request_id=q, ranking_id=10 * q + a) for q in range(40) for a in range(3)]
+    train, test = split_by_request(rankings, test_fraction=0.25, seed=3)
+    tr, te = {r.request_id for r in train}, {r.request_id for r in test}
+    assert not tr & te and tr | te == set(range(40)) and len(te) == 10
+    assert len(train) + len(test) == len(rankings)
+    for q in te:  # all rankings of a held-out request are held out
+        assert sum(r.request_id == q for r in test) == 3
+
+
+def test_accuracies_against_labels_and_truth():
+    r = _ranking([1, 2, 2], truth=[0.9, 0.1, 0.5])  # annotator tied 1 and 2, truth says 2 > 1
+    perfect = [np.array([4.0, 1.0, 2.0])]  # |d| of the tied pair (1) is under 1.5, the others above
+    assert pair_accuracy([r], perfect)["accuracy"] == 1.0
+    assert pair_accuracy([r], perfect, tie_threshold=1.5)["accuracy_with_ties"] == 1.0
+    assert true_order_accuracy([r], perfect)["accuracy"] == 1.0
+    assert true_order_accuracy([r], [np.array([1.0, 3.0, 2.0])])["accuracy"] == 0.0
+    assert single_annotator_accuracy([r])["accuracy"] == pytest.approx(2.5 / 3)
+
+
+def _toy_images(n: int, size: int = 32):
+    ex = toy.sample_example(n)
+    return ex.input_image.resize((size, size)), ex.clean_image.resize((size, size)), ex.edit.instruction
+
+
+def test_saved_model_reloads_to_the_same_scores(tiny_clip, tmp_path):
+    torch.manual_seed(1)
+    model = RewardModel.from_backbone(tiny_clip, hidden=16, freeze_layers=1)
+    model.config.score_mean, model.config.score_std = 0.25, 2.0
+    src, tgt, instr = _toy_images(3)
+    before = model.score([src, src], [tgt, src], [instr, instr])
+    path = model.save_pretrained(tmp_path / "reward")
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["model_type"] == "hive-reward" and cfg["backbone"] == str(tiny_clip)
+    assert cfg["score_mean"] == 0.25 and cfg["score_std"] == 2.0 and cfg["freeze_layers"] == 1
+    again = RewardModel.from_pretrained(path)
+    after = again.score([src, src], [tgt, src], [instr, instr])
+    np.testing.assert_allclose(before, after, rtol=1e-5, atol=1e-6)
+    raw = again.score([src], [tgt], [instr], normalise=False)
+    np.testing.assert_allclose((raw - 0.25) / 2.0, after[:1], rtol=1e-5, atol=1e-6)
+
+
+def test_freeze_lower_layers(tiny_clip):
+    m = RewardModel.from_backbone(tiny_clip, freeze_layers=1)
+    for tower in (m.clip.vision_model, m.clip.text_model):
+        assert not any(p.requires_grad for p in tower.embeddings.parameters())
+        assert not any(p.requires_grad for p in tower.encoder.layers[0].parameters())
+        assert all(p.requires_grad for p in tower.encoder.layers[1].parameters())
+    assert all(p.requires_grad for p in m.head.parameters())
+    m.apply_freeze(-1)
+    assert not any(p.requires_grad for p in m.clip.parameters())
+
+
+def _write_rankings(tmp: Path, n_requests: int, size: int) -> list[Ranking]:
+    """Rankings on disk without a database: variant 0 is the clean target, then the source."""
+    out = []
+    for q in range(n_requests):
+        ex = toy.sample_example(q)
+        paths = []
+        for name, img in (("src", ex.input_image), ("v0", ex.clean_image), ("v1", ex.input_image),
+                          ("v2", toy.corrupt(ex.edit, np.random.default_rng(q))[0])):
+            p = tmp / f"{q}_{name}.png"
+            img.resize((size, size)).save(p)
+            paths.append(str(p))
+        out.append(Ranking(q, q, 1, True, ex.edit.instruction, paths[0], [0, 1, 2], paths[1:], [1, 2, 2],
+                           [1.0, 0.5, 0.6]))
+    return out
+
+
+def test_vit_l_shaped_backbone_trains_saves_and_reloads(tmp_path):
+    """The real-photo path (CLIP ViT-L/14 layout), tiny widths: a few steps, save, reload."""
+    clip = build_tiny_clip(tmp_path / "vitl", vit_l_shaped=True)
+    rankings = _write_rankings(tmp_path, 4, 48)
+    cfg = RewardTrainConfig(backbone=str(clip), steps=3, batch_size=2, hidden=16, freeze_layers=1,
+                            test_fraction=0.5, checkpoint_every=2, loss="pl")
+    report = train_reward(rankings, tmp_path / "run", cfg, progress=False)
+    for key in ("heldout_pair_accuracy", "single_annotator_accuracy", "clip_direction_accuracy", "random_accuracy"):
+        assert key in report
+    assert report["train_requests"] == 2 and report["test_requests"] == 2
+    model = RewardModel.from_pretrained(tmp_path / "run" / "model")
+    assert model.config.image_size == 224 and model.clip.config.vision_config.patch_size == 14
+    src = Image.open(rankings[0].source_path)
+    s = model.score([src], [Image.open(rankings[0].variant_paths[0])], [rankings[0].instruction])
+    assert np.isfinite(s).all()
+    lines = (tmp_path / "run" / "loss.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == 3
+
+
+def test_training_learns_a_simple_preference(tiny_clip, tmp_path):
+    """Clean targets ranked above unchanged sources: the trained head must order held-out pairs."""
+    rankings = _write_rankings(tmp_path, 12, 32)
+    for r in rankings:
+        r.ranks = [1, 3, 2]
+        r.true_quality = [1.0, 0.0, 0.5]
+    cfg = RewardTrainConfig(backbone=str(tiny_clip), steps=60, batch_size=4, hidden=32, freeze_layers=-1,
+                            head_lr=3e-3, test_fraction=0.25, checkpoint_every=0)
+    report = train_reward(rankings, tmp_path / "run", cfg, progress=False)
+    assert report["true_pair_accuracy"] >= 0.75, report
