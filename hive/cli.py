@@ -218,6 +218,122 @@ def cmd_bench_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- reward model (hive.reward, hive.simulate, ...)
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from hive.simulate import calibration_report, simulate
+
+    if args.calibrate_only:
+        report = calibration_report(n=args.requests, variants=args.variants, target=args.target_agreement)
+        if args.json:
+            print_json(report)
+        else:
+            print(f"noise {report['noise']:.4f}: one simulated annotator agrees with the noise-free order on "
+                  f"{report['agreement']:.1%} of pairs ({report['n']} toy edits, stand-in variants, no editor)")
+        return 0
+    from hive.editor import Editor
+
+    try:
+        editor = Editor(args.model)
+        rep = simulate(editor, args.requests, args.variants, annotators=args.annotators, per_request=args.per_request,
+                       noise=args.noise, target=args.target_agreement, seed=args.seed, steps=args.steps,
+                       guidance=args.guidance, image_guidance=args.image_guidance, batch=args.batch)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from dataclasses import asdict
+
+    out = asdict(rep)
+    out.pop("request_ids")
+    if args.json:
+        print_json(out)
+    else:
+        print(f"wrote {rep.rankings} simulated rankings of {rep.requests} requests x {rep.variants} variants; "
+              f"noise {rep.noise:.4f}{' (calibrated)' if rep.calibrated else ''}: one annotator agrees with the "
+              f"noise-free order on {rep.single_annotator_agreement:.1%} of {rep.pairs_compared} pairs; "
+              f"ties {rep.tie_rate:.1%}")
+    return 0
+
+
+def _reward_config(args: argparse.Namespace):
+    from hive.train_reward import RewardTrainConfig
+
+    return RewardTrainConfig(backbone=args.backbone, loss=args.loss, steps=args.steps, batch_size=args.batch_size,
+                             lr=args.lr, head_lr=args.head_lr, freeze_layers=args.freeze_layers,
+                             test_fraction=args.test_fraction, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                             mixed_precision=args.mixed_precision)
+
+
+def cmd_train_reward(args: argparse.Namespace) -> int:
+    from hive.train_reward import imported_export, rankings_from_db, register, train_reward
+
+    config = _reward_config(args)
+    config.include_simulated = not args.humans_only
+    config.skip_all_bad = args.skip_all_bad
+    out = Path(args.out)
+    try:
+        if args.data:
+            with imported_export(Path(args.data)) as (url, home):
+                rankings = rankings_from_db(url, home, include_simulated=config.include_simulated,
+                                            consented_only=not args.include_unconsented)
+                report = train_reward(rankings, out, config)
+        else:
+            rankings = rankings_from_db(include_simulated=config.include_simulated,
+                                        consented_only=not args.include_unconsented)
+            report = train_reward(rankings, out, config)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report["model"] = str(out / "model")
+    if not args.no_register:
+        report["model_version_id"] = register(out / "model", report, name=args.name)
+    if args.json:
+        print_json(report)
+    else:
+        def pct(x):
+            return "n/a" if x is None else f"{x:.1%}"
+        print(f"saved {out / 'model'}; held-out pairs: {pct(report['heldout_pair_accuracy'])} (ties excluded), "
+              f"{pct(report['heldout_pair_accuracy_with_ties'])} (ties included)")
+        print(f"vs {report['accuracy_reference']}: reward {pct(report['true_pair_accuracy'])}, one annotator "
+              f"{pct(report['single_annotator_accuracy'])}, CLIP direction {pct(report['clip_direction_accuracy'])}, "
+              f"random {pct(report['random_accuracy'])}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from hive.score import score_dataset
+
+    try:
+        path = score_dataset(Path(args.data), Path(args.reward), Path(args.out) if args.out else None,
+                             batch_size=args.batch, column=args.column)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print_json({"rewards": str(path)})
+    else:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_reward_experiment(args: argparse.Namespace) -> int:
+    from hive.editor import Editor
+    from hive.train_reward import run_experiment
+
+    curve = [int(x) for x in args.curve.split(",")] if args.curve else None
+    try:
+        report = run_experiment(Path(args.out), Editor(args.model), requests=args.requests,
+                                test_requests=args.test_requests, variants=args.variants, annotators=args.annotators,
+                                curve=curve, config=_reward_config(args), steps=args.sample_steps, batch=args.batch)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print_json(report)
+    else:
+        print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
 # ---------------------------------------------------------------- the parser
 def build_parser() -> argparse.ArgumentParser:
     from hive.editor import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS
@@ -334,6 +450,75 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-record", action="store_true", help="do not write bench/results/*.json")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_edit)
+
+    # reward model: simulated annotators, training, scoring, the toy experiment
+    p = sub.add_parser("simulate", help="toy requests ranked by simulated annotators (judge + noise), into the db")
+    p.add_argument("--requests", type=int, default=100, help="toy edit requests")
+    p.add_argument("--variants", type=int, default=4, help="variants per request (2-8)")
+    p.add_argument("--annotators", type=int, default=1, help="simulated annotator users")
+    p.add_argument("--per-request", type=int, default=1, help="annotators ranking each request")
+    p.add_argument("--noise", type=float, default=None,
+                   help="annotator noise (default: calibrated to --target-agreement on the sampled variants)")
+    p.add_argument("--target-agreement", type=float, default=0.72,
+                   help="one annotator vs the noise-free order, fraction of pairs (default %(default)s)")
+    p.add_argument("--seed", type=int, default=500_000_000, help="first toy seed")
+    p.add_argument("--batch", type=int, default=8, help="requests per pipeline call")
+    p.add_argument("--calibrate-only", action="store_true",
+                   help="calibrate the noise on stand-in variants (clean, corrupted, unchanged), no editor, no writes")
+    p.add_argument("--json", action="store_true")
+    sampling_args(p)
+    p.set_defaults(func=cmd_simulate)
+
+    def reward_train_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--backbone", default=None, help="CLIP folder or hub id (default: the toy CLIP; "
+                       "openai/clip-vit-large-patch14 for real photos)")
+        p.add_argument("--loss", choices=["bt", "pl"], default="bt",
+                       help="bt: Bradley-Terry over all pairs of a ranking (ties 0.5); pl: Plackett-Luce")
+        p.add_argument("--steps", type=int, default=600)
+        p.add_argument("--batch-size", type=int, default=16, help="rankings per step")
+        p.add_argument("--lr", type=float, default=1e-4, help="backbone learning rate")
+        p.add_argument("--head-lr", type=float, default=1e-3)
+        p.add_argument("--freeze-layers", type=int, default=2,
+                       help="freeze embeddings and the lowest N layers of both towers (-1: the whole backbone)")
+        p.add_argument("--test-fraction", type=float, default=0.2, help="held-out requests")
+        p.add_argument("--checkpoint-every", type=int, default=200)
+        p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("train-reward", help="train the reward model on rankings (db or export); register it")
+    p.add_argument("--out", default="runs/reward", help="run folder (checkpoints, loss.jsonl, model/, metrics.json)")
+    p.add_argument("--data", help="an exported dataset (python -m hive export) instead of the database")
+    p.add_argument("--name", help="model version name in the registry (default: reward-<time>)")
+    p.add_argument("--no-register", action="store_true", help="do not record a reward model version")
+    p.add_argument("--humans-only", action="store_true", help="leave simulated rankings out")
+    p.add_argument("--include-unconsented", action="store_true", help="also requests without training consent")
+    p.add_argument("--skip-all-bad", action="store_true", help="leave out rankings marked 'all bad'")
+    reward_train_args(p)
+    p.set_defaults(func=cmd_train_reward)
+
+    p = sub.add_parser("score", help="reward of every row of a triplet dataset -> DIR/rewards.jsonl")
+    p.add_argument("--data", required=True, help="dataset folder with metadata.jsonl")
+    p.add_argument("--reward", required=True, help="reward model folder")
+    p.add_argument("--out", help="output file (default DATA/rewards.jsonl)")
+    p.add_argument("--column", default="edited_image", help="image column to score (default %(default)s)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("reward-experiment", help="toy experiment: simulate, train over a learning curve, "
+                       "compare with one annotator, CLIP direction and random; report + figure")
+    p.add_argument("--out", required=True, help="experiment folder (its own store under OUT/home)")
+    p.add_argument("--requests", type=int, default=300, help="training requests (largest curve point)")
+    p.add_argument("--test-requests", type=int, default=100, help="held-out requests")
+    p.add_argument("--variants", type=int, default=4)
+    p.add_argument("--annotators", type=int, default=5)
+    p.add_argument("--curve", default="50,100,200,300", help="training request counts")
+    p.add_argument("--model", default=None, help="editor pipeline (default: the embedded toy editor)")
+    p.add_argument("--sample-steps", type=int, default=20, help="editor denoising steps")
+    p.add_argument("--batch", type=int, default=8, help="requests per pipeline call")
+    reward_train_args(p)
+    p.set_defaults(func=cmd_reward_experiment)
 
     try:
         from db.cli import register as register_db

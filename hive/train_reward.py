@@ -443,7 +443,7 @@ def _report(model: RewardModel, train, test, train_scores, test_scores, cache, c
     rand = evaluate_scorer(train, test, None, rand_test)
     single = single_annotator_accuracy(test)
     true_pairs = true_order_accuracy(test, test_scores)["pairs"]
-    simulated = single["accuracy"] is not None
+    simulated = any(r.true_quality is not None for r in test)
     report = {
         "heldout_pair_accuracy": ours["heldout_pair_accuracy"],
         "heldout_pair_accuracy_with_ties": ours["heldout_pair_accuracy_with_ties"],

@@ -1,0 +1,109 @@
+"""Simulated annotators, and the reward commands end to end on a tiny editor and a tiny CLIP."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from db.engine import session_scope
+from db.models import ModelVersion, User, Variant
+from db.queries import pairwise_preferences
+from hive.simulate import calibrate_noise, expected_agreement, noisy_ranks, pair_agreement, simulate
+from tests.db_fixtures import HiveEnv, hive, hive_factory  # noqa: F401  (fixtures)
+from tests.test_reward_model import build_tiny_clip
+
+
+def test_noise_free_annotator_follows_the_truth_and_ties_close_scores():
+    rng = np.random.default_rng(0)
+    assert noisy_ranks(np.array([0.2, 0.9, 0.5, 0.0]), 0.0, rng) == [3, 1, 2, 4]
+    assert noisy_ranks(np.array([0.5, 0.51, 0.1]), 0.0, rng, tie_margin=0.02) == [1, 1, 2]  # dense, tied
+    assert pair_agreement(np.array([0.2, 0.9, 0.5]), [3, 1, 2]) == (3.0, 3)
+    assert pair_agreement(np.array([0.2, 0.9, 0.5]), [1, 1, 1]) == (1.5, 3)
+
+
+def test_calibration_hits_the_target_agreement():
+    rng = np.random.default_rng(1)
+    qualities = [rng.random(4) for _ in range(80)]
+    noise = calibrate_noise(qualities, target=0.72)
+    assert expected_agreement(qualities, noise, seed=5) == pytest.approx(0.72, abs=0.02)  # fresh noise draws
+    assert expected_agreement(qualities, noise / 3) > 0.8 > expected_agreement(qualities, noise) > expected_agreement(qualities, noise * 3)
+    with pytest.raises(ValueError, match="cannot calibrate"):
+        calibrate_noise([np.ones(4)])
+
+
+def test_simulate_writes_simulated_rankings(tiny_editor, hive: HiveEnv):
+    rep = simulate(tiny_editor, 3, variants=3, annotators=2, per_request=2, steps=2, batch=2, url=hive.url,
+                   progress=False)
+    assert rep.rankings == 6 and rep.calibrated and 0 <= rep.single_annotator_agreement <= 1
+    with session_scope(hive.url, write=False) as s:
+        users = s.query(User).all()
+        assert users and all(u.is_simulated for u in users)
+        qualities = [v.params["sim_quality"] for v in s.query(Variant).all()]
+        assert len(qualities) == 9 and all(0 <= q <= 1 for q in qualities)
+        pairs = pairwise_preferences(s, store=hive.store)
+    assert len(pairs) == 6 * 3 and pairs.is_simulated.all()
+    before = hive.counts()
+    with pytest.raises(ValueError):
+        simulate(tiny_editor, 2, variants=1, url=hive.url, progress=False)  # bad input writes nothing
+    assert hive.counts() == before
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> Path:
+    return build_tiny_clip(tmp_path_factory.mktemp("clip") / "clip")
+
+
+def _run(argv: list[str], capsys) -> dict:
+    from hive.cli import main
+
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_cli_simulate_train_register_export_and_score(tiny_pipeline, tiny_clip, hive: HiveEnv, tmp_path, capsys):
+    sim = _run(["simulate", "--requests", "4", "--variants", "3", "--annotators", "2", "--per-request", "2",
+                "--model", str(tiny_pipeline), "--steps", "2", "--json"], capsys)
+    assert sim["rankings"] == 8 and "single_annotator_agreement" in sim
+    train_args = ["--backbone", str(tiny_clip), "--steps", "2", "--batch-size", "2", "--test-fraction", "0.5",
+                  "--checkpoint-every", "0", "--json"]
+    rep = _run(["train-reward", "--out", str(tmp_path / "run"), "--name", "r1", *train_args], capsys)
+    for key in ("heldout_pair_accuracy", "single_annotator_accuracy", "clip_direction_accuracy"):
+        assert key in rep
+    assert rep["train_requests"] == 2 and rep["test_requests"] == 2
+    assert rep["accuracy_reference"] == "noise-free order"  # simulated data is scored against the truth
+    with session_scope(hive.url, write=False) as s:
+        mv = s.get(ModelVersion, rep["model_version_id"])
+        assert mv.kind == "reward" and mv.name == "r1" and mv.metrics["heldout_pair_accuracy"] == rep["heldout_pair_accuracy"]
+    # from an exported dataset instead of the database: the same requests, the same split
+    _run(["export", "--format", "jsonl", "--out", str(tmp_path / "export"), "--json"], capsys)
+    rep2 = _run(["train-reward", "--out", str(tmp_path / "run2"), "--data", str(tmp_path / "export"),
+                 "--no-register", *train_args], capsys)
+    assert rep2["test_rankings"] == rep["test_rankings"] and "model_version_id" not in rep2
+    # scoring a triplet dataset, written beside it
+    from hive.toy import write_dataset
+
+    write_dataset(tmp_path / "data", n=3, seed=0)
+    out = _run(["score", "--data", str(tmp_path / "data"), "--reward", str(tmp_path / "run" / "model"),
+                "--batch", "2", "--json"], capsys)
+    rows = [json.loads(line) for line in Path(out["rewards"]).read_text().splitlines()]
+    assert Path(out["rewards"]) == tmp_path / "data" / "rewards.jsonl"
+    assert [r["id"] for r in rows] == ["toy-00000000", "toy-00000001", "toy-00000002"]
+    assert all(np.isfinite(r["reward"]) for r in rows)
+
+
+def test_reward_experiment_end_to_end_tiny(tiny_pipeline, tiny_clip, tmp_path, capsys):
+    out = tmp_path / "exp"
+    rep = _run(["reward-experiment", "--out", str(out), "--requests", "4", "--test-requests", "2",
+                "--variants", "3", "--annotators", "2", "--curve", "2,4", "--model", str(tiny_pipeline),
+                "--sample-steps", "2", "--backbone", str(tiny_clip), "--steps", "2", "--batch-size", "2",
+                "--checkpoint-every", "0", "--json"], capsys)
+    assert [p["requests"] for p in rep["curve"]] == [2, 4]
+    assert all(p["single_annotator_accuracy"] is not None or p["true_pair_accuracy"] is None for p in rep["curve"])
+    for name in ("report.json", "report.md", "learning_curve.png", "n2/model/config.json", "n4/model/config.json"):
+        assert (out / name).exists(), name
+    from hive.cli import main
+
+    assert main(["reward-experiment", "--out", str(out), "--model", str(tiny_pipeline), "--requests", "2"]) == 2
