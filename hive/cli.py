@@ -233,7 +233,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from hive.editor import Editor
 
     try:
-        editor = Editor(args.model)
+        editor = None if args.stand_in else Editor(args.model)
         rep = simulate(editor, args.requests, args.variants, annotators=args.annotators, per_request=args.per_request,
                        noise=args.noise, target=args.target_agreement, seed=args.seed, steps=args.steps,
                        guidance=args.guidance, image_guidance=args.image_guidance, batch=args.batch)
@@ -321,7 +321,7 @@ def cmd_reward_experiment(args: argparse.Namespace) -> int:
 
     curve = [int(x) for x in args.curve.split(",")] if args.curve else None
     try:
-        report = run_experiment(Path(args.out), Editor(args.model), requests=args.requests,
+        report = run_experiment(Path(args.out), None if args.stand_in else Editor(args.model), requests=args.requests,
                                 test_requests=args.test_requests, variants=args.variants, annotators=args.annotators,
                                 curve=curve, config=_reward_config(args), steps=args.sample_steps, batch=args.batch)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
@@ -463,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one annotator vs the noise-free order, fraction of pairs (default %(default)s)")
     p.add_argument("--seed", type=int, default=500_000_000, help="first toy seed")
     p.add_argument("--batch", type=int, default=8, help="requests per pipeline call")
+    p.add_argument("--stand-in", action="store_true", help="variants from the toy noise model (clean, unchanged, "
+                   "corrupted targets) instead of the editor")
     p.add_argument("--calibrate-only", action="store_true",
                    help="calibrate the noise on stand-in variants (clean, corrupted, unchanged), no editor, no writes")
     p.add_argument("--json", action="store_true")
@@ -517,6 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="editor pipeline (default: the embedded toy editor)")
     p.add_argument("--sample-steps", type=int, default=20, help="editor denoising steps")
     p.add_argument("--batch", type=int, default=8, help="requests per pipeline call")
+    p.add_argument("--stand-in", action="store_true", help="variants from the toy noise model instead of the editor "
+                   "(an editor-free check of the reward model)")
     reward_train_args(p)
     p.set_defaults(func=cmd_reward_experiment)
 

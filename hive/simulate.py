@@ -93,17 +93,25 @@ def calibrate_noise(qualities: list[np.ndarray], target: float = DEFAULT_TARGET_
     return (lo * hi) ** 0.5
 
 
+def stand_in_variants(ex: toy.ToyExample, variants: int, seed: int) -> list[Image.Image]:
+    """`variants` distinct picks (when there are enough) from the clean target, the unchanged
+    source and three corrupted targets of the toy noise model: what an editor of mixed quality
+    might produce, without running one."""
+    rng = np.random.default_rng([seed, 2])
+    pool = [ex.clean_image, ex.input_image]
+    pool += [toy.corrupt(ex.edit, np.random.default_rng([seed, c]))[0] for c in range(3)]
+    picks = rng.choice(len(pool), size=variants, replace=len(pool) < variants)
+    return [pool[i] for i in picks]
+
+
 def toy_variant_qualities(n: int = 200, variants: int = 4, seed: int = SIM_SEED_BASE) -> list[np.ndarray]:
     """Quality sets of stand-in variants made without the editor: per toy edit, `variants` picks
     from the clean target, corrupted targets (the toy noise model) and the unchanged source."""
-    rng = np.random.default_rng(seed)
     out = []
     for k in range(n):
         ex = toy.sample_example(seed + k)
-        pool = [ex.clean_image, ex.input_image]
-        pool += [toy.corrupt(ex.edit, np.random.default_rng([seed, k, c]))[0] for c in range(3)]
-        picks = rng.choice(len(pool), size=variants, replace=len(pool) < variants)
-        out.append(np.array([quality(toy.judge(ex.input_image, ex.clean_image, pool[i])) for i in picks]))
+        imgs = stand_in_variants(ex, variants, seed + k)
+        out.append(np.array([quality(toy.judge(ex.input_image, ex.clean_image, im)) for im in imgs]))
     return out
 
 
@@ -135,7 +143,8 @@ def simulate(editor, requests: int, variants: int = 4, annotators: int = 1, per_
              tie_margin: float = DEFAULT_TIE_MARGIN, seed: int = SIM_SEED_BASE, steps: int = 20,
              guidance: float = 7.5, image_guidance: float = 1.5, batch: int = 8, url: str | None = None,
              progress: bool = True) -> SimulationReport:
-    """Make `requests` toy edit requests, sample `variants` per request with `editor`, rank each
+    """Make `requests` toy edit requests, sample `variants` per request with `editor` (None:
+    editor-free stand-ins, see `stand_in_variants`), rank each
     by `per_request` of `annotators` simulated annotators, and write it all to the database.
 
     With `noise=None` the noise is calibrated on the sampled variants' own qualities to `target`.
@@ -154,7 +163,10 @@ def simulate(editor, requests: int, variants: int = 4, annotators: int = 1, per_
     started = time.time()
     examples = [toy.sample_example(seed + k) for k in range(requests)]
     outputs: list[list[Image.Image]] = []
-    for i in tqdm(range(0, requests, batch), desc="sample variants", disable=not progress):
+    if editor is None:  # editor-free stand-ins, to test the reward model before an editor exists
+        outputs = [stand_in_variants(e, variants, seed + k) for k, e in enumerate(examples)]
+    for i in tqdm(range(0, requests if editor is not None else 0, batch), desc="sample variants",
+                  disable=not progress):
         chunk = examples[i:i + batch]
         outputs += editor.sample([e.input_image for e in chunk], [editor.prompt_for(e.edit.instruction) for e in chunk],
                                  [[(seed + i + j) * 16 + v for v in range(variants)] for j in range(len(chunk))],
@@ -178,7 +190,8 @@ def simulate(editor, requests: int, variants: int = 4, annotators: int = 1, per_
             n_all += m * (m - 1) // 2
             ties += sum(ranks[a] == ranks[b] for a in range(m) for b in range(a + 1, m))
 
-    params = {"steps": steps, "guidance": guidance, "image_guidance": image_guidance, "model": editor.model}
+    params = {"steps": steps, "guidance": guidance, "image_guidance": image_guidance,
+              "model": editor.model if editor is not None else "stand-in"}
     store = ImageStore()
     request_ids = []
     with session_scope(url) as s:

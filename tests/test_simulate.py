@@ -107,3 +107,14 @@ def test_reward_experiment_end_to_end_tiny(tiny_pipeline, tiny_clip, tmp_path, c
     from hive.cli import main
 
     assert main(["reward-experiment", "--out", str(out), "--model", str(tiny_pipeline), "--requests", "2"]) == 2
+
+
+def test_stand_in_variants_without_an_editor(hive: HiveEnv):
+    rep = simulate(None, 3, variants=4, annotators=1, url=hive.url, progress=False)
+    assert rep.rankings == 3 and rep.requests == 3
+    with session_scope(hive.url, write=False) as s:
+        variants = s.query(Variant).all()
+    assert len(variants) == 12 and {v.params["model"] for v in variants} == {"stand-in"}
+    # four distinct picks of five (clean, unchanged, three corruptions): the clean target or the
+    # unchanged source is always among them, and the clean target has quality 1
+    assert max(v.params["sim_quality"] for v in variants) == 1.0
