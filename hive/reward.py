@@ -238,10 +238,11 @@ def clip_directional(clip, tokenizer, sources: list[Image.Image], edited: list[I
     helper = RewardModel.__new__(RewardModel)  # only for its preprocessing helpers
     helper.config, helper.tokenizer = cfg, tokenizer
     clip.eval()
+    device = next(clip.parameters()).device
     out = []
     for i in range(0, len(sources), batch_size):
         sl = slice(i, i + batch_size)
-        px = torch.cat([helper.pixel_values(sources[sl]), helper.pixel_values(edited[sl])])
+        px = torch.cat([helper.pixel_values(sources[sl]), helper.pixel_values(edited[sl])]).to(device)
         img = clip.get_image_features(pixel_values=px)
         img = img if isinstance(img, torch.Tensor) else img.pooler_output
         img = nn.functional.normalize(img, dim=-1)
@@ -249,11 +250,11 @@ def clip_directional(clip, tokenizer, sources: list[Image.Image], edited: list[I
         d_img = img[n:] - img[:n]
 
         def txt(texts: list[str]) -> torch.Tensor:
-            t = helper.tokenize(texts)
+            t = {k: v.to(device) for k, v in helper.tokenize(texts).items()}
             f = clip.get_text_features(**t)
             f = f if isinstance(f, torch.Tensor) else f.pooler_output
             return nn.functional.normalize(f, dim=-1)
 
         d_txt = txt(source_texts[sl]) if target_texts is None else txt(target_texts[sl]) - txt(source_texts[sl])
-        out.append(nn.functional.cosine_similarity(d_img, d_txt, dim=-1, eps=1e-8).numpy())
+        out.append(nn.functional.cosine_similarity(d_img, d_txt, dim=-1, eps=1e-8).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)

@@ -434,9 +434,14 @@ def _next_batch(order: list[int], n: int, batch_size: int, rng: np.random.Genera
 
 
 def _report(model: RewardModel, train, test, train_scores, test_scores, cache, config, backbone, final_loss) -> dict:
+    from transformers import CLIPModel
+
     ours = evaluate_scorer(train, test, train_scores, test_scores)
-    clip_test = clip_direction_scores(model.clip, model.tokenizer, test, cache)
-    clip_train = clip_direction_scores(model.clip, model.tokenizer, train, cache)
+    # the baseline uses the backbone as it was before training, not the fine-tuned towers
+    base_clip = CLIPModel.from_pretrained(backbone, dtype=torch.float32).to(next(model.parameters()).device)
+    clip_test = clip_direction_scores(base_clip, model.tokenizer, test, cache)
+    clip_train = clip_direction_scores(base_clip, model.tokenizer, train, cache)
+    del base_clip
     clip = evaluate_scorer(train, test, clip_train, clip_test)
     rng = np.random.default_rng(config.seed + 12345)
     rand_test = [rng.random(len(r.variant_paths)) for r in test]
