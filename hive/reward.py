@@ -1,8 +1,9 @@
 """The reward model R(source, edited, instruction) -> scalar, on any transformers CLIP backbone.
 
 Both images go through the CLIP vision tower and the instruction through its text tower; a small
-MLP head reads the source and edit features, their difference, the text features and the
-product of the difference with the text (a learned "did the image move the way the text says").
+MLP head reads the change between the source and edit features (difference, direction, size),
+the text features, and the direction against the text (a learned "did the image move the way
+the text says").
 
 A saved model is a folder that describes itself, loading offline with one call:
 
@@ -40,6 +41,7 @@ class RewardConfig:
     hidden: int = 256
     dropout: float = 0.1
     freeze_layers: int = 0  # lower encoder layers (and embeddings) of both towers kept frozen; -1: all
+    delta_scale: float = 10.0  # the head's input scale for feature differences
     score_mean: float = 0.0
     score_std: float = 1.0
     image_size: int = 0  # filled from the backbone
@@ -64,7 +66,7 @@ class RewardModel(nn.Module):
         self.config = config
         d = int(clip.config.projection_dim)
         self.head = nn.Sequential(
-            nn.Linear(5 * d, config.hidden), nn.GELU(), nn.Dropout(config.dropout),
+            nn.Linear(3 * d + 2, config.hidden), nn.GELU(), nn.Dropout(config.dropout),
             nn.Linear(config.hidden, config.hidden), nn.GELU(), nn.Linear(config.hidden, 1),
         )
         self.apply_freeze(config.freeze_layers)
@@ -188,8 +190,16 @@ class RewardModel(nn.Module):
         return nn.functional.normalize(out, dim=-1)
 
     def head_scores(self, src: torch.Tensor, edit: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The head reads the edit as a change: the difference of the image features (scaled, as
+        one edit moves a unit CLIP embedding by ~0.1-0.5), its direction times the text features,
+        its size, and its cosine with the text. Absolute source/edit features were tried too and
+        let the head memorise scenes (toy stand-in data: 59% vs 64% held-out accuracy)."""
+        k = self.config.delta_scale
         delta = edit - src
-        return self.head(torch.cat([src, edit, delta, text, delta * text], dim=-1)).squeeze(-1)
+        size = delta.norm(dim=-1, keepdim=True)
+        unit = delta / (size + 1e-6)
+        cos = (unit * text).sum(-1, keepdim=True)
+        return self.head(torch.cat([delta * k, text, unit * text, size * k, cos * k], dim=-1)).squeeze(-1)
 
     def forward(self, source_pixels: torch.Tensor, edited_pixels: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
