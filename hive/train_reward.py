@@ -319,13 +319,15 @@ def evaluate_scorer(train: list[Ranking], test: list[Ranking], train_scores: lis
             "tie_threshold": t, "true_pair_accuracy": true_order_accuracy(test, test_scores)["accuracy"]}
 
 
-def clip_direction_scores(clip, tokenizer, rankings: list[Ranking], cache: ImageCache) -> list[np.ndarray]:
-    """CLIP directional similarity of every variant, with captions when the request has them."""
+def clip_direction_scores(clip, tokenizer, rankings: list[Ranking], cache: ImageCache,
+                          use_captions: bool = True) -> list[np.ndarray]:
+    """CLIP directional similarity of every variant, with captions when the request has them
+    (and `use_captions`), else with the instruction as the text direction."""
     out = []
     for r in rankings:
         n = len(r.variant_paths)
         src = [cache(r.source_path)] * n
-        if r.captions is not None:
+        if r.captions is not None and use_captions:
             s = clip_directional(clip, tokenizer, src, [cache(p) for p in r.variant_paths], [r.captions[0]] * n,
                                  [r.captions[1]] * n)
         else:
@@ -441,8 +443,13 @@ def _report(model: RewardModel, train, test, train_scores, test_scores, cache, c
     base_clip = CLIPModel.from_pretrained(backbone, dtype=torch.float32).to(next(model.parameters()).device)
     clip_test = clip_direction_scores(base_clip, model.tokenizer, test, cache)
     clip_train = clip_direction_scores(base_clip, model.tokenizer, train, cache)
-    del base_clip
     clip = evaluate_scorer(train, test, clip_train, clip_test)
+    has_captions = any(r.captions is not None for r in test)
+    if has_captions:  # captions are privileged (a reward model sees only the instruction): also without
+        clip_instr = evaluate_scorer(train, test, clip_direction_scores(base_clip, model.tokenizer, train, cache, False),
+                                     clip_direction_scores(base_clip, model.tokenizer, test, cache, False))
+    else:
+        clip_instr = clip
     rng = np.random.default_rng(config.seed + 12345)
     rand_test = [rng.random(len(r.variant_paths)) for r in test]
     rand = evaluate_scorer(train, test, None, rand_test)
@@ -455,9 +462,12 @@ def _report(model: RewardModel, train, test, train_scores, test_scores, cache, c
         "true_pair_accuracy": ours["true_pair_accuracy"],
         "single_annotator_accuracy": single["accuracy"],
         "clip_direction_accuracy": clip["true_pair_accuracy"] if simulated else clip["heldout_pair_accuracy"],
+        "clip_direction_uses_captions": has_captions,
+        "clip_instruction_direction_accuracy": (clip_instr["true_pair_accuracy"] if simulated
+                                                else clip_instr["heldout_pair_accuracy"]),
         "random_accuracy": rand["true_pair_accuracy"] if simulated else rand["heldout_pair_accuracy"],
         "accuracy_reference": "noise-free order" if simulated else "annotator labels",
-        "baselines": {"clip_direction": clip, "random": rand},
+        "baselines": {"clip_direction": clip, "clip_instruction_direction": clip_instr, "random": rand},
         "tie_threshold": ours["tie_threshold"],
         "train_requests": len({r.request_id for r in train}), "test_requests": len({r.request_id for r in test}),
         "train_rankings": len(train), "test_rankings": len(test),
@@ -520,7 +530,8 @@ def run_experiment(out: Path, editor, requests: int = 300, test_requests: int = 
         rep = train_reward(rankings, out / f"n{n}", config, split=(sub, test), progress=progress)
         points.append({"requests": n, **{k: rep[k] for k in (
             "heldout_pair_accuracy", "heldout_pair_accuracy_with_ties", "true_pair_accuracy",
-            "single_annotator_accuracy", "clip_direction_accuracy", "random_accuracy", "train_rankings")}})
+            "single_annotator_accuracy", "clip_direction_accuracy", "clip_instruction_direction_accuracy",
+            "random_accuracy", "train_rankings")}})
     report = _json_safe({"simulation": asdict(sim) | {"request_ids": None}, "curve": points,
                          "config": asdict(config), "test_requests": test_requests, "variants": variants})
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -537,12 +548,14 @@ def _plot_curve(points: list[dict], path: Path) -> None:
 
     xs = [p["requests"] for p in points]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for key, label, style in (("true_pair_accuracy", "reward model", "o-"),
-                              ("single_annotator_accuracy", "one simulated annotator", "--"),
-                              ("clip_direction_accuracy", "CLIP directional similarity", ":"),
-                              ("random_accuracy", "random scorer", "-.")):
-        ys = [p[key] if p[key] is not None else float("nan") for p in points]
-        ax.plot(xs, ys, style, label=label)
+    for key, label, style, marker in (("true_pair_accuracy", "reward model", "-", "o"),
+                                      ("single_annotator_accuracy", "one simulated annotator", "--", ""),
+                                      ("clip_direction_accuracy", "CLIP direction (captions)", ":", ""),
+                                      ("clip_instruction_direction_accuracy", "CLIP direction (instruction)",
+                                       (0, (1, 1)), ""),
+                                      ("random_accuracy", "random scorer", "-.", "")):
+        ys = [p[key] if p.get(key) is not None else float("nan") for p in points]
+        ax.plot(xs, ys, linestyle=style, marker=marker or None, label=label)
     ax.set_xlabel("training requests (rankings)")
     ax.set_ylabel("held-out pair accuracy vs noise-free order")
     ax.legend(fontsize=7)
@@ -558,14 +571,18 @@ def _markdown(report: dict) -> str:
              f"{sim['requests']} requests x {sim['variants']} variants; noise {sim['noise']:.3f} "
              f"(one annotator agrees with the noise-free order on {sim['single_annotator_agreement']:.1%} of pairs); "
              f"{report['test_requests']} held-out requests.\n",
-             "| train requests | reward model | one annotator | CLIP direction | random | vs labels (no ties) |",
-             "|---|---|---|---|---|---|"]
+             "Accuracy on held-out requests against the noise-free order (CLIP direction with captions uses the "
+             "target caption, which a reward model never sees):\n",
+             "| train requests | reward model | one annotator | CLIP direction (captions) | CLIP direction "
+             "(instruction) | random | reward vs labels (no ties) |",
+             "|---|---|---|---|---|---|---|"]
 
     def f(x):
         return "n/a" if x is None else f"{x:.3f}"
 
     for p in report["curve"]:
         lines.append(f"| {p['requests']} | {f(p['true_pair_accuracy'])} | {f(p['single_annotator_accuracy'])} | "
-                     f"{f(p['clip_direction_accuracy'])} | {f(p['random_accuracy'])} | {f(p['heldout_pair_accuracy'])} |")
+                     f"{f(p['clip_direction_accuracy'])} | {f(p['clip_instruction_direction_accuracy'])} | "
+                     f"{f(p['random_accuracy'])} | {f(p['heldout_pair_accuracy'])} |")
     lines.append("\n![learning curve](learning_curve.png)\n")
     return "\n".join(lines)

@@ -70,8 +70,10 @@ def test_cli_simulate_train_register_export_and_score(tiny_pipeline, tiny_clip, 
     train_args = ["--backbone", str(tiny_clip), "--steps", "2", "--batch-size", "2", "--test-fraction", "0.5",
                   "--checkpoint-every", "0", "--json"]
     rep = _run(["train-reward", "--out", str(tmp_path / "run"), "--name", "r1", *train_args], capsys)
-    for key in ("heldout_pair_accuracy", "single_annotator_accuracy", "clip_direction_accuracy"):
+    for key in ("heldout_pair_accuracy", "single_annotator_accuracy", "clip_direction_accuracy",
+                "clip_instruction_direction_accuracy", "random_accuracy"):
         assert key in rep
+    assert rep["clip_direction_uses_captions"]  # simulated requests carry their captions
     assert rep["train_requests"] == 2 and rep["test_requests"] == 2
     assert rep["accuracy_reference"] == "noise-free order"  # simulated data is scored against the truth
     with session_scope(hive.url, write=False) as s:
