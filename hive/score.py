@@ -25,7 +25,12 @@ def score_dataset(data: Path, reward: Path | str | RewardModel, out: Path | None
     missing = [i for i, r in enumerate(rows) if column not in r or "id" not in r]
     if missing:
         raise ValueError(f"rows {missing[:5]} of {data}/metadata.jsonl lack 'id' or {column!r}")
-    model = reward if isinstance(reward, RewardModel) else RewardModel.from_pretrained(reward)
+    if isinstance(reward, RewardModel):
+        model = reward
+    else:
+        from hive.editor import pick_device
+
+        model = RewardModel.from_pretrained(reward).to(pick_device())
     out = Path(out) if out is not None else Path(data) / "rewards.jsonl"
     results = []
     for i in tqdm(range(0, len(rows), batch_size), desc="score", disable=not progress):

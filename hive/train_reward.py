@@ -568,9 +568,9 @@ def _plot_curve(points: list[dict], path: Path) -> None:
 def _markdown(report: dict) -> str:
     sim = report["simulation"]
     lines = [f"# Reward model toy experiment\n",
-             f"{sim['requests']} requests x {sim['variants']} variants; noise {sim['noise']:.3f} "
-             f"(one annotator agrees with the noise-free order on {sim['single_annotator_agreement']:.1%} of pairs); "
-             f"{report['test_requests']} held-out requests.\n",
+             f"{sim['requests'] - report['test_requests']} training + {report['test_requests']} held-out requests x "
+             f"{sim['variants']} variants; noise {sim['noise']:.3f} "
+             f"(one annotator agrees with the noise-free order on {sim['single_annotator_agreement']:.1%} of pairs).\n",
              "Accuracy on held-out requests against the noise-free order (CLIP direction with captions uses the "
              "target caption, which a reward model never sees):\n",
              "| train requests | reward model | one annotator | CLIP direction (captions) | CLIP direction "
