@@ -39,3 +39,13 @@ def test_clip_trainer_saves_model_tokenizer_and_processor(tmp_path):
     tokenizer = CLIPTokenizer.from_pretrained(path)
     assert model.config.text_config.vocab_size == len(tokenizer)
     assert (path / "preprocessor_config.json").exists()
+
+
+def test_decoder_only_training_keeps_the_latent_space(tmp_path):
+    first = train_vae(tmp_path / "vae", steps=1, batch_size=4)
+    tuned = train_vae(tmp_path / "dec", steps=2, batch_size=4, init=first, decoder_only=True)
+    a, b = AutoencoderKL.from_pretrained(first), AutoencoderKL.from_pretrained(tuned)
+    assert a.config.scaling_factor == b.config.scaling_factor
+    for (name, p), q in zip(a.encoder.named_parameters(), b.encoder.parameters()):
+        assert torch.equal(p, q), name
+    assert any(not torch.equal(p, q) for p, q in zip(a.decoder.parameters(), b.decoder.parameters()))
