@@ -3,7 +3,6 @@ inputs, seeds and settings, and check that the outputs agree."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
@@ -16,6 +15,7 @@ import torch
 
 from hive import toy
 from hive.editor import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, Editor
+from hive.files import write_json_atomic
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"
 
@@ -61,14 +61,12 @@ def record(kind: str, result: dict) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     dev = "gpu" if torch.cuda.is_available() else "cpu"
     path = RESULTS_DIR / f"{kind}-{dev}-{stamp}-{result['commit']}.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(path, result)
     return path
 
 
 def bench_edit(model: str | None = None, variants: int = 4, steps: int | None = None, repeats: int = 5,
-               record_result: bool = True, **_: object) -> dict:
+               record_result: bool = True) -> dict:
     """K variants of one toy edit: a plain diffusers pipeline call vs our editor."""
     from diffusers import StableDiffusionInstructPix2PixPipeline
 

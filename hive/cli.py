@@ -113,6 +113,7 @@ def _report_training(args: argparse.Namespace, path: Path, started: float) -> No
 # ---------------------------------------------------------------- edit
 def cmd_edit(args: argparse.Namespace) -> int:
     from hive.editor import Editor, EditorInputError
+    from hive.files import save_png_atomic, write_json_atomic
 
     out = Path(args.out)
     try:
@@ -131,9 +132,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
     records = result.records_json()
     for rec, img in zip(records, result.images):
         name = f"variant_{rec['index']}_seed{rec['seed']}.png"
-        _save_png_atomic(img, out / name)
+        save_png_atomic(img, out / name)
         rec["file"] = name
-    _write_json_atomic(out / "variants.json", {"source": str(args.image), "variants": records})
+    write_json_atomic(out / "variants.json", {"source": str(args.image), "variants": records})
     if args.json:
         print_json({"out": str(out), "files": [r["file"] for r in records]})
     else:
@@ -146,6 +147,7 @@ def _edit_dataset(editor, data: Path, out: Path, args: argparse.Namespace) -> in
 
     from hive.data import read_metadata
     from hive.editor import load_image
+    from hive.files import save_png_atomic, write_jsonl_atomic
 
     rows = read_metadata(data)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -162,31 +164,15 @@ def _edit_dataset(editor, data: Path, out: Path, args: argparse.Namespace) -> in
             paths = []
             for k, img in enumerate(imgs):
                 rel = f"images/{r['id']}_{k}.png"
-                _save_png_atomic(img, out / rel)
+                save_png_atomic(img, out / rel)
                 paths.append(rel)
             results.append({"id": r["id"], "output_images": paths, "seeds": ss})
-    tmp = out / ".metadata.jsonl.tmp"
-    with open(tmp, "w") as f:
-        for row in results:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, out / "metadata.jsonl")
+    write_jsonl_atomic(out / "metadata.jsonl", results)
     if args.json:
         print_json({"out": str(out), "rows": len(results)})
     else:
         print(f"edited {len(results)} rows into {out / 'metadata.jsonl'}")
     return 0
-
-
-def _save_png_atomic(img, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def _write_json_atomic(path: Path, obj: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- evaluate and bench
@@ -336,7 +322,7 @@ def cmd_reward_experiment(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- the parser
 def build_parser() -> argparse.ArgumentParser:
-    from hive.editor import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS
+    from hive.defaults import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS
 
     parser = argparse.ArgumentParser(prog="python -m hive", description="HIVE: instruction-guided image editing "
                                      "that learns from human feedback.")

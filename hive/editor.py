@@ -11,6 +11,7 @@ import io
 import json
 import os
 import secrets
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from hive.defaults import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS, MAX_VARIANTS  # noqa: F401
+
 MAX_PIXELS = 40_000_000  # refuse larger uploads (a 10,000 x 10,000 image is 100 MP)
 MAX_INSTRUCTION_CHARS = 1000
-MAX_VARIANTS = 8
-DEFAULT_STEPS = 20
-DEFAULT_GUIDANCE = 7.5
-DEFAULT_IMAGE_GUIDANCE = 1.5
 
 
 class EditorInputError(ValueError):
@@ -52,9 +51,12 @@ def load_image(source: str | Path | bytes | Image.Image | np.ndarray) -> Image.I
             data = source if isinstance(source, bytes) else Path(source).read_bytes()
         except OSError as e:
             raise EditorInputError(f"cannot read the image file: {e}") from e
-        Image.MAX_IMAGE_PIXELS = None  # we check the size ourselves, with a clearer message
         try:
-            img = Image.open(io.BytesIO(data))
+            with warnings.catch_warnings():  # we check the size ourselves, with a clearer message
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:
+            raise EditorInputError(f"the image is too large; at most {MAX_PIXELS // 1_000_000} megapixels") from e
         except (UnidentifiedImageError, OSError) as e:
             raise EditorInputError("the file is not an image that we can read (PNG, JPEG, WebP, GIF, ...)") from e
     w, h = img.size

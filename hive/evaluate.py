@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
@@ -12,6 +10,7 @@ from tqdm.auto import tqdm
 
 from hive import toy
 from hive.editor import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS, Editor
+from hive.files import write_json_atomic, write_jsonl_atomic
 
 EVAL_SEED_BASE = 900_000_000  # far from the training seeds (hive.data.TOY_TRAIN_SEED_BASE)
 
@@ -24,6 +23,8 @@ def evaluate_toy(model: str | None = None, n: int = 300, seed: int = EVAL_SEED_B
     editor = editor or Editor(model)
     examples = [toy.sample_example(seed + k) for k in range(n)]
     rows = []
+    if out is not None:
+        (out / "outputs").mkdir(parents=True, exist_ok=True)
     started = time.time()
     for start in tqdm(range(0, n, batch), desc="evaluate"):
         chunk = examples[start:start + batch]
@@ -33,7 +34,6 @@ def evaluate_toy(model: str | None = None, n: int = 300, seed: int = EVAL_SEED_B
             j = toy.judge(e.input_image, e.clean_image, imgs[0])
             rows.append({"id": e.id, "kind": e.edit.kind, "instruction": e.edit.instruction, **j.to_json()})
             if out is not None:
-                (out / "outputs").mkdir(parents=True, exist_ok=True)
                 imgs[0].save(out / "outputs" / f"{e.id}.png")
     per_kind = {}
     for kind in toy.EDIT_KINDS:
@@ -52,12 +52,8 @@ def evaluate_toy(model: str | None = None, n: int = 300, seed: int = EVAL_SEED_B
     }
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / "judgements.jsonl", "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        tmp = out / ".report.json.tmp"
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, out / "report.json")
+        write_jsonl_atomic(out / "judgements.jsonl", rows)
+        write_json_atomic(out / "report.json", report)
     return report
 
 

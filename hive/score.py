@@ -8,14 +8,13 @@ order. The file is written to a temporary name and renamed, so it is never half 
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from hive.data import read_metadata
 from hive.editor import load_image
+from hive.files import write_jsonl_atomic
 from hive.reward import RewardModel
 
 
@@ -41,9 +40,5 @@ def score_dataset(data: Path, reward: Path | str | RewardModel, out: Path | None
         for r, x in zip(chunk, raw):
             norm = (float(x) - model.config.score_mean) / max(model.config.score_std, 1e-8)
             results.append({"id": r["id"], "reward": norm, "raw_reward": float(x)})
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w") as f:
-        for row in results:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, out)
+    write_jsonl_atomic(out, results)
     return out

@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image

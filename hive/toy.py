@@ -9,14 +9,14 @@ anti-aliasing), so every pixel has one palette colour and the judge can compare 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from hive.files import save_png_atomic, write_jsonl_atomic
 
 DEFAULT_SIZE = 64
 
@@ -234,8 +234,8 @@ def make_edit(scene: Scene, kind: str, rng: np.random.Generator) -> Edit | None:
         grow = o.size == "small"
         target = scene.replace(i, dataclasses.replace(o, size="large" if grow else "small"))
         ref_after = refer(target, i, rng)
-        bigger = [f"make {{}} bigger", f"make {{}} larger", f"enlarge {{}}", f"increase the size of {{}}"]
-        smaller = [f"make {{}} smaller", f"shrink {{}}", f"reduce the size of {{}}"]
+        bigger = ["make {} bigger", "make {} larger", "enlarge {}", "increase the size of {}"]
+        smaller = ["make {} smaller", "shrink {}", "reduce the size of {}"]
         instruction = _pick(rng, bigger if grow else smaller).format(ref)
         inverse = _pick(rng, smaller if grow else bigger).format(ref_after)
         return Edit(kind, instruction, inverse, scene, target, (i,))
@@ -343,12 +343,6 @@ def sample_example(seed: int, size: int = DEFAULT_SIZE, noise: float = 0.0, kind
     return ToyExample(f"toy-{seed:08d}", edit, edit.source.render(size), edited, clean, corruption)
 
 
-def _save_png_atomic(img: Image.Image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
 def write_dataset(out: Path, n: int, seed: int, noise: float = 0.0, size: int = DEFAULT_SIZE,
                   progress: bool = True) -> Path:
     """Write `n` examples as `out/metadata.jsonl` + PNGs (the InstructPix2Pix column format)."""
@@ -362,7 +356,7 @@ def write_dataset(out: Path, n: int, seed: int, noise: float = 0.0, size: int = 
         paths = {}
         for name, img in (("input", ex.input_image), ("edited", ex.edited_image), ("clean", ex.clean_image)):
             rel = f"images/{ex.id}_{name}.png"
-            _save_png_atomic(img, out / rel)
+            save_png_atomic(img, out / rel)
             paths[name] = rel
         rows.append({
             "id": ex.id,
@@ -376,11 +370,7 @@ def write_dataset(out: Path, n: int, seed: int, noise: float = 0.0, size: int = 
             "seed": seed + k,
             "source_scene": ex.edit.source.to_json(),
         })
-    tmp = out / ".metadata.jsonl.tmp"
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, out / "metadata.jsonl")
+    write_jsonl_atomic(out / "metadata.jsonl", rows)
     return out / "metadata.jsonl"
 
 
@@ -394,14 +384,12 @@ def iter_captions(seed: int, n: int) -> Iterator[tuple[Image.Image, str]]:
 def vocabulary() -> list[str]:
     """Every word the toy world writes, for the generated tokenizer."""
     words: set[str] = set()
-    rng = np.random.default_rng(0)
     for k in range(3000):
         ex = sample_example(k, noise=0.0)
         for text in (ex.edit.instruction, ex.edit.inverse_instruction, ex.edit.source.caption()):
             words.update(text.replace(",", " , ").split())
     words.update(SHAPES, COLOURS, BACKGROUNDS, SIZES, ["image", "quality", "is", "out", "of",
                  "one", "two", "three", "four", "five"])
-    del rng
     return sorted(words)
 
 

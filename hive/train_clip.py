@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import CLIPImageProcessor, CLIPTokenizer
 
 from hive import toy
-from hive.training import LossLog, make_accelerator, resume_latest, save_checkpoint
+from hive.training import make_accelerator, resume_with_progress, save_checkpoint
 from hive.zoo import TOY_RESOLUTION, toy_clip
 
 # CLIP's own normalisation constants, so the toy and the real backbone take images alike.
@@ -51,10 +50,7 @@ def train_clip(out: Path, tokenizer_dir: Path, steps: int = 2000, batch_size: in
     model = toy_clip(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     model, optimizer = accelerator.prepare(model, optimizer)
-    start = resume_latest(accelerator, out)
-    log = LossLog(out, accelerator.is_main_process)
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train clip",
-               disable=not accelerator.is_local_main_process)
+    bar, log = resume_with_progress(accelerator, out, steps, "train clip")
     for step in bar:
         images, captions = caption_batch(step, batch_size)
         text = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,

@@ -19,13 +19,11 @@ similarity used as a reward, and a random scorer):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
 import tempfile
 import time
-from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hive.files import write_json_atomic
 from hive.reward import RewardModel, clip_directional
 
 
@@ -420,9 +419,7 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
     model.config.extra = {"metrics": report}
     if accelerator.is_main_process:
         model.save_pretrained(out / "model")
-        tmp = out / ".metrics.json.tmp"
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, out / "metrics.json")
+        write_json_atomic(out / "metrics.json", report)
     return report
 
 
@@ -534,7 +531,7 @@ def run_experiment(out: Path, editor, requests: int = 300, test_requests: int = 
             "random_accuracy", "train_rankings")}})
     report = _json_safe({"simulation": asdict(sim) | {"request_ids": None}, "curve": points,
                          "config": asdict(config), "test_requests": test_requests, "variants": variants})
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_json_atomic(out / "report.json", report)
     _plot_curve(points, out / "learning_curve.png")
     (out / "report.md").write_text(_markdown(report))
     return report
@@ -567,7 +564,7 @@ def _plot_curve(points: list[dict], path: Path) -> None:
 
 def _markdown(report: dict) -> str:
     sim = report["simulation"]
-    lines = [f"# Reward model toy experiment\n",
+    lines = ["# Reward model toy experiment\n",
              f"{sim['requests'] - report['test_requests']} training + {report['test_requests']} held-out requests x "
              f"{sim['variants']} variants; noise {sim['noise']:.3f} "
              f"(one annotator agrees with the noise-free order on {sim['single_annotator_agreement']:.1%} of pairs).\n",

@@ -20,11 +20,10 @@ import torch.nn.functional as F
 from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionInstructPix2PixPipeline,
                        UNet2DConditionModel)
 from diffusers.training_utils import EMAModel, compute_snr
-from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from hive.data import TripletBatch, TripletSource
-from hive.training import LossLog, make_accelerator, resume_latest, save_checkpoint
+from hive.training import make_accelerator, resume_with_progress, save_checkpoint
 
 DROP_PROB = 0.05
 
@@ -69,8 +68,9 @@ def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompt
 def sft_loss(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
              tokenizer: CLIPTokenizer, noise_scheduler: DDPMScheduler, batch: TripletBatch,
              generator: torch.Generator, min_snr_gamma: float | None,
-             weights: torch.Tensor | None = None) -> torch.Tensor:
-    """The InstructPix2Pix denoising loss of one batch (mean over examples)."""
+             weights: torch.Tensor | None = None, null_text: torch.Tensor | None = None) -> torch.Tensor:
+    """The InstructPix2Pix denoising loss of one batch (mean over examples). `null_text`, the
+    embedding of the empty prompt, can be passed in so a training loop computes it once."""
     device = batch.source.device
     bsz = batch.source.shape[0]
     with torch.no_grad():
@@ -79,7 +79,8 @@ def sft_loss(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPT
         target_latents = vae.encode(batch.edited).latent_dist.mode() * vae.config.scaling_factor
         source_latents = vae.encode(batch.source).latent_dist.mode()
         text = encode_prompts(tokenizer, text_encoder, batch.prompts, device)
-        null_text = encode_prompts(tokenizer, text_encoder, [""], device)
+        if null_text is None:
+            null_text = encode_prompts(tokenizer, text_encoder, [""], device)
     noise = torch.randn(target_latents.shape, generator=generator, device=device)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator,
                               device=device)
@@ -152,11 +153,10 @@ def train_sft(base: Path | str, data: TripletSource, out: Path, config: SFTConfi
         ema.to(device)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({"base": str(base), **asdict(config)}, indent=2))
-    start = resume_latest(accelerator, out)
-    log = LossLog(out, accelerator.is_main_process)
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train editor",
-               disable=not accelerator.is_local_main_process)
+    bar, log = resume_with_progress(accelerator, out, config.steps, "train editor")
     running = None
+    with torch.no_grad():
+        null_text = encode_prompts(tokenizer, text_encoder, [""], device)
     for step in bar:
         batch = data.batch(step, config.batch_size)
         batch = TripletBatch(batch.source.to(device), batch.edited.to(device), batch.prompts)
@@ -164,7 +164,7 @@ def train_sft(base: Path | str, data: TripletSource, out: Path, config: SFTConfi
         weights = weight_fn(batch).to(device) if weight_fn is not None else None
         with accelerator.autocast():
             loss = sft_loss(unet, vae, text_encoder, tokenizer, noise_scheduler, batch, generator,
-                            config.min_snr_gamma, weights)
+                            config.min_snr_gamma, weights, null_text)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
@@ -205,9 +205,9 @@ def save_pipeline(base: Path | str, unet: UNet2DConditionModel, dest: Path) -> P
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
-    extra = Path(base) / "hive.json" if not isinstance(base, str) or Path(base).exists() else None
-    if extra is not None and extra.exists():
-        shutil.copy(extra, tmp / "hive.json")
+    info = Path(base) / "hive.json"  # a hub id has none
+    if info.exists():
+        shutil.copy(info, tmp / "hive.json")
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest

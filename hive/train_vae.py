@@ -10,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from hive import toy
-from hive.training import LossLog, make_accelerator, resume_latest, save_checkpoint
+from hive.training import make_accelerator, resume_with_progress, save_checkpoint
 from hive.zoo import toy_vae
 
 
@@ -66,10 +65,8 @@ def train_vae(out: Path, steps: int = 1200, batch_size: int = 64, lr: float = 1e
     params = [p for p in vae.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     vae, optimizer = accelerator.prepare(vae, optimizer)
-    start = resume_latest(accelerator, out)
-    log = LossLog(out, accelerator.is_main_process)
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train vae",
-               disable=not accelerator.is_local_main_process)
+    bar, log = resume_with_progress(accelerator, out, steps, "train vae")
+    model = accelerator.unwrap_model(vae)
     for step in bar:
         x = scene_batch(step, batch_size, size)
         weight = object_weight(x)
@@ -78,10 +75,10 @@ def train_vae(out: Path, steps: int = 1200, batch_size: int = 64, lr: float = 1e
             x, weight = x[:, :3], x[:, 3:]
         x, weight = x.to(accelerator.device), weight.to(accelerator.device)
         with torch.set_grad_enabled(not decoder_only):
-            posterior = accelerator.unwrap_model(vae).encode(x).latent_dist
+            posterior = model.encode(x).latent_dist
         # Deterministic autoencoding (the posterior mean): the editor only ever uses `mode()`, and
         # sampling std-1 noise early on teaches the decoder to paint blobs.
-        recon = accelerator.unwrap_model(vae).decode(posterior.mode()).sample
+        recon = model.decode(posterior.mode()).sample
         l1 = (recon - x).abs().mean()
         kl = posterior.kl().mean()
         err = weight * ((recon - x).abs() + 0.5 * (recon - x).pow(2))
@@ -94,7 +91,6 @@ def train_vae(out: Path, steps: int = 1200, batch_size: int = 64, lr: float = 1e
             log.log(step + 1, loss=loss.item(), l1=l1.item(), kl=kl.item())
         if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
             save_checkpoint(accelerator, out, step + 1)
-    model = accelerator.unwrap_model(vae)
     model.eval()
     # SD's convention: scale latents to unit variance for the diffusion model.
     with torch.no_grad():

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from accelerate import Accelerator
+from tqdm.auto import tqdm
 
 
 def make_accelerator(mixed_precision: str = "no", seed: int = 0) -> Accelerator:
@@ -57,6 +58,15 @@ def resume_latest(accelerator: Accelerator, out: Path) -> int:
         return 0
     accelerator.load_state(str(dirs[-1]))
     return int(json.loads((dirs[-1] / "step.json").read_text())["step"])
+
+
+def resume_with_progress(accelerator: Accelerator, out: Path, steps: int, desc: str) -> tuple[tqdm, "LossLog"]:
+    """Resume from the newest checkpoint and return the progress bar over the remaining steps
+    (iterate it for the step numbers) and the run's loss log."""
+    start = resume_latest(accelerator, out)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc,
+               disable=not accelerator.is_local_main_process)
+    return bar, LossLog(out, accelerator.is_main_process)
 
 
 class LossLog:
