@@ -52,6 +52,7 @@ class TripletBatch:
     source: torch.Tensor  # (B, 3, H, W) in [-1, 1]
     edited: torch.Tensor
     prompts: list[str]
+    weights: torch.Tensor | None = None  # (B,) per-example loss weights (weighted-reward fine-tuning)
 
 
 class TripletSource:

@@ -159,9 +159,10 @@ def train_sft(base: Path | str, data: TripletSource, out: Path, config: SFTConfi
         null_text = encode_prompts(tokenizer, text_encoder, [""], device)
     for step in bar:
         batch = data.batch(step, config.batch_size)
-        batch = TripletBatch(batch.source.to(device), batch.edited.to(device), batch.prompts)
+        batch = TripletBatch(batch.source.to(device), batch.edited.to(device), batch.prompts, batch.weights)
         generator = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + step)
-        weights = weight_fn(batch).to(device) if weight_fn is not None else None
+        weights = weight_fn(batch) if weight_fn is not None else batch.weights  # a source may carry weights
+        weights = weights.to(device) if weights is not None else None
         with accelerator.autocast():
             loss = sft_loss(unet, vae, text_encoder, tokenizer, noise_scheduler, batch, generator,
                             config.min_snr_gamma, weights, null_text)
