@@ -510,6 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
     reward_train_args(p)
     p.set_defaults(func=cmd_reward_experiment)
 
+    from hive.loop import add_commands as add_loop_commands  # finetune, loop, promote, rollback, models
+
+    add_loop_commands(sub)
+
     try:
         from db.cli import register as register_db
     except ImportError:
