@@ -13,7 +13,7 @@ import torch
 
 from hive import toy
 from hive.training import make_accelerator, resume_with_progress, save_checkpoint
-from hive.zoo import toy_vae
+from hive.zoo import TOY_LATENT_CHANNELS, toy_vae
 
 
 def scene_batch(step: int, batch_size: int, size: int) -> torch.Tensor:
@@ -47,7 +47,8 @@ def random_crops(x: torch.Tensor, crop: int, step: int) -> torch.Tensor:
 
 def train_vae(out: Path, steps: int = 1200, batch_size: int = 64, lr: float = 1e-3,
               kl_weight: float = 1e-6, size: int = toy.DEFAULT_SIZE, crop: int | None = 32,
-              checkpoint_every: int = 250, init: Path | None = None, decoder_only: bool = False) -> Path:
+              checkpoint_every: int = 250, init: Path | None = None, decoder_only: bool = False,
+              latent_channels: int = TOY_LATENT_CHANNELS) -> Path:
     """Train (or, with `init`, continue) the toy autoencoder.
 
     `decoder_only` freezes the encoder: the latent space stays exactly as it is, so an editor
@@ -55,7 +56,7 @@ def train_vae(out: Path, steps: int = 1200, batch_size: int = 64, lr: float = 1e
     from diffusers import AutoencoderKL
 
     accelerator = make_accelerator()
-    vae = AutoencoderKL.from_pretrained(init, dtype=torch.float32) if init is not None else toy_vae()
+    vae = AutoencoderKL.from_pretrained(init, dtype=torch.float32) if init is not None else toy_vae(latent_channels)
     if decoder_only:
         if init is None:
             raise ValueError("decoder_only needs an existing autoencoder (init)")

@@ -65,3 +65,17 @@ def test_sft_trains_from_an_sd15_shaped_text_to_image_unet(tiny_pipeline, tmp_pa
                     SFTConfig(steps=2, batch_size=2, ema_decay=None, checkpoint_every=1000), unet_init=unet)
     loaded = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
     assert loaded.config.in_channels == 8 and len(loaded.config.block_out_channels) == 4
+
+
+def test_change_map_weights_changed_latent_cells_and_keeps_mean_one():
+    from hive.data import TripletBatch
+    from hive.train_sft import change_map
+
+    source = -torch.ones(2, 3, 16, 16)
+    edited = source.clone()
+    edited[0, :, 0:4, 0:4] = 1.0  # example 0: one 4x4 patch changed; example 1: nothing changed
+    w = change_map(TripletBatch(source, edited, ["a", "b"]), torch.Size((4, 4)), change_weight=4.0)
+    assert w.shape == (2, 1, 4, 4)
+    assert torch.allclose(w.mean(dim=(2, 3)), torch.ones(2, 1))
+    assert w[0, 0, 0, 0] == w[0].max() and w[0, 0, 0, 0] > 4 * w[0, 0, 3, 3]
+    assert torch.allclose(w[1], torch.ones(1, 4, 4))
