@@ -42,7 +42,8 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
 
     t = time.time()
     path = train_vae(Path(args.out), steps=args.steps, batch_size=args.batch_size,
-                     init=Path(args.init) if args.init else None, decoder_only=args.decoder_only)
+                     init=Path(args.init) if args.init else None, decoder_only=args.decoder_only,
+                     latent_channels=args.latent_channels)
     _report_training(args, path, t)
     return 0
 
@@ -77,7 +78,8 @@ def cmd_train_editor(args: argparse.Namespace) -> int:
         data = ToyTriplets(resolution, noise=args.toy_noise, seed=args.seed)
     config = SFTConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                        ema_decay=None if args.no_ema else args.ema_decay, mixed_precision=args.mixed_precision,
-                       checkpoint_every=args.checkpoint_every, gradient_checkpointing=args.gradient_checkpointing)
+                       checkpoint_every=args.checkpoint_every, gradient_checkpointing=args.gradient_checkpointing,
+                       change_weight=args.change_weight)
     t = time.time()
     path = train_sft(base, data, out, config)
     _report_training(args, path, t)
@@ -359,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch-size", type=int, default=64, help="images per step (each a random 32 px crop)")
     p.add_argument("--init", help="continue from this AutoencoderKL folder")
+    p.add_argument("--latent-channels", type=int, default=16, help="latent channels of a fresh autoencoder")
     p.add_argument("--decoder-only", action="store_true",
                    help="with --init: train the decoder alone, so the latent space (and editors trained on it) stay valid")
     p.add_argument("--json", action="store_true")
@@ -386,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--change-weight", type=float, default=0.0,
+                   help="extra loss weight on latent pixels the edit changes (the toy recipe uses 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train_editor)
