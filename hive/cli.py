@@ -179,17 +179,56 @@ def _edit_dataset(editor, data: Path, out: Path, args: argparse.Namespace) -> in
 
 # ---------------------------------------------------------------- evaluate and bench
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from hive.evaluate import evaluate_toy
+    from hive.editor import Editor
+    from hive.evaluate import blind_pairwise, evaluate_toy, plot_tradeoff, tradeoff_curve
+    from hive.files import write_json_atomic
 
-    report = evaluate_toy(args.model, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                          image_guidance=args.image_guidance, batch=args.batch,
-                          out=Path(args.out) if args.out else None)
+    out = Path(args.out) if args.out else None
+    try:
+        editor = Editor(args.model)
+        other = Editor(args.against) if args.against else None
+        report: dict = {"model": editor.model}
+        if not args.no_judge:
+            report = evaluate_toy(editor=editor, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                                  image_guidance=args.image_guidance, batch=args.batch, out=out)
+        if args.tradeoff:
+            curves = {}
+            for ed in [editor] + ([other] if other else []):
+                label = Path(ed.model).name or ed.model
+                curves[label if label not in curves else ed.model] = tradeoff_curve(
+                    ed, n=args.tradeoff_n, guidance=args.guidance, steps=args.steps, clip=args.clip, batch=args.batch)
+            png = plot_tradeoff(curves, Path(args.tradeoff))
+            write_json_atomic(png.with_suffix(".json"), curves)
+            report["tradeoff"] = {"png": str(png), "curves": curves}
+        if other is not None:
+            report["pairwise"] = blind_pairwise(editor, other, n=args.pairwise_n or args.n, annotators=args.annotators,
+                                                noise=args.annotator_noise, steps=args.steps, guidance=args.guidance,
+                                                image_guidance=args.image_guidance, batch=args.batch,
+                                                out=out / "pairwise" if out else None)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print_json(report)
-    else:
+        return 0
+    if "success" in report:
         print(f"judge success {report['success']:.1%} on {report['n']} fresh toy edits")
         for kind, v in report["per_kind"].items():
             print(f"  {kind:<11} {v['success']:.1%}  (n={v['n']})")
+    for name, curve in report.get("tradeoff", {}).get("curves", {}).items():
+        print(f"trade-off of {name} (n={curve['n']}): image guidance -> CLIP image sim, directional sim, judge")
+        for p in curve["points"]:
+            print(f"  {p['image_guidance']:.1f}  {p['image_similarity']:.3f}  {p['directional_similarity']:.3f}  "
+                  f"{p['success']:.1%}")
+    if "tradeoff" in report:
+        print(f"wrote {report['tradeoff']['png']}")
+    if "pairwise" in report:
+        r = report["pairwise"]
+        print(f"blind pairwise, {r['model_a']} vs {r['model_b']} on {r['n']} edits, {r['annotators']} simulated "
+              f"annotators each (95% Wilson CIs):")
+        for key in ("win", "tie", "loss"):
+            lo, hi = r[f"{key}_ci"]
+            print(f"  {key:<4} {r[key + 's']:>4}  {r[key + '_rate']:.1%}  [{lo:.1%}, {hi:.1%}]")
     return 0
 
 
@@ -421,11 +460,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_edit)
 
     # evaluate
-    p = sub.add_parser("evaluate", help="judge success per edit kind on fresh toy edits")
+    p = sub.add_parser("evaluate", help="judge success per edit kind on fresh toy edits; CLIP trade-off plot; "
+                       "blind pairwise comparison with another editor")
     p.add_argument("--n", type=int, default=300)
     p.add_argument("--seed", type=int, default=900_000_000, help="first evaluation seed (never used in training)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--out", help="folder for outputs and the report")
+    p.add_argument("--no-judge", action="store_true", help="skip the per-kind judge evaluation")
+    p.add_argument("--tradeoff", metavar="PNG", help="plot the CLIP trade-off over image guidance 1.0-2.2 (of "
+                   "--model, and of --against if given) to PNG; the curves go to PNG with a .json suffix")
+    p.add_argument("--tradeoff-n", type=int, default=100, help="toy edits per trade-off point (default %(default)s)")
+    p.add_argument("--clip", help="CLIPModel folder or hub id for the trade-off (default: the toy CLIP)")
+    p.add_argument("--against", metavar="MODEL", help="blind pairwise comparison of --model (A) against MODEL (B), "
+                   "judged by simulated annotators; win/tie/loss with 95%% Wilson intervals")
+    p.add_argument("--pairwise-n", type=int, default=None, help="inputs of the blind comparison (default: --n)")
+    p.add_argument("--annotators", type=int, default=3, help="simulated annotators per blind comparison input")
+    p.add_argument("--annotator-noise", type=float, default=None, help="simulated annotators' noise (default: "
+                   "calibrated once on editor-free stand-in pairs to 72%% agreement with the true order)")
     p.add_argument("--json", action="store_true")
     sampling_args(p)
     p.set_defaults(func=cmd_evaluate)

@@ -1,16 +1,24 @@
-"""Evaluation on the toy world: judge success per edit kind on fresh edits, and picture grids."""
+"""Evaluation on the toy world: judge success per edit kind on fresh edits, picture grids, the
+CLIP trade-off curve over image guidance (with a plot of several models), and blind pairwise
+comparisons of two editors judged by simulated annotators (win / tie / loss with 95% CIs)."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from hive import toy
 from hive.editor import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS, Editor
 from hive.files import write_json_atomic, write_jsonl_atomic
+
+if TYPE_CHECKING:
+    import torch
 
 EVAL_SEED_BASE = 900_000_000  # far from the training seeds (hive.data.TOY_TRAIN_SEED_BASE)
 
@@ -106,3 +114,316 @@ def grid_by_kind(editor: Editor, out_png: Path, seed: int = EVAL_SEED_BASE + 50_
     out_png.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out_png)
     return out_png
+
+
+# ---------------------------------------------------------------- the CLIP trade-off curve
+TRADEOFF_IMAGE_GUIDANCES = (1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2)  # the paper's sweep, at text guidance 7.5
+TRADEOFF_SEED_BASE = EVAL_SEED_BASE + 100_000
+PAIRWISE_SEED_BASE = EVAL_SEED_BASE + 200_000
+
+
+def _as_editor(model: "str | Path | Editor | None") -> Editor:
+    return model if isinstance(model, Editor) else Editor(model)
+
+
+class ClipEmbedder:
+    """Unit-norm CLIP image and text embeddings from any transformers CLIPModel folder or hub id,
+    preprocessed by the folder's own image processor (the toy CLIP's, or ViT-L/14's)."""
+
+    def __init__(self, path: str | Path | None = None, device: "torch.device | str | None" = None):
+        import torch
+        from transformers import CLIPModel, CLIPTokenizer
+
+        from hive.zoo import TOY_CLIP
+
+        self.path = str(path or TOY_CLIP)
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        self.model = CLIPModel.from_pretrained(self.path, dtype=torch.float32).to(self.device).eval()
+        self.tokenizer = CLIPTokenizer.from_pretrained(self.path)
+        self.max_length = int(min(self.tokenizer.model_max_length,
+                                  self.model.config.text_config.max_position_embeddings))
+        size = int(self.model.config.vision_config.image_size)
+        try:
+            import transformers
+
+            proc_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+            self.processor = proc_cls.from_pretrained(self.path)
+        except OSError:  # a folder without preprocessor_config.json: CLIP's standard preprocessing
+            from hive.train_clip import image_processor
+
+            self.processor = image_processor(size)
+
+    def _unit(self, out) -> "torch.Tensor":
+        import torch
+
+        out = out if isinstance(out, torch.Tensor) else out.pooler_output
+        return torch.nn.functional.normalize(out.float(), dim=-1)
+
+    def images(self, images: list[Image.Image], batch: int = 64) -> "torch.Tensor":
+        import torch
+
+        feats = []
+        with torch.inference_mode():
+            for i in range(0, len(images), batch):
+                px = self.processor(images=[im.convert("RGB") for im in images[i:i + batch]],
+                                    return_tensors="pt").pixel_values.to(self.device)
+                feats.append(self._unit(self.model.get_image_features(pixel_values=px)).cpu())
+        return torch.cat(feats)
+
+    def texts(self, texts: list[str], batch: int = 64) -> "torch.Tensor":
+        import torch
+
+        feats = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), batch):
+                t = self.tokenizer(list(texts[i:i + batch]), padding="max_length", max_length=self.max_length,
+                                   truncation=True, return_tensors="pt").to(self.device)
+                feats.append(self._unit(self.model.get_text_features(input_ids=t.input_ids,
+                                                                     attention_mask=t.attention_mask)).cpu())
+        return torch.cat(feats)
+
+
+def clip_similarities(clip: ClipEmbedder, sources: list[Image.Image], outputs: list[Image.Image],
+                      source_captions: list[str], target_captions: list[str],
+                      source_feats: "torch.Tensor | None" = None, text_direction: "torch.Tensor | None" = None
+                      ) -> tuple[list[float], list[float]]:
+    """Per example: CLIP image similarity cos(E(source), E(output)) and directional similarity
+    cos(E(output) - E(source), T(target caption) - T(source caption)), as in InstructPix2Pix/HIVE."""
+    import torch
+
+    src = source_feats if source_feats is not None else clip.images(sources)
+    out = clip.images(outputs)
+    if text_direction is None:
+        text_direction = clip.texts(target_captions) - clip.texts(source_captions)
+    image_sim = (src * out).sum(-1)
+    direction = torch.nn.functional.cosine_similarity(out - src, text_direction, dim=-1, eps=1e-8)
+    return image_sim.tolist(), direction.tolist()
+
+
+def tradeoff_curve(model: "str | Path | Editor | None" = None, n: int = 100,
+                   image_guidances: tuple[float, ...] = TRADEOFF_IMAGE_GUIDANCES, guidance: float = DEFAULT_GUIDANCE,
+                   steps: int = DEFAULT_STEPS, seed: int = TRADEOFF_SEED_BASE, clip: "str | Path | ClipEmbedder | None" = None,
+                   batch: int = 32, progress: bool = True) -> dict:
+    """The paper's CLIP trade-off: for each image guidance, the mean CLIP image similarity (how much
+    of the source is kept) and the mean directional similarity (how far the image moved the way
+    the captions did) over `n` fresh toy edits, one variant each. The same examples and seeds at
+    every point, so the points differ only by the image guidance. Also the judge's success per
+    point, and the clean targets' own values as a reference.
+
+    `model`: pipeline folder, hub id or a loaded Editor; `clip`: any CLIPModel folder (default the
+    toy CLIP) or a loaded ClipEmbedder. Returns a JSON-able dict; `plot_tradeoff` draws it."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, not {n}")
+    if not image_guidances:
+        raise ValueError("give at least one image guidance")
+    editor = _as_editor(model)
+    embedder = clip if isinstance(clip, ClipEmbedder) else ClipEmbedder(clip)
+    started = time.time()
+    examples = [toy.sample_example(seed + k) for k in range(n)]
+    sources = [e.input_image for e in examples]
+    src_caps = [e.edit.source.caption() for e in examples]
+    tgt_caps = [e.edit.target.caption() for e in examples]
+    src_feats = embedder.images(sources)
+    direction = embedder.texts(tgt_caps) - embedder.texts(src_caps)
+    ref_img, ref_dir = clip_similarities(embedder, sources, [e.clean_image for e in examples], src_caps, tgt_caps,
+                                         src_feats, direction)
+    prompts = [editor.prompt_for(e.edit.instruction) for e in examples]
+    points = []
+    bar = tqdm(total=len(image_guidances) * n, desc="trade-off", disable=not progress)
+    for ig in image_guidances:
+        outputs: list[Image.Image] = []
+        for start in range(0, n, batch):
+            chunk = slice(start, start + batch)
+            outs = editor.sample(sources[chunk], prompts[chunk], [[seed + k] for k in range(start, min(n, start + batch))],
+                                 steps, guidance, float(ig))
+            outputs += [o[0] for o in outs]
+            bar.update(len(outs))
+        img_sim, dir_sim = clip_similarities(embedder, sources, outputs, src_caps, tgt_caps, src_feats, direction)
+        success = [toy.judge(e.input_image, e.clean_image, o).success for e, o in zip(examples, outputs)]
+        points.append({"image_guidance": float(ig), "image_similarity": float(np.mean(img_sim)),
+                       "directional_similarity": float(np.mean(dir_sim)),
+                       "image_similarity_sem": _sem(img_sim), "directional_similarity_sem": _sem(dir_sim),
+                       "success": float(np.mean(success))})
+    bar.close()
+    return {"model": editor.model, "clip": embedder.path, "n": n, "first_seed": seed, "steps": steps,
+            "guidance": guidance, "points": points,
+            "reference": {"name": "clean targets", "image_similarity": float(np.mean(ref_img)),
+                          "directional_similarity": float(np.mean(ref_dir))},
+            "seconds": round(time.time() - started, 1)}
+
+
+def _sem(values: list[float]) -> float:
+    """Standard error of the mean (0 for a single value)."""
+    a = np.asarray(values, dtype=float)
+    return float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else 0.0
+
+
+def plot_tradeoff(curves: dict[str, dict], out_png: Path, title: str | None = None) -> Path:
+    """Several models' trade-off curves on one chart: directional similarity (x) against image
+    similarity (y), one line per model with its image guidances marked; up and right is better.
+    The clean targets' reference point is drawn once (it does not depend on the model)."""
+    if not curves:
+        raise ValueError("give at least one curve to plot")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_png = Path(out_png)
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
+    try:
+        reference = None
+        for name, curve in curves.items():
+            pts = curve["points"]
+            xs = [p["directional_similarity"] for p in pts]
+            ys = [p["image_similarity"] for p in pts]
+            (line,) = ax.plot(xs, ys, marker="o", label=name)
+            for p, x, y in zip(pts, xs, ys):
+                ax.annotate(f"{p['image_guidance']:g}", (x, y), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7, color=line.get_color())
+            reference = reference or curve.get("reference")
+        if reference:
+            ax.scatter([reference["directional_similarity"]], [reference["image_similarity"]], marker="*", s=160,
+                       color="black", label=reference.get("name", "reference"), zorder=3)
+        first = next(iter(curves.values()))
+        ax.set_xlabel("CLIP directional similarity (edit follows the caption change)")
+        ax.set_ylabel("CLIP image similarity (source kept)")
+        ax.set_title(title or f"Trade-off over image guidance (text guidance {first.get('guidance', DEFAULT_GUIDANCE):g}, "
+                     f"n={first.get('n', '?')})", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_png.with_name(f".{out_png.name}.tmp")
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, out_png)
+    finally:
+        plt.close(fig)
+    return out_png
+
+
+# ---------------------------------------------------------------- blind pairwise comparison
+Z95 = 1.959963984540054
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion k/n (95% by default). Unlike the normal
+    approximation it stays inside [0, 1] and is sensible at 0 or n successes and for small n."""
+    if n <= 0:
+        return (0.0, 1.0)
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z / denom * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (float(max(0.0, centre - half)), float(min(1.0, centre + half)))
+
+
+_NOISE_CACHE: dict[tuple[float, float], float] = {}
+
+
+def default_pairwise_noise(target: float | None = None, tie_margin: float | None = None) -> float:
+    """The simulated annotators' noise for blind comparisons: calibrated once (per process) on
+    editor-free stand-in pairs (clean, unchanged and corrupted targets), so it does not depend on
+    the two editors being compared and results are comparable across comparisons."""
+    from hive.simulate import DEFAULT_TARGET_AGREEMENT, DEFAULT_TIE_MARGIN, calibrate_noise, toy_variant_qualities
+
+    target = DEFAULT_TARGET_AGREEMENT if target is None else target
+    tie_margin = DEFAULT_TIE_MARGIN if tie_margin is None else tie_margin
+    key = (target, tie_margin)
+    if key not in _NOISE_CACHE:
+        _NOISE_CACHE[key] = calibrate_noise(toy_variant_qualities(100, 2), target, tie_margin)
+    return _NOISE_CACHE[key]
+
+
+def blind_pairwise(model_a: "str | Path | Editor | None", model_b: "str | Path | Editor | None", n: int = 300,
+                   annotators: int = 3, seed: int = PAIRWISE_SEED_BASE, steps: int = DEFAULT_STEPS,
+                   guidance: float = DEFAULT_GUIDANCE, image_guidance: float = DEFAULT_IMAGE_GUIDANCE,
+                   noise: float | None = None, tie_margin: float | None = None, batch: int = 32,
+                   out: Path | None = None, progress: bool = True) -> dict:
+    """A blind A/B user study with simulated annotators, as in the paper.
+
+    Both editors edit the same `n` fresh toy inputs with the same seed. For each input a coin
+    decides which output is shown on the left; each of `annotators` simulated annotators ranks
+    (left, right) by the judge's quality plus noise (hive.simulate.noisy_ranks; close scores tie)
+    without knowing which model made which. Votes are then mapped back to A and B; an input is a
+    win for A when more annotators preferred A than B, a loss when fewer, a tie otherwise.
+
+    Returns win / tie / loss counts and rates from A's side, with 95% Wilson score intervals
+    (inputs are the independent trials; the per-annotator votes are reported too). With `out`,
+    every trial (side shown, votes, outcome) goes to OUT/trials.jsonl and the result to
+    OUT/report.json."""
+    from hive.simulate import DEFAULT_TIE_MARGIN, noisy_ranks, quality
+
+    if n < 1 or annotators < 1:
+        raise ValueError(f"need n >= 1 and annotators >= 1, got n={n}, annotators={annotators}")
+    tie_margin = DEFAULT_TIE_MARGIN if tie_margin is None else float(tie_margin)
+    if noise is None:
+        noise = default_pairwise_noise(tie_margin=tie_margin)
+    if noise < 0:
+        raise ValueError("noise must be >= 0")
+    editor_a = _as_editor(model_a)
+    if isinstance(model_b, Editor):
+        editor_b = model_b
+    else:  # the same folder twice is loaded once
+        from hive.editor import default_model
+
+        editor_b = editor_a if str(model_b or default_model()) == editor_a.model else Editor(model_b)
+    started = time.time()
+    examples = [toy.sample_example(seed + k) for k in range(n)]
+    rng = np.random.default_rng([seed, 31337])
+    a_left = rng.random(n) < 0.5
+    wins = ties = losses = 0
+    votes = {"a": 0, "b": 0, "tie": 0}
+    trials = []
+    for start in tqdm(range(0, n, batch), desc="blind pairwise", disable=not progress):
+        chunk = examples[start:start + batch]
+        seeds = [[seed + start + j] for j in range(len(chunk))]
+        outs_a = editor_a.sample([e.input_image for e in chunk], [editor_a.prompt_for(e.edit.instruction) for e in chunk],
+                                 seeds, steps, guidance, image_guidance)
+        outs_b = editor_b.sample([e.input_image for e in chunk], [editor_b.prompt_for(e.edit.instruction) for e in chunk],
+                                 seeds, steps, guidance, image_guidance)
+        for j, (e, oa, ob) in enumerate(zip(chunk, outs_a, outs_b)):
+            k = start + j
+            # What the annotators see: two images in a random order, nothing about their makers.
+            left, right = (oa[0], ob[0]) if a_left[k] else (ob[0], oa[0])
+            q = np.array([quality(toy.judge(e.input_image, e.clean_image, im)) for im in (left, right)])
+            side_votes = {"left": 0, "right": 0, "tie": 0}
+            for _ in range(annotators):
+                r_left, r_right = noisy_ranks(q, noise, rng, tie_margin)
+                side_votes["left" if r_left < r_right else "right" if r_right < r_left else "tie"] += 1
+            # Un-shuffle: map sides back to the models.
+            va = side_votes["left"] if a_left[k] else side_votes["right"]
+            vb = side_votes["right"] if a_left[k] else side_votes["left"]
+            votes["a"] += va
+            votes["b"] += vb
+            votes["tie"] += side_votes["tie"]
+            outcome = "win" if va > vb else "loss" if vb > va else "tie"
+            wins, ties, losses = wins + (outcome == "win"), ties + (outcome == "tie"), losses + (outcome == "loss")
+            trials.append({"id": e.id, "kind": e.edit.kind, "a_shown_left": bool(a_left[k]), "votes_a": va,
+                           "votes_b": vb, "votes_tie": side_votes["tie"], "outcome": outcome})
+    per_kind = {}
+    for kind in toy.EDIT_KINDS:
+        ks = [t for t in trials if t["kind"] == kind]
+        if ks:
+            per_kind[kind] = {"n": len(ks), **{o: sum(t["outcome"] == o for t in ks) for o in ("win", "tie", "loss")}}
+    report = {
+        "model_a": editor_a.model, "model_b": editor_b.model, "n": n, "annotators": annotators,
+        "noise": float(noise), "tie_margin": tie_margin, "first_seed": seed, "steps": steps, "guidance": guidance,
+        "image_guidance": image_guidance,
+        "wins": wins, "ties": ties, "losses": losses,
+        "win_rate": wins / n, "tie_rate": ties / n, "loss_rate": losses / n,
+        "ci_method": "wilson", "ci_level": 0.95,
+        "win_ci": list(wilson_interval(wins, n)), "tie_ci": list(wilson_interval(ties, n)),
+        "loss_ci": list(wilson_interval(losses, n)),
+        "votes": votes, "a_shown_left": int(a_left.sum()), "per_kind": per_kind,
+        "seconds": round(time.time() - started, 1),
+    }
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_jsonl_atomic(out / "trials.jsonl", trials)
+        write_json_atomic(out / "report.json", report)
+    return report
