@@ -45,6 +45,22 @@ def random_crops(x: torch.Tensor, crop: int, step: int) -> torch.Tensor:
     return torch.stack([x[i, :, ys[i]:ys[i] + crop, xs[i]:xs[i] + crop] for i in range(n)])
 
 
+def recon_judge_pass(vae, n: int = 200, seed: int = 950_000_000, size: int = toy.DEFAULT_SIZE) -> float:
+    """Share of fresh clean edit targets whose reconstruction the judge accepts as that edit: an
+    upper bound on the success of any editor that decodes through this autoencoder."""
+    examples = [toy.sample_example(seed + k, size=size) for k in range(n)]
+    ok = 0
+    with torch.no_grad():
+        for start in range(0, n, 50):
+            chunk = examples[start:start + 50]
+            x = torch.from_numpy(np.stack([np.asarray(e.clean_image) for e in chunk])).permute(0, 3, 1, 2)
+            x = x.float().to(vae.device) / 127.5 - 1
+            recon = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+            images = ((recon + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+            ok += sum(toy.judge(e.input_image, e.clean_image, im).success for e, im in zip(chunk, images))
+    return ok / n
+
+
 def train_vae(out: Path, steps: int = 1200, batch_size: int = 64, lr: float = 1e-3,
               kl_weight: float = 1e-6, size: int = toy.DEFAULT_SIZE, crop: int | None = 32,
               checkpoint_every: int = 250, init: Path | None = None, decoder_only: bool = False,
@@ -102,5 +118,6 @@ def train_vae(out: Path, steps: int = 1200, batch_size: int = 64, lr: float = 1e
         l1 = (model.decode(model.encode(x).latent_dist.mode()).sample.clamp(-1, 1) - x).abs().mean().item() / 2
     if accelerator.is_main_process:
         model.save_pretrained(out / "model")
-        (out / "model" / "metrics.json").write_text(json.dumps({"recon_l1_01": l1, "steps": steps}, indent=2))
+        metrics = {"recon_l1_01": l1, "recon_judge_pass": recon_judge_pass(model), "steps": steps}
+        (out / "model" / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return out / "model"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import torch
 from diffusers import AutoencoderKL
@@ -49,3 +50,26 @@ def test_decoder_only_training_keeps_the_latent_space(tmp_path):
     for (name, p), q in zip(a.encoder.named_parameters(), b.encoder.parameters()):
         assert torch.equal(p, q), name
     assert any(not torch.equal(p, q) for p, q in zip(a.decoder.parameters(), b.decoder.parameters()))
+
+
+class _IdentityAutoencoder:
+    """Stands in for a perfect autoencoder (or, with `shift`, one that tints every colour)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, shift: float = 0.0):
+        self.shift = shift
+
+    def encode(self, x):
+        mode = lambda: x  # noqa: E731
+        return types.SimpleNamespace(latent_dist=types.SimpleNamespace(mode=mode))
+
+    def decode(self, z):
+        return types.SimpleNamespace(sample=z + self.shift)
+
+
+def test_recon_judge_pass_is_one_for_a_perfect_autoencoder_and_zero_for_a_tinted_one():
+    from hive.train_vae import recon_judge_pass
+
+    assert recon_judge_pass(_IdentityAutoencoder(), n=20) == 1.0
+    assert recon_judge_pass(_IdentityAutoencoder(shift=0.6), n=20) == 0.0  # ~75 RGB units off everywhere
