@@ -476,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairwise-n", type=int, default=None, help="inputs of the blind comparison (default: --n)")
     p.add_argument("--annotators", type=int, default=3, help="simulated annotators per blind comparison input")
     p.add_argument("--annotator-noise", type=float, default=None, help="simulated annotators' noise (default: "
-                   "calibrated once on editor-free stand-in pairs to 72%% agreement with the true order)")
+                   "hive.evaluate.PAIRWISE_NOISE, one annotator agrees with the true order on 72%% of pairs)")
     p.add_argument("--json", action="store_true")
     sampling_args(p)
     p.set_defaults(func=cmd_evaluate)

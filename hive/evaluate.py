@@ -321,21 +321,19 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     return (float(max(0.0, centre - half)), float(min(1.0, centre + half)))
 
 
-_NOISE_CACHE: dict[tuple[float, float], float] = {}
+# The simulated annotators' noise for blind comparisons: `calibrate_noise` (hive.simulate) on the
+# editor-free stand-in pairs `toy_variant_qualities(100, 2)` at the default 72% agreement and tie
+# margin gives 0.4897. Fixed here (calibrating takes seconds) so that results do not depend on the
+# two editors compared and stay comparable across comparisons; `calibrated_pairwise_noise` redoes it.
+PAIRWISE_NOISE = 0.4897
 
 
-def default_pairwise_noise(target: float | None = None, tie_margin: float | None = None) -> float:
-    """The simulated annotators' noise for blind comparisons: calibrated once (per process) on
-    editor-free stand-in pairs (clean, unchanged and corrupted targets), so it does not depend on
-    the two editors being compared and results are comparable across comparisons."""
+def calibrated_pairwise_noise(n: int = 100, target: float | None = None, tie_margin: float | None = None) -> float:
+    """Recalibrate PAIRWISE_NOISE on `n` stand-in pairs (clean, unchanged and corrupted targets)."""
     from hive.simulate import DEFAULT_TARGET_AGREEMENT, DEFAULT_TIE_MARGIN, calibrate_noise, toy_variant_qualities
 
-    target = DEFAULT_TARGET_AGREEMENT if target is None else target
-    tie_margin = DEFAULT_TIE_MARGIN if tie_margin is None else tie_margin
-    key = (target, tie_margin)
-    if key not in _NOISE_CACHE:
-        _NOISE_CACHE[key] = calibrate_noise(toy_variant_qualities(100, 2), target, tie_margin)
-    return _NOISE_CACHE[key]
+    return calibrate_noise(toy_variant_qualities(n, 2), DEFAULT_TARGET_AGREEMENT if target is None else target,
+                           DEFAULT_TIE_MARGIN if tie_margin is None else tie_margin)
 
 
 def blind_pairwise(model_a: "str | Path | Editor | None", model_b: "str | Path | Editor | None", n: int = 300,
@@ -347,7 +345,8 @@ def blind_pairwise(model_a: "str | Path | Editor | None", model_b: "str | Path |
 
     Both editors edit the same `n` fresh toy inputs with the same seed. For each input a coin
     decides which output is shown on the left; each of `annotators` simulated annotators ranks
-    (left, right) by the judge's quality plus noise (hive.simulate.noisy_ranks; close scores tie)
+    (left, right) by the judge's quality plus noise (hive.simulate.noisy_ranks; close scores tie;
+    default noise PAIRWISE_NOISE: one annotator agrees with the true order on 72% of pairs)
     without knowing which model made which. Votes are then mapped back to A and B; an input is a
     win for A when more annotators preferred A than B, a loss when fewer, a tie otherwise.
 
@@ -361,7 +360,7 @@ def blind_pairwise(model_a: "str | Path | Editor | None", model_b: "str | Path |
         raise ValueError(f"need n >= 1 and annotators >= 1, got n={n}, annotators={annotators}")
     tie_margin = DEFAULT_TIE_MARGIN if tie_margin is None else float(tie_margin)
     if noise is None:
-        noise = default_pairwise_noise(tie_margin=tie_margin)
+        noise = PAIRWISE_NOISE
     if noise < 0:
         raise ValueError("noise must be >= 0")
     editor_a = _as_editor(model_a)

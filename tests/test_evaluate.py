@@ -201,3 +201,12 @@ def test_cli_evaluate_refuses_a_missing_model(tmp_path, capsys):
 
     assert main(["evaluate", "--model", str(tmp_path / "nope"), "--n", "1", "--json"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_default_annotator_noise_gives_about_72_percent_agreement():
+    """PAIRWISE_NOISE is a stored calibration: check it on a fresh, smaller set of stand-in pairs."""
+    from hive.evaluate import PAIRWISE_NOISE
+    from hive.simulate import expected_agreement, toy_variant_qualities
+
+    qualities = toy_variant_qualities(40, 2, seed=77_000)
+    assert expected_agreement(qualities, PAIRWISE_NOISE, repeats=50) == pytest.approx(0.72, abs=0.04)
