@@ -25,9 +25,10 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -129,7 +130,10 @@ NOT_OBJECTS = {"it", "them", "this", "that", "everything", "all", "the image", "
                "picture", "photo", "the background", "background", "the scene", "the painting", "the style"}
 _PLACE = re.compile(r"\s+(to|into|onto|on|in|at|from|next to|beside|behind|under|above|near|off)\s+(the\s.+|a\s.+|an\s.+"
                     r"|his\s.+|her\s.+|their\s.+|its\s.+|top\b.*|bottom\b.*|left\b.*|right\b.*|center\b.*)$")
-_VERB_RE = lambda verbs: "|".join(re.escape(v) for v in sorted(verbs, key=len, reverse=True))  # noqa: E731
+
+
+def _VERB_RE(verbs: tuple[str, ...]) -> str:
+    return "|".join(re.escape(v) for v in sorted(verbs, key=len, reverse=True))  # longest first
 
 
 def _clean(text: str) -> str:

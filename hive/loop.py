@@ -27,9 +27,10 @@ import hashlib
 import json
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from hive.files import write_json_atomic
 
@@ -60,6 +61,7 @@ DEFAULTS: dict[str, Any] = {
     # evaluation
     "evaluate": "toy",  # "toy" (judge + blind pairwise on fresh toy edits) or "none"
     "eval_n": 100, "eval_steps": 20, "eval_batch": 16, "pairwise_n": None,  # None: eval_n
+    "tradeoff_n": 0,  # > 0: also the CLIP trade-off curves of both editors on this many edits (slow)
 }
 
 
@@ -95,8 +97,8 @@ def normalise(config: dict | None) -> dict:
                 raise LoopError(f"{key}: {cfg[key]} does not exist")
     if cfg["data"] is not None and not (Path(cfg["data"]) / "metadata.jsonl").exists():
         raise LoopError(f"data: {cfg['data']} has no metadata.jsonl")
-    if not cfg["train_reward"] and cfg["reward"] is None:
-        pass  # the promoted reward model is used; checked when the stage runs
+    if not isinstance(cfg["tradeoff_n"], int) or cfg["tradeoff_n"] < 0:
+        raise LoopError(f"tradeoff_n must be a whole number >= 0, not {cfg['tradeoff_n']!r}")
     return cfg
 
 
@@ -402,7 +404,13 @@ def stage_reward(rnd: Round) -> dict:
 
 def stage_data(rnd: Round) -> dict:
     from hive import toy
-    from hive.finetune import build_examples, examples_to_jsonl, prepare, read_model_info, rewards_for
+    from hive.finetune import (
+        build_examples,
+        examples_to_jsonl,
+        prepare,
+        read_model_info,
+        rewards_for,
+    )
 
     cfg = rnd.cfg
     if cfg["data"] is not None:
@@ -471,13 +479,14 @@ def stage_evaluate(rnd: Round) -> dict:
     if cfg["evaluate"] == "none":
         return {"skipped": True}
     from hive import evaluate as ev
+    from hive.editor import Editor
 
-    cand = rnd.state["stages"]["finetune"]["path"]
-    base = rnd.state["base"]["path"]
+    cand_path = rnd.state["stages"]["finetune"]["path"]
+    cand, base = Editor(cand_path), Editor(rnd.state["base"]["path"])  # each loaded once
     n, steps, batch = cfg["eval_n"], cfg["eval_steps"], cfg["eval_batch"]
     rnd.log(f"judging candidate and serving editor on {n} fresh toy edits ({steps} steps)")
-    c = ev.evaluate_toy(cand, n=n, steps=steps, batch=batch, out=rnd.work / "eval" / "candidate")
-    b = ev.evaluate_toy(base, n=n, steps=steps, batch=batch, out=rnd.work / "eval" / "serving")
+    c = ev.evaluate_toy(n=n, steps=steps, batch=batch, out=rnd.work / "eval" / "candidate", editor=cand)
+    b = ev.evaluate_toy(n=n, steps=steps, batch=batch, out=rnd.work / "eval" / "serving", editor=base)
     metrics: dict[str, Any] = {
         "toy_success": c["success"], "serving_toy_success": b["success"],
         "toy_success_delta": c["success"] - b["success"], "toy_eval_n": n, "toy_eval_steps": steps,
@@ -491,10 +500,22 @@ def stage_evaluate(rnd: Round) -> dict:
         metrics["pairwise_vs_serving"] = None
     else:
         pn = cfg["pairwise_n"] or n
-        res = _call_with_supported(pairwise, cand, base, pn, steps=steps, batch=batch,
-                                   out=rnd.work / "eval" / "pairwise")
-        metrics["pairwise_vs_serving"] = _jsonable(res)
-        rnd.log(f"blind pairwise vs serving on {pn} edits: {metrics['pairwise_vs_serving']}")
+        res = _jsonable(_call_with_supported(pairwise, cand, base, pn, steps=steps, batch=batch,
+                                             out=rnd.work / "eval" / "pairwise"))
+        metrics["pairwise_vs_serving"] = res
+        if isinstance(res, dict) and "wins" in res:
+            rnd.log(f"blind pairwise vs serving on {pn} edits: {res['wins']} wins, {res.get('ties')} ties, "
+                    f"{res.get('losses')} losses")
+    if cfg["tradeoff_n"]:
+        curve, plot = getattr(ev, "tradeoff_curve", None), getattr(ev, "plot_tradeoff", None)
+        if curve is None or plot is None:
+            rnd.log("trade-off curve skipped: hive.evaluate.tradeoff_curve is not available")
+        else:
+            curves = {"candidate": _call_with_supported(curve, cand, n=cfg["tradeoff_n"], steps=steps, batch=batch),
+                      "serving": _call_with_supported(curve, base, n=cfg["tradeoff_n"], steps=steps, batch=batch)}
+            png = plot(curves, rnd.work / "eval" / "tradeoff.png")
+            write_json_atomic(rnd.work / "eval" / "tradeoff.json", _jsonable(curves))
+            metrics["tradeoff"] = {"plot": str(png), **{k: v.get("points") for k, v in curves.items()}}
     return metrics
 
 

@@ -12,8 +12,18 @@ import numpy as np
 import pytest
 
 from hive import toy
-from hive.finetune import (Example, ExampleTriplets, FinetuneConfig, fit_quantiser, inverse_examples,
-                           invert_instruction, level_suffix, prepare, reward_weights, run_finetune)
+from hive.finetune import (
+    Example,
+    ExampleTriplets,
+    FinetuneConfig,
+    fit_quantiser,
+    inverse_examples,
+    invert_instruction,
+    level_suffix,
+    prepare,
+    reward_weights,
+    run_finetune,
+)
 from tests.db_fixtures import HiveEnv, hive, hive_factory  # noqa: F401  (fixtures)
 
 TOP = ", image quality is five out of five"
