@@ -148,7 +148,7 @@ def test_a_round_without_rankings_or_reward_model_fails_clearly(served, hive):
 def test_promote_and_rollback_from_the_command_line(served, hive, tiny_pipeline, capsys):
     from hive.cli import main
 
-    folder, served_id = served
+    _, served_id = served
     other = hive.home / "models" / "editor" / "v2"
     shutil.copytree(tiny_pipeline, other)
     v2 = registry.register("editor", "v2", other, parent_id=served_id, metrics={"toy_success": 0.5})
