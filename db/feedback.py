@@ -670,7 +670,7 @@ def record_comparison(
     seconds: float | None = None,
     submission_key: str | None = None,
 ) -> Comparison:
-    """Store one blind A/B vote ("a", "b" or "tie"); a repeated submission key is not duplicated."""
+    """Store one blind A/B vote ("a", "b", "tie" or "both_bad"); a repeated submission key is not duplicated."""
     voter = _get(session, User, voter_id, "voter")
     if voter.role not in RANKER_ROLES:
         raise FeedbackError(f"user {voter.name!r} is a {voter.role}; only annotators vote")

@@ -35,7 +35,7 @@ ROLES = ("visitor", "annotator", "admin")
 MODEL_KINDS = ("editor", "reward")
 MODEL_STATUSES = ("candidate", "promoted", "retired")
 RUN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-CHOICES = ("a", "b", "tie")
+CHOICES = ("a", "b", "tie", "both_bad")  # both_bad: neither output is acceptable (not a tie of two good ones)
 RATING_DIMENSIONS = ("instruction_following", "preservation", "quality")
 RATING_MIN, RATING_MAX = 1, 5
 

@@ -295,20 +295,22 @@ def annotator_stats(session: Session) -> pd.DataFrame:
 
 
 def comparison_summary(session: Session) -> pd.DataFrame:
-    """Blind A/B results per pair of model versions (lower id first): wins, ties, win rate."""
-    rows: dict[tuple[int, int], list[int]] = defaultdict(lambda: [0, 0, 0])
+    """Blind A/B results per pair of model versions (lower id first): wins, ties, "both bad"
+    votes (neither wins; kept apart from ties), the number of votes and version 1's win rate."""
+    rows: dict[tuple[int, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     for a, b, choice in session.execute(
         select(Comparison.version_a_id, Comparison.version_b_id, Comparison.choice)
     ):
         lo, hi = sorted((a, b))
         winner = {"a": a, "b": b}.get(choice)
-        rows[(lo, hi)][0 if winner == lo else 1 if winner == hi else 2] += 1
+        slot = 0 if winner == lo else 1 if winner == hi else 3 if choice == "both_bad" else 2
+        rows[(lo, hi)][slot] += 1
     data = [
-        (lo, hi, wl, wh, t, wl + wh + t, wl / (wl + wh + t))
-        for (lo, hi), (wl, wh, t) in sorted(rows.items())
+        (lo, hi, wl, wh, t, bad, wl + wh + t + bad, wl / (wl + wh + t + bad))
+        for (lo, hi), (wl, wh, t, bad) in sorted(rows.items())
     ]
     return pd.DataFrame(
-        data, columns=["version_1", "version_2", "wins_1", "wins_2", "ties", "n", "win_rate_1"]
+        data, columns=["version_1", "version_2", "wins_1", "wins_2", "ties", "both_bad", "n", "win_rate_1"]
     )
 
 
