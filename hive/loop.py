@@ -677,8 +677,26 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    from hive.experiment import run_paper
+
+    try:
+        report = run_paper(Path(args.out), args.scale, base=args.base, clip=args.clip,
+                           docs=Path(args.docs) if args.docs else None)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        return _err(str(e))
+    summary = {"out": str(Path(args.out).resolve()), "success": report["success"], "gap_closed": report["gap_closed"],
+               "pairwise_vs_baseline": {k: {x: v[x] for x in ("win_rate", "tie_rate", "loss_rate", "win_ci", "loss_ci")}
+                                        for k, v in report["pairwise_vs_baseline"].items()}}
+    if args.json:
+        _print_json(summary)
+    else:
+        print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
 def add_commands(sub) -> None:
-    """`finetune`, `loop`, `promote`, `rollback` and `models` for `python -m hive`."""
+    """`finetune`, `loop`, `promote`, `rollback`, `models` and `experiment` for `python -m hive`."""
     import argparse
 
     p = sub.add_parser("finetune", help="fine-tune an editor with the reward (condition | weighted, + cycle)",
@@ -738,6 +756,20 @@ def add_commands(sub) -> None:
         p.add_argument("--kind", choices=["editor", "reward"], default="editor")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=fn)
+
+    p = sub.add_parser("experiment", help="the paper's experiment on the toy world (report + pictures)")
+    ex = p.add_subparsers(dest="experiment_command", required=True, metavar="WHICH")
+    q = ex.add_parser("paper", help="noisy SFT baseline, simulated rankings, reward, HIVE condition/weighted, "
+                      "ablations (cycle, data %), evaluation, report", description="See hive/experiment.py. Steps "
+                      "that finished are skipped when rerun with the same --out.")
+    q.add_argument("--scale", choices=["tiny", "full"], default="tiny", help="tiny: seconds (a test); full: hours")
+    q.add_argument("--out", required=True, help="experiment folder (own feedback store under OUT/home)")
+    q.add_argument("--base", default=None, help="pipeline the baseline starts from (default: the toy editor; "
+                   "its UNet is re-initialised at full scale)")
+    q.add_argument("--clip", default=None, help="CLIP folder: reward backbone and trade-off metric (default: toy CLIP)")
+    q.add_argument("--docs", default=None, help="also copy report.md and the pictures to this folder (e.g. docs/paper)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("models", help="list the registered model versions")
     p.add_argument("--kind", choices=["editor", "reward"], default=None)
