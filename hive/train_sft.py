@@ -46,12 +46,16 @@ class SFTConfig:
     change_weight: float = 0.0
 
 
-def expand_conv_in(unet: UNet2DConditionModel, in_channels: int = 8) -> UNet2DConditionModel:
-    """Give a text-to-image UNet the extra source-latent input channels, zero-initialised, as
-    InstructPix2Pix does: at step 0 the model is exactly the text-to-image model."""
+def expand_conv_in(unet: UNet2DConditionModel, in_channels: int | None = None) -> UNet2DConditionModel:
+    """Give a text-to-image UNet the extra source-latent input channels (default: as many as it has
+    latent channels), zero-initialised, as InstructPix2Pix does: at step 0 the model is exactly the
+    text-to-image model. An editing UNet is returned as it is."""
     old = unet.conv_in
+    in_channels = in_channels if in_channels is not None else 2 * unet.config.out_channels
     if old.in_channels == in_channels:
         return unet
+    if old.in_channels > in_channels:
+        raise ValueError(f"the UNet already takes {old.in_channels} input channels, more than {in_channels}")
     new = torch.nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding)
     with torch.no_grad():
         new.weight.zero_()
