@@ -185,3 +185,29 @@ def test_new_models_never_go_into_a_registered_folder(served, hive, tiny_pipelin
         registry.publish(tiny_pipeline, "editor", "cand")
     with pytest.raises(registry.RegistryError, match="already registered"):
         registry.register("editor", "cand", folder)
+
+
+def test_the_app_runs_a_loop_round_as_a_background_job(tiny_clip, hive, tiny_pipeline):
+    """hive_app.jobs offers `loop_round` once hive.loop exists and records what the round produced."""
+    jobs = pytest.importorskip("hive_app.jobs")
+    from hive_app.config import AppConfig
+    from hive_app.service import HiveService
+
+    served = hive.home / "served-editor"
+    shutil.copytree(tiny_pipeline, served)
+    svc = HiveService(AppConfig(model=str(served), explicit_model=True), store=hive.store)
+    simulate_rankings(hive, 3)
+    before = digest(served)
+    assert "loop_round" in jobs.job_kinds()
+    run_id = jobs.submit_job("loop_round", tiny_config(tiny_clip, evaluate="none", method="weighted"))
+    assert jobs.JobWorker(svc).run_one()
+    with session_scope(hive.url, write=False) as s:
+        job = s.get(TrainingRun, run_id)
+        assert job.status == "succeeded", job.error
+        cand = s.get(ModelVersion, job.produced_version_id)
+        loop_run = s.query(TrainingRun).filter_by(kind="loop").one()
+    assert cand.kind == "editor" and cand.status == "candidate" and cand.parent_id == svc.served
+    assert loop_run.status == "succeeded" and loop_run.produced_version_id == cand.id
+    text = jobs.read_log(job)
+    assert "PROGRESS 6/6" in text and "registered" in text
+    assert digest(served) == before and svc.editor_version().id == svc.served  # still serving the same editor
