@@ -122,7 +122,7 @@ TRADEOFF_SEED_BASE = EVAL_SEED_BASE + 100_000
 PAIRWISE_SEED_BASE = EVAL_SEED_BASE + 200_000
 
 
-def _as_editor(model: "str | Path | Editor | None") -> Editor:
+def _as_editor(model: str | Path | Editor | None) -> Editor:
     return model if isinstance(model, Editor) else Editor(model)
 
 
@@ -130,7 +130,7 @@ class ClipEmbedder:
     """Unit-norm CLIP image and text embeddings from any transformers CLIPModel folder or hub id,
     preprocessed by the folder's own image processor (the toy CLIP's, or ViT-L/14's)."""
 
-    def __init__(self, path: str | Path | None = None, device: "torch.device | str | None" = None):
+    def __init__(self, path: str | Path | None = None, device: torch.device | str | None = None):
         import torch
         from transformers import CLIPModel, CLIPTokenizer
 
@@ -154,13 +154,13 @@ class ClipEmbedder:
 
             self.processor = image_processor(size)
 
-    def _unit(self, out) -> "torch.Tensor":
+    def _unit(self, out) -> torch.Tensor:
         import torch
 
         out = out if isinstance(out, torch.Tensor) else out.pooler_output
         return torch.nn.functional.normalize(out.float(), dim=-1)
 
-    def images(self, images: list[Image.Image], batch: int = 64) -> "torch.Tensor":
+    def images(self, images: list[Image.Image], batch: int = 64) -> torch.Tensor:
         import torch
 
         feats = []
@@ -171,7 +171,7 @@ class ClipEmbedder:
                 feats.append(self._unit(self.model.get_image_features(pixel_values=px)).cpu())
         return torch.cat(feats)
 
-    def texts(self, texts: list[str], batch: int = 64) -> "torch.Tensor":
+    def texts(self, texts: list[str], batch: int = 64) -> torch.Tensor:
         import torch
 
         feats = []
@@ -186,7 +186,7 @@ class ClipEmbedder:
 
 def clip_similarities(clip: ClipEmbedder, sources: list[Image.Image], outputs: list[Image.Image],
                       source_captions: list[str], target_captions: list[str],
-                      source_feats: "torch.Tensor | None" = None, text_direction: "torch.Tensor | None" = None
+                      source_feats: torch.Tensor | None = None, text_direction: torch.Tensor | None = None
                       ) -> tuple[list[float], list[float]]:
     """Per example: CLIP image similarity cos(E(source), E(output)) and directional similarity
     cos(E(output) - E(source), T(target caption) - T(source caption)), as in InstructPix2Pix/HIVE."""
@@ -201,9 +201,9 @@ def clip_similarities(clip: ClipEmbedder, sources: list[Image.Image], outputs: l
     return image_sim.tolist(), direction.tolist()
 
 
-def tradeoff_curve(model: "str | Path | Editor | None" = None, n: int = 100,
+def tradeoff_curve(model: str | Path | Editor | None = None, n: int = 100,
                    image_guidances: tuple[float, ...] = TRADEOFF_IMAGE_GUIDANCES, guidance: float = DEFAULT_GUIDANCE,
-                   steps: int = DEFAULT_STEPS, seed: int = TRADEOFF_SEED_BASE, clip: "str | Path | ClipEmbedder | None" = None,
+                   steps: int = DEFAULT_STEPS, seed: int = TRADEOFF_SEED_BASE, clip: str | Path | ClipEmbedder | None = None,
                    batch: int = 32, progress: bool = True) -> dict:
     """The paper's CLIP trade-off: for each image guidance, the mean CLIP image similarity (how much
     of the source is kept) and the mean directional similarity (how far the image moved the way
@@ -259,10 +259,37 @@ def _sem(values: list[float]) -> float:
     return float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else 0.0
 
 
+def draw_tradeoff(ax, curves: dict[str, dict], title: str | None = None) -> None:
+    """Draw trade-off curves on a matplotlib Axes (the CLI's PNG and the app's dashboard share it):
+    directional similarity (x) against image similarity (y), one line per model with its image
+    guidances marked; up and right is better. The clean targets' reference point is drawn once
+    (it does not depend on the model)."""
+    if not curves:
+        raise ValueError("give at least one curve to plot")
+    reference = None
+    for name, curve in curves.items():
+        pts = curve["points"]
+        xs = [p["directional_similarity"] for p in pts]
+        ys = [p["image_similarity"] for p in pts]
+        (line,) = ax.plot(xs, ys, marker="o", label=name)
+        for p, x, y in zip(pts, xs, ys):
+            ax.annotate(f"{p['image_guidance']:g}", (x, y), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7, color=line.get_color())
+        reference = reference or curve.get("reference")
+    if reference:
+        ax.scatter([reference["directional_similarity"]], [reference["image_similarity"]], marker="*", s=160,
+                   color="black", label=reference.get("name", "reference"), zorder=3)
+    first = next(iter(curves.values()))
+    ax.set_xlabel("CLIP directional similarity (edit follows the caption change)")
+    ax.set_ylabel("CLIP image similarity (source kept)")
+    ax.set_title(title or f"Trade-off over image guidance (text guidance {first.get('guidance', DEFAULT_GUIDANCE):g}, "
+                 f"n={first.get('n', '?')})", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def plot_tradeoff(curves: dict[str, dict], out_png: Path, title: str | None = None) -> Path:
-    """Several models' trade-off curves on one chart: directional similarity (x) against image
-    similarity (y), one line per model with its image guidances marked; up and right is better.
-    The clean targets' reference point is drawn once (it does not depend on the model)."""
+    """Several models' trade-off curves on one chart, written (atomically) to `out_png`."""
     if not curves:
         raise ValueError("give at least one curve to plot")
     import matplotlib
@@ -273,26 +300,7 @@ def plot_tradeoff(curves: dict[str, dict], out_png: Path, title: str | None = No
     out_png = Path(out_png)
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
     try:
-        reference = None
-        for name, curve in curves.items():
-            pts = curve["points"]
-            xs = [p["directional_similarity"] for p in pts]
-            ys = [p["image_similarity"] for p in pts]
-            (line,) = ax.plot(xs, ys, marker="o", label=name)
-            for p, x, y in zip(pts, xs, ys):
-                ax.annotate(f"{p['image_guidance']:g}", (x, y), textcoords="offset points", xytext=(4, 4),
-                            fontsize=7, color=line.get_color())
-            reference = reference or curve.get("reference")
-        if reference:
-            ax.scatter([reference["directional_similarity"]], [reference["image_similarity"]], marker="*", s=160,
-                       color="black", label=reference.get("name", "reference"), zorder=3)
-        first = next(iter(curves.values()))
-        ax.set_xlabel("CLIP directional similarity (edit follows the caption change)")
-        ax.set_ylabel("CLIP image similarity (source kept)")
-        ax.set_title(title or f"Trade-off over image guidance (text guidance {first.get('guidance', DEFAULT_GUIDANCE):g}, "
-                     f"n={first.get('n', '?')})", fontsize=10)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        draw_tradeoff(ax, curves, title)
         fig.tight_layout()
         out_png.parent.mkdir(parents=True, exist_ok=True)
         tmp = out_png.with_name(f".{out_png.name}.tmp")
@@ -330,13 +338,18 @@ PAIRWISE_NOISE = 0.4897
 
 def calibrated_pairwise_noise(n: int = 100, target: float | None = None, tie_margin: float | None = None) -> float:
     """Recalibrate PAIRWISE_NOISE on `n` stand-in pairs (clean, unchanged and corrupted targets)."""
-    from hive.simulate import DEFAULT_TARGET_AGREEMENT, DEFAULT_TIE_MARGIN, calibrate_noise, toy_variant_qualities
+    from hive.simulate import (
+        DEFAULT_TARGET_AGREEMENT,
+        DEFAULT_TIE_MARGIN,
+        calibrate_noise,
+        toy_variant_qualities,
+    )
 
     return calibrate_noise(toy_variant_qualities(n, 2), DEFAULT_TARGET_AGREEMENT if target is None else target,
                            DEFAULT_TIE_MARGIN if tie_margin is None else tie_margin)
 
 
-def blind_pairwise(model_a: "str | Path | Editor | None", model_b: "str | Path | Editor | None", n: int = 300,
+def blind_pairwise(model_a: str | Path | Editor | None, model_b: str | Path | Editor | None, n: int = 300,
                    annotators: int = 3, seed: int = PAIRWISE_SEED_BASE, steps: int = DEFAULT_STEPS,
                    guidance: float = DEFAULT_GUIDANCE, image_guidance: float = DEFAULT_IMAGE_GUIDANCE,
                    noise: float | None = None, tie_margin: float | None = None, batch: int = 32,

@@ -4,7 +4,6 @@ the CLIP trade-off metrics on known outputs, and the trade-off plot."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import numpy as np
 import pytest
