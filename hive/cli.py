@@ -79,7 +79,8 @@ def cmd_train_editor(args: argparse.Namespace) -> int:
     config = SFTConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                        ema_decay=None if args.no_ema else args.ema_decay, mixed_precision=args.mixed_precision,
                        checkpoint_every=args.checkpoint_every, gradient_checkpointing=args.gradient_checkpointing,
-                       change_weight=args.change_weight)
+                       change_weight=args.change_weight,
+                       min_snr_gamma=args.min_snr_gamma if args.min_snr_gamma > 0 else None)
     t = time.time()
     path = train_sft(base, data, out, config)
     _report_training(args, path, t)
@@ -432,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra loss weight on latent pixels the edit changes (the toy recipe uses 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--min-snr-gamma", type=float, default=5.0, help="min-SNR loss weighting; 0 turns it off")
     p.set_defaults(func=cmd_train_editor)
 
     p = train.add_parser("export", help="write the newest checkpoint of an editor run as a pipeline folder")

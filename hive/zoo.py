@@ -80,11 +80,17 @@ def sd15_unet(in_channels: int = 4, tiny: bool = True) -> UNet2DConditionModel:
     )
 
 
-def toy_scheduler() -> EulerAncestralDiscreteScheduler:
-    """SD-1.5's noise schedule with the Euler-ancestral sampler that InstructPix2Pix uses."""
+def toy_scheduler(prediction_type: str = "v_prediction") -> EulerAncestralDiscreteScheduler:
+    """SD-1.5's noise schedule with the Euler-ancestral sampler that InstructPix2Pix uses.
+
+    The toy editor predicts v, not SD-1.5's epsilon: an edit is almost fully determined by the
+    source and the instruction, so the first, noisiest sampling steps should already see the
+    edited image; an epsilon model's estimate of the image there is the noisy latent minus a
+    predicted noise, its error amplified ~1/alpha_bar (~200x at t=950), and a 1,000-step CPU run
+    painted random scenes although its estimates at t <= 700 were right (docs/toy-zoo-training.md)."""
     return EulerAncestralDiscreteScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
+        prediction_type=prediction_type, timestep_spacing="leading", steps_offset=1,
     )
 
 
