@@ -154,8 +154,9 @@ def fresh_unet_base(base: str | Path, dest: Path, seed: int = 0) -> Path:
     return dest
 
 
-def picture_grid(models: dict[str, str], out_png: Path, steps: int, per_kind: int = 1, scale: int = 2) -> Path:
-    """The same toy inputs (one row per edit kind) across models: source | target | each model."""
+def picture_grid(models: dict[str, Any], out_png: Path, steps: int, per_kind: int = 1, scale: int = 2) -> Path:
+    """The same toy inputs (one row per edit kind) across models (folders or loaded Editors):
+    source | target | each model."""
     from PIL import Image, ImageDraw
 
     from hive import toy
@@ -165,8 +166,8 @@ def picture_grid(models: dict[str, str], out_png: Path, steps: int, per_kind: in
     examples = [toy.sample_example(GRID_SEED + 100 * k + i, kind=kind)
                 for k, kind in enumerate(toy.EDIT_KINDS) for i in range(per_kind)]
     outputs: dict[str, list] = {}
-    for name, path in models.items():
-        ed = Editor(path)
+    for name, model in models.items():
+        ed = model if isinstance(model, Editor) else Editor(model)
         outs = ed.sample([e.input_image for e in examples], [ed.prompt_for(e.edit.instruction) for e in examples],
                          [[GRID_SEED + k] for k in range(len(examples))], steps, DEFAULT_GUIDANCE,
                          DEFAULT_IMAGE_GUIDANCE)
@@ -321,20 +322,34 @@ def _run(out: Path, sc: PaperScale, base: str, clip: str | None, docs: Path | No
         runs[v.name] = step(f"finetune_{v.name}", train_variant)
         models[v.name] = runs[v.name]["path"]
 
+    loaded: dict[str, Any] = {}  # each editor (and the CLIP) is loaded once for all evaluations
+
+    def editor(path: str):
+        from hive.editor import Editor
+
+        if path not in loaded:
+            loaded[path] = Editor(path)
+        return loaded[path]
+
+    def embedder():
+        if "clip" not in loaded:
+            loaded["clip"] = ev.ClipEmbedder(clip)
+        return loaded["clip"]
+
     judged = {name: step(f"judge_{_slug(name)}", lambda p=path: ev.evaluate_toy(
-        p, n=sc.eval_n, steps=sc.eval_steps, out=out / "eval" / Path(p).parent.name))
+        n=sc.eval_n, steps=sc.eval_steps, out=out / "eval" / Path(p).parent.name, editor=editor(p)))
         for name, path in models.items()}
     pairwise = {name: step(f"pairwise_{_slug(name)}", lambda p=path: ev.blind_pairwise(
-        p, baseline, n=sc.pairwise_n, steps=sc.eval_steps, progress=progress))
+        editor(p), editor(baseline), n=sc.pairwise_n, steps=sc.eval_steps, progress=progress))
         for name, path in models.items() if path != baseline}
     curve_models = {k: models[k] for k in ("baseline (noisy SFT)", "clean SFT (upper bound)", "hive-condition",
                                           "hive-weighted")}
     curves = {name: step(f"tradeoff_{_slug(name)}", lambda p=path: ev.tradeoff_curve(
-        p, n=sc.tradeoff_n, image_guidances=sc.image_guidances, steps=sc.eval_steps, clip=clip, progress=progress))
-        for name, path in curve_models.items()}
+        editor(p), n=sc.tradeoff_n, image_guidances=sc.image_guidances, steps=sc.eval_steps, clip=embedder(),
+        progress=progress)) for name, path in curve_models.items()}
     ev.plot_tradeoff(curves, out / "tradeoff.png", title="CLIP trade-off on fresh toy edits (text guidance 7.5)")
     if not (out / "grid.png").exists():
-        picture_grid(models, out / "grid.png", steps=sc.eval_steps)
+        picture_grid({name: editor(path) for name, path in models.items()}, out / "grid.png", steps=sc.eval_steps)
 
     b, c = judged["baseline (noisy SFT)"]["success"], judged["clean SFT (upper bound)"]["success"]
     gap = {name: ((judged[name]["success"] - b) / (c - b) if c != b else None) for name in runs}
