@@ -80,7 +80,8 @@ def cmd_train_editor(args: argparse.Namespace) -> int:
                        ema_decay=None if args.no_ema else args.ema_decay, mixed_precision=args.mixed_precision,
                        checkpoint_every=args.checkpoint_every, gradient_checkpointing=args.gradient_checkpointing,
                        change_weight=args.change_weight,
-                       min_snr_gamma=args.min_snr_gamma if args.min_snr_gamma > 0 else None)
+                       min_snr_gamma=args.min_snr_gamma if args.min_snr_gamma > 0 else None,
+                       channels_last=args.channels_last, compile=args.compile, dataloader_workers=args.workers)
     t = time.time()
     path = train_sft(base, data, out, config)
     _report_training(args, path, t)
@@ -233,16 +234,41 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_edit(args: argparse.Namespace) -> int:
-    from hive.bench import bench_edit
-
-    result = bench_edit(args.model, variants=args.variants, steps=args.steps, repeats=args.repeats,
-                        record_result=not args.no_record)
+def _print_bench(args: argparse.Namespace, result: dict) -> None:
     if args.json:
         print_json(result)
-    else:
-        for k, v in result.items():
-            print(f"{k}: {v}")
+        return
+    for k, v in result.items():
+        print(f"{k}: {v}")
+    print(f"reference {result['reference_s']:.3f} s, ours {result['ours_s']:.3f} s: {result['speedup']:.2f}x")
+
+
+def cmd_bench_edit(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    import torch
+
+    from hive.bench import bench_edit
+    from hive.fastpath import FastOptions
+
+    options = FastOptions.for_device("cuda" if torch.cuda.is_available() else "cpu")
+    for name in ("compile", "channels_last", "fuse_qkv", "compile_mode"):
+        if getattr(args, name) is not None:
+            options = replace(options, **{name: getattr(args, name)})
+    result = bench_edit(args.model, variants=args.variants, steps=args.steps, repeats=args.repeats,
+                        record_result=not args.no_record, config=args.config, fast_options=options,
+                        threads=args.threads)
+    _print_bench(args, result)
+    return 0
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from hive.bench import bench_train
+
+    result = bench_train(args.model, config=args.config, batch=args.batch, resolution=args.resolution,
+                         repeats=args.repeats, record_result=not args.no_record, compile=args.compile,
+                         channels_last=args.channels_last, compile_mode=args.compile_mode, threads=args.threads)
+    _print_bench(args, result)
     return 0
 
 
@@ -429,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--channels-last", action="store_true", help="NHWC weights (pays on GPUs; bench train)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (kernels cached on disk)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader processes that build batches ahead")
     p.add_argument("--change-weight", type=float, default=0.0,
                    help="extra loss weight on latent pixels the edit changes (the toy recipe uses 4)")
     p.add_argument("--seed", type=int, default=0)
@@ -486,14 +515,30 @@ def build_parser() -> argparse.ArgumentParser:
     # bench
     bench = sub.add_parser("bench", help="speed benchmarks against the plain diffusers reference").add_subparsers(
         dest="bench_command", required=True, metavar="WHAT")
-    p = bench.add_parser("edit", help="K variants of one toy edit: ours vs a plain diffusers pipeline call")
-    p.add_argument("--model", default=None)
+    def bench_common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", default="toy", choices=["toy", "sd15", "sd15-tiny"],
+                       help="toy: the toy zoo (or --model); sd15: SD-1.5-shaped random weights; sd15-tiny: for tests")
+        p.add_argument("--model", default=None, help="with --config toy: pipeline folder (default: the toy editor)")
+        p.add_argument("--repeats", type=int, default=5, help="timed runs of each, interleaved (median)")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+        p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile ours (default: where it pays, see docs/speed.md)")
+        p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+        p.add_argument("--compile-mode", default=None, help="inductor mode, e.g. max-autotune-no-cudagraphs")
+        p.add_argument("--no-record", action="store_true", help="do not write bench/results/*.json")
+        p.add_argument("--json", action="store_true")
+
+    p = bench.add_parser("edit", help="K variants of one edit: ours vs a plain diffusers pipeline call")
+    bench_common(p)
     p.add_argument("--variants", type=int, default=4)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--no-record", action="store_true", help="do not write bench/results/*.json")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=None)
     p.set_defaults(func=cmd_bench_edit)
+    p = bench.add_parser("train", help="one SFT step of the UNet: ours vs diffusers' InstructPix2Pix training step")
+    bench_common(p)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--resolution", type=int, default=None, help="pixels (default: 256 for sd15, the model's for toy)")
+    p.set_defaults(func=cmd_bench_train)
 
     # reward model: simulated annotators, training, scoring, the toy experiment
     p = sub.add_parser("simulate", help="toy requests ranked by simulated annotators (judge + noise), into the db")

@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from hive.defaults import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS, MAX_VARIANTS  # noqa: F401
+from hive.fastpath import FastOptions, FastSampler, fast_default
 
 MAX_PIXELS = 40_000_000  # refuse larger uploads (a 10,000 x 10,000 image is 100 MP)
 MAX_INSTRUCTION_CHARS = 1000
@@ -125,19 +126,28 @@ class Editor:
     """A loaded InstructPix2Pix pipeline plus what its folder says about it."""
 
     def __init__(self, model: str | Path | None = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, fast: bool | None = None, fast_options: FastOptions | None = None,
+                 pipe: Any = None):
+        """`fast`: sample with hive.fastpath.FastSampler (the pipeline's math without its repeated
+        work, plus the speed tricks that pay on this device: `fast_options`, default
+        `FastOptions.for_device`); False: the plain pipeline call; None: on unless HIVE_FAST=0.
+        `pipe`: an already built pipeline to use instead of loading `model` (benchmarks)."""
         from diffusers import StableDiffusionInstructPix2PixPipeline
 
         self.model = str(model or default_model())
         self.device = torch.device(device) if device is not None else pick_device()
         if dtype is None:
             dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
+        self.pipe = pipe if pipe is not None else StableDiffusionInstructPix2PixPipeline.from_pretrained(
             self.model, dtype=dtype, safety_checker=None, requires_safety_checker=False)
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.info = read_model_info(self.model)
         self.resolution = int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
+        use_fast = fast_default() if fast is None else bool(fast)
+        self.fast: FastSampler | None = None
+        if use_fast:
+            self.fast = FastSampler(self.pipe, fast_options or FastOptions.for_device(self.device))
 
     # -- validation --------------------------------------------------------------------------
     def prompt_for(self, instruction: str) -> str:
@@ -193,10 +203,13 @@ class Editor:
                 texts.append(prompt)
                 generators.append(torch.Generator(device="cpu").manual_seed(int(s)))
                 owners.append(j)
-        result = self.pipe(prompt=texts, image=images, num_inference_steps=steps, guidance_scale=guidance,
-                           image_guidance_scale=image_guidance, generator=generators, output_type="pil")
+        if self.fast is not None:  # same math as the pipeline call below, see hive.fastpath
+            edited = self.fast(images, texts, generators, steps, guidance, image_guidance)
+        else:
+            edited = self.pipe(prompt=texts, image=images, num_inference_steps=steps, guidance_scale=guidance,
+                               image_guidance_scale=image_guidance, generator=generators, output_type="pil").images
         outputs: list[list[Image.Image]] = [[] for _ in sources]
-        for owner, out in zip(owners, result.images):
+        for owner, out in zip(owners, edited):
             src = sources[owner]
             outputs[owner].append(out.resize(src.size, Image.Resampling.BICUBIC) if out.size != src.size else out)
         return outputs

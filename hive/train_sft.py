@@ -23,6 +23,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from hive.data import TripletBatch, TripletSource
+from hive.fastpath import prepare_unet_for_training, step_loader
 from hive.training import make_accelerator, resume_with_progress, save_checkpoint
 
 DROP_PROB = 0.05
@@ -44,6 +45,14 @@ class SFTConfig:
     # On the toy world an edit changes a few percent of the image; unweighted, the UNet spends most
     # of its early training learning to copy the source. 0 (off) is diffusers' loss.
     change_weight: float = 0.0
+    # fast path (hive.fastpath; `python -m hive bench train` measures it): with mixed_precision
+    # "bf16" on a GPU, fused AdamW, channels-last weights and torch.compile of the UNet pay;
+    # DataLoader workers build the next batches while the current one trains.
+    channels_last: bool = False
+    compile: bool = False
+    fused_optimizer: bool | None = None  # None: fused on CUDA
+    dataloader_workers: int = 0
+    pin_memory: bool | None = None  # None: when training on CUDA
 
 
 def expand_conv_in(unet: UNet2DConditionModel, in_channels: int | None = None) -> UNet2DConditionModel:
@@ -158,8 +167,11 @@ def train_sft(base: Path | str, data: TripletSource, out: Path, config: SFTConfi
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
+    if config.channels_last:
+        unet.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.01,
-                                  fused=torch.cuda.is_available())
+                                  fused=torch.cuda.is_available() if config.fused_optimizer is None
+                                  else config.fused_optimizer)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
     ema = None
@@ -179,14 +191,18 @@ def train_sft(base: Path | str, data: TripletSource, out: Path, config: SFTConfi
     running = None
     with torch.no_grad():
         null_text = encode_prompts(tokenizer, text_encoder, [""], device)
-    for step in bar:
-        batch = data.batch(step, config.batch_size)
-        batch = TripletBatch(batch.source.to(device), batch.edited.to(device), batch.prompts, batch.weights)
+    # the compiled UNet shares the parameters of `unet`: optimizer, EMA and checkpoints see no difference
+    forward_unet = prepare_unet_for_training(unet, compile=config.compile) if config.compile else unet
+    pin = config.pin_memory if config.pin_memory is not None else device.type == "cuda"
+    batches = step_loader(data, bar.n, config.steps, config.batch_size, config.dataloader_workers, pin)
+    for step, batch in zip(bar, batches):
+        batch = TripletBatch(batch.source.to(device, non_blocking=pin), batch.edited.to(device, non_blocking=pin),
+                             batch.prompts, batch.weights)
         generator = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + step)
         weights = weight_fn(batch) if weight_fn is not None else batch.weights  # a source may carry weights
         weights = weights.to(device) if weights is not None else None
         with accelerator.autocast():
-            loss = sft_loss(unet, vae, text_encoder, tokenizer, noise_scheduler, batch, generator,
+            loss = sft_loss(forward_unet, vae, text_encoder, tokenizer, noise_scheduler, batch, generator,
                             config.min_snr_gamma, weights, null_text, config.change_weight)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(unet.parameters(), 1.0)
