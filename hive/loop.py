@@ -9,8 +9,8 @@ A round lives in HIVE_HOME/loop/round-<id>/ and runs six stages:
               quantise (condition) or weight (weighted) them;
 4. `finetune` fine-tune the serving editor on the SFT trainer; copy the pipeline to a fresh
               folder HIVE_HOME/models/editor/<name>;
-5. `evaluate` judge candidate and serving editor on fresh toy edits, and a blind pairwise
-              comparison when `hive.evaluate.blind_pairwise` exists;
+5. `evaluate` judge candidate and serving editor on fresh toy edits, and compare them blind
+              (simulated annotators; `hive.evaluate`);
 6. `register` register the candidate (parent: the serving editor) with its metrics.
 
 Every stage writes its result to state.json when it ends; the trainers checkpoint inside their
@@ -99,6 +99,16 @@ def normalise(config: dict | None) -> dict:
         raise LoopError(f"data: {cfg['data']} has no metadata.jsonl")
     if not isinstance(cfg["tradeoff_n"], int) or cfg["tradeoff_n"] < 0:
         raise LoopError(f"tradeoff_n must be a whole number >= 0, not {cfg['tradeoff_n']!r}")
+    if cfg["pairwise_n"] is not None and (not isinstance(cfg["pairwise_n"], int) or cfg["pairwise_n"] < 1):
+        raise LoopError(f"pairwise_n must be null or a whole number >= 1, not {cfg['pairwise_n']!r}")
+    if not isinstance(cfg["toy_noise"], (int, float)) or not 0 <= cfg["toy_noise"] <= 1:
+        raise LoopError(f"toy_noise must be a number from 0 to 1, not {cfg['toy_noise']!r}")
+    try:  # the fine-tuning settings (eta, clip, sft, ...) are checked now, not after the reward model trained
+        fc = finetune_config(cfg)
+        fc.check()
+        fc.sft_config()
+    except (TypeError, ValueError) as e:
+        raise LoopError(f"fine-tuning settings: {e}") from None
     return cfg
 
 
@@ -379,7 +389,9 @@ def stage_reward(rnd: Round) -> dict:
                 f"{tc.steps} steps")
         report = train_reward(rankings, rnd.work / "reward", tc)
         name = f"reward-round{rnd.round_id}"
-        path = registry.publish(rnd.work / "reward" / "model", "reward", name)
+        path = registry.models_root() / "reward" / name
+        if not _registered_at("reward", name, path):  # else: registered before a crash, kept as it is
+            path = registry.publish(rnd.work / "reward" / "model", "reward", name)
         keep = ("heldout_pair_accuracy", "heldout_pair_accuracy_with_ties", "true_pair_accuracy",
                 "single_annotator_accuracy", "clip_direction_accuracy", "random_accuracy", "train_requests",
                 "test_requests", "train_rankings", "test_rankings", "steps", "backbone")
@@ -398,6 +410,17 @@ def stage_reward(rnd: Round) -> dict:
             f"{cfg['min_requests']} needed to train)" if cfg["train_reward"] else
             f"using the promoted reward model {v['name']}")
     return {"path": v["path"], "version_id": v["id"], "trained": False}
+
+
+def _registered_at(kind: str, name: str, path: Path) -> bool:
+    """Whether version `name` is registered at `path`: a stage that crashed after registering
+    (before state.json recorded it) must not publish again, which the registry would refuse."""
+    from hive import registry
+
+    try:
+        return Path(registry.get_version(name, kind)["path"]) == path.resolve()
+    except registry.RegistryError:
+        return False
 
 
 def stage_data(rnd: Round) -> dict:
@@ -463,15 +486,6 @@ def stage_finetune(rnd: Round) -> dict:
     return {"path": str(path), "name": name}
 
 
-def _call_with_supported(fn: Callable, *args, **kwargs):
-    import inspect
-
-    params = inspect.signature(fn).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return fn(*args, **kwargs)
-    return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
-
-
 def stage_evaluate(rnd: Round) -> dict:
     cfg = rnd.cfg
     if cfg["evaluate"] == "none":
@@ -492,28 +506,17 @@ def stage_evaluate(rnd: Round) -> dict:
         "serving_toy_per_kind": {k: v["success"] for k, v in b["per_kind"].items()},
     }
     rnd.log(f"toy success: candidate {c['success']:.3f}, serving {b['success']:.3f}")
-    pairwise = getattr(ev, "blind_pairwise", None)
-    if pairwise is None:
-        rnd.log("blind pairwise comparison skipped: hive.evaluate.blind_pairwise is not available yet")
-        metrics["pairwise_vs_serving"] = None
-    else:
-        pn = cfg["pairwise_n"] or n
-        res = _jsonable(_call_with_supported(pairwise, cand, base, pn, steps=steps, batch=batch,
-                                             out=rnd.work / "eval" / "pairwise"))
-        metrics["pairwise_vs_serving"] = res
-        if isinstance(res, dict) and "wins" in res:
-            rnd.log(f"blind pairwise vs serving on {pn} edits: {res['wins']} wins, {res.get('ties')} ties, "
-                    f"{res.get('losses')} losses")
+    pn = cfg["pairwise_n"] or n
+    res = _jsonable(ev.blind_pairwise(cand, base, pn, steps=steps, batch=batch, out=rnd.work / "eval" / "pairwise",
+                                      progress=False))
+    metrics["pairwise_vs_serving"] = res
+    rnd.log(f"blind pairwise vs serving on {pn} edits: {res['wins']} wins, {res['ties']} ties, {res['losses']} losses")
     if cfg["tradeoff_n"]:
-        curve, plot = getattr(ev, "tradeoff_curve", None), getattr(ev, "plot_tradeoff", None)
-        if curve is None or plot is None:
-            rnd.log("trade-off curve skipped: hive.evaluate.tradeoff_curve is not available")
-        else:
-            curves = {"candidate": _call_with_supported(curve, cand, n=cfg["tradeoff_n"], steps=steps, batch=batch),
-                      "serving": _call_with_supported(curve, base, n=cfg["tradeoff_n"], steps=steps, batch=batch)}
-            png = plot(curves, rnd.work / "eval" / "tradeoff.png")
-            write_json_atomic(rnd.work / "eval" / "tradeoff.json", _jsonable(curves))
-            metrics["tradeoff"] = {"plot": str(png), **{k: v.get("points") for k, v in curves.items()}}
+        curves = {name: ev.tradeoff_curve(editor, n=cfg["tradeoff_n"], steps=steps, batch=batch, progress=False)
+                  for name, editor in (("candidate", cand), ("serving", base))}
+        png = ev.plot_tradeoff(curves, rnd.work / "eval" / "tradeoff.png")
+        write_json_atomic(rnd.work / "eval" / "tradeoff.json", _jsonable(curves))
+        metrics["tradeoff"] = {"plot": str(png), **{k: v["points"] for k, v in curves.items()}}
     return metrics
 
 

@@ -97,16 +97,36 @@ def test_crashed_round_resumes_and_skips_finished_stages(served, tiny_clip, hive
     def must_not_run(rnd):
         raise AssertionError("a finished stage ran again")
 
-    monkeypatch.setitem(STAGE_FNS, "finetune", boom)
+    # a crash right after the reward model was registered, before state.json recorded the stage
+    real_register = registry.register
+
+    def register_then_crash(kind, *args, **kwargs):
+        real_register(kind, *args, **kwargs)
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(registry, "register", register_then_crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_round(config)
+    monkeypatch.setattr(registry, "register", real_register)
     with session_scope(hive.url, write=False) as s:
         first = s.query(TrainingRun).filter_by(kind="loop").one()
         assert first.status == "failed" and "simulated crash" in first.error
+        reward_id = s.query(ModelVersion).filter_by(kind="reward").one().id
     work = Path(first.config["work_dir"])
-    assert set(json.loads((work / "state.json").read_text())["stages"]) == {"export", "reward", "data"}
+    assert set(json.loads((work / "state.json").read_text())["stages"]) == {"export"}
 
-    # the same config again: resumes the round; export, reward and data do not run again
+    # the same config again resumes the round: the registered reward model is kept, not published again
+    monkeypatch.setitem(STAGE_FNS, "finetune", boom)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_round(config)
+    state = json.loads((work / "state.json").read_text())
+    assert set(state["stages"]) == {"export", "reward", "data"} and state["stages"]["reward"]["version_id"] == reward_id
+    with session_scope(hive.url, write=False) as s:
+        assert s.query(ModelVersion).filter_by(kind="reward").count() == 1
+        retry = s.query(TrainingRun).filter_by(kind="loop").order_by(TrainingRun.id.desc()).first()
+    assert retry.config["resume_of"] == first.id and retry.config["work_dir"] == str(work)
+
+    # again: export, reward and data do not run again
     for name in ("export", "reward", "data"):
         monkeypatch.setitem(STAGE_FNS, name, must_not_run)
     monkeypatch.setitem(STAGE_FNS, "finetune", real["finetune"])
@@ -115,7 +135,7 @@ def test_crashed_round_resumes_and_skips_finished_stages(served, tiny_clip, hive
         run_round(config)
     with session_scope(hive.url, write=False) as s:
         second = s.query(TrainingRun).filter_by(kind="loop").order_by(TrainingRun.id.desc()).first()
-    assert second.id != first.id and second.config["work_dir"] == str(work) and second.config["resume_of"] == first.id
+    assert second.config["work_dir"] == str(work) and second.config["resume_of"] == retry.id
 
     # --resume RUN_ID from the command line: only the registration is left
     monkeypatch.setitem(STAGE_FNS, "finetune", must_not_run)
@@ -129,7 +149,7 @@ def test_crashed_round_resumes_and_skips_finished_stages(served, tiny_clip, hive
     assert result["candidate"]["metrics"]["method"] == "weighted"
     with session_scope(hive.url, write=False) as s:
         statuses = [r.status for r in s.query(TrainingRun).filter_by(kind="loop").order_by(TrainingRun.id)]
-    assert statuses == ["failed", "failed", "succeeded"]
+    assert statuses == ["failed", "failed", "failed", "succeeded"]
     info = json.loads((Path(result["candidate"]["path"]) / "hive.json").read_text())
     assert info["finetune"]["method"] == "weighted" and "reward_suffix" not in info
 
@@ -137,7 +157,13 @@ def test_crashed_round_resumes_and_skips_finished_stages(served, tiny_clip, hive
 def test_a_round_without_rankings_or_reward_model_fails_clearly(served, hive):
     with pytest.raises(LoopError, match="unknown loop config keys"):
         run_round({"stepz": 3})
+    # bad fine-tuning values are refused up front, not after the reward model has trained
+    for bad, message in (({"eta": 0}, "eta"), ({"clip": 0.5}, "clip"), ({"sft": {"stepz": 1}}, "unknown SFT options"),
+                         ({"pairwise_n": 0}, "pairwise_n"), ({"toy_noise": 2}, "toy_noise")):
+        with pytest.raises(LoopError, match=message):
+            run_round(bad)
     assert hive.counts()["training_runs"] == 0  # refused before anything was written
+    assert not (hive.home / "loop").exists()
     with pytest.raises(LoopError, match="Rank more edits"):
         run_round({"toy_n": 2, "steps": 1})
     with session_scope(hive.url, write=False) as s:
