@@ -132,6 +132,14 @@ _PLACE = re.compile(r"\s+(to|into|onto|on|in|at|from|next to|beside|behind|under
                     r"|his\s.+|her\s.+|their\s.+|its\s.+|top\b.*|bottom\b.*|left\b.*|right\b.*|center\b.*)$")
 
 
+# amounts ("more clouds", "some of the trees"), lists ("a dog and a cat") and styles have no exact inverse in words
+_NOT_PLAIN = re.compile(r"^(more|less|fewer|most|half|all|every|everything|some of|one of|part of)\b|\b(and|or|style)\b")
+
+
+def _plain(np_: str) -> bool:
+    return bool(np_) and np_ not in NOT_OBJECTS and not _NOT_PLAIN.search(np_)
+
+
 def _VERB_RE(verbs: tuple[str, ...]) -> str:
     return "|".join(re.escape(v) for v in sorted(verbs, key=len, reverse=True))  # longest first
 
@@ -196,14 +204,14 @@ def invert_instruction(instruction: str, source_caption: str | None = None) -> s
     m = re.fullmatch(rf"({_VERB_RE(ADD_VERBS)})\s+(.+)", text)
     if m:
         obj, prep, place = _split_place(m.group(2))
-        if obj in NOT_OBJECTS or not obj:
+        if not _plain(obj):
             return None
         back = {"to": "from", "into": "from", "onto": "from"}.get(prep, prep)
         return f"remove {_definite(obj)}" + (f" {back} {place}" if prep else "")
     m = re.fullmatch(rf"({_VERB_RE(REMOVE_VERBS)})\s+(.+)", text)
     if m:
         obj, prep, place = _split_place(m.group(2))
-        if obj in NOT_OBJECTS or not obj or obj.split()[0] in ("all", "every", "everything"):
+        if not _plain(obj):
             return None
         thing = _indefinite(obj)
         back = {"from": "to", "off": "to"}.get(prep, prep)
@@ -232,6 +240,8 @@ def invert_instruction(instruction: str, source_caption: str | None = None) -> s
          or re.fullmatch(r"change\s+the\s+colou?r\s+of\s+(the\s.+?)\s+to\s+(\w+)", text))
     if m and m.group(2) in COLOURS:
         ref, new = m.group(1), m.group(2)
+        if not _plain(ref):
+            return None
         words = ref.split()
         old = _colour_in(words)
         if old is not None:
@@ -253,11 +263,11 @@ def invert_instruction(instruction: str, source_caption: str | None = None) -> s
          or re.fullmatch(r"change\s+(the\s.+?)\s+to\s+(a\s.+|an\s.+)", text))
     if m:
         a, b = m.group(1), m.group(2)
-        if a in NOT_OBJECTS or b in NOT_OBJECTS or not _indefinite(a):
+        if not (_plain(a) and _plain(b) and _indefinite(a)):
             return None
         return f"turn {_definite(b)} into {_indefinite(a)}"
     m = re.fullmatch(r"replace\s+(the\s.+?)\s+with\s+(.+)", text)
-    if m and m.group(1) not in NOT_OBJECTS:
+    if m and _plain(m.group(1)) and _plain(m.group(2)):
         return f"replace {_definite(m.group(2))} with {_indefinite(m.group(1))}"
     return None
 
@@ -671,16 +681,26 @@ def run_finetune(base: str | Path, data: list[Path], out: Path, config: Finetune
         raise FileNotFoundError(f"{reward} is not a reward model folder (no config.json)")
     if from_db and reward is None:
         raise ValueError("--from-db needs --reward: the ranked variants are scored by the reward model")
-    rankings = None
-    if from_db:
-        rankings = out / "rankings"
-        if not (rankings / "summary.json").exists():
+    from hive.registry import assert_fresh
+
+    assert_fresh(out)  # OUT/pipeline is written again on every run (a finished one too): never a registered model
+    created = not out.exists()
+    rankings = out / "rankings" if from_db else None
+    snapshot_now = from_db and not (rankings / "summary.json").exists()
+    try:
+        if snapshot_now:
             export_rankings(rankings, include_simulated=include_simulated)
-    examples, stats = build_examples(data, rankings, config.cycle)
-    if not examples:
-        raise ValueError("no training examples: the data folders and the store's rankings are empty")
-    rewards, how = rewards_for(examples, data, reward, out / "scores", score_batch, progress)
-    examples, info = prepare(examples, rewards, config, read_model_info(base).get("reward_suffix", ""))
+        examples, stats = build_examples(data, rankings, config.cycle)
+        if not examples:
+            raise ValueError("no training examples: the data folders and the store's rankings are empty")
+        rewards, how = rewards_for(examples, data, reward, out / "scores", score_batch, progress)
+        examples, info = prepare(examples, rewards, config, read_model_info(base).get("reward_suffix", ""))
+    except BaseException:  # nothing trained yet: leave no snapshot that a rerun would take for its data
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        elif snapshot_now:
+            shutil.rmtree(rankings, ignore_errors=True)
+        raise
     extra = {**info, **stats, "rewards": how, "reward_model": str(reward) if reward else None,
              "data": [str(d) for d in data], "from_db": from_db}
     pipeline = finetune(base, examples, out, config, extra_info=extra)

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.engine import make_url
 
 from db import feedback as fb
-from db.config import hive_home
+from db.config import db_url, hive_home
 from db.engine import session_scope
 from db.models import MODEL_KINDS, ModelVersion
 
@@ -164,10 +165,19 @@ def _inside(a: Path, b: Path) -> bool:
         return False
 
 
+def _store_missing(url: str | None) -> bool:
+    """A SQLite store whose file does not exist yet registers nothing (and is not created to say so)."""
+    u = make_url(url or db_url())
+    return (u.get_backend_name() == "sqlite" and u.database not in (None, "", ":memory:")
+            and not u.query.get("uri") and not Path(u.database).exists())
+
+
 def assert_fresh(dest: str | Path, url: str | None = None) -> Path:
     """Refuse a destination that is, holds, or lies inside any registered model's folder: new
     versions never overwrite a model that is (or was) served."""
     dest = Path(dest).resolve()
+    if _store_missing(url):
+        return dest
     with session_scope(url, write=False) as s:
         for mv in s.scalars(select(ModelVersion)):
             p = Path(mv.path)

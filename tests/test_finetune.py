@@ -166,6 +166,12 @@ def test_rule_based_inverter(instruction, caption, inverse):
     ("add it", None),
     ("make the red circle red", None),
     ("", None),
+    ("add more clouds", None),  # amounts: "remove the more clouds" would be wrong
+    ("remove some of the trees", None),
+    ("remove all the people", None),
+    ("add a dog and a cat", None),  # lists
+    ("make the cat black and white", None),
+    ("turn the dog into a cat in the style of picasso", None),
 ])
 def test_rule_based_inverter_leaves_out_what_it_cannot_invert(instruction, caption):
     assert invert_instruction(instruction, caption) is None
@@ -253,3 +259,23 @@ def test_cli_weighted_from_db_and_data_with_a_reward_model(tiny_pipeline, hive: 
     assert main(["finetune", "--method", "condition", "--base", str(tiny_pipeline), "--data", str(data),
                  "--out", str(tiny_pipeline / "sub")]) == 2
     assert "overlaps the base" in capsys.readouterr().err
+    # a bad data folder: a clear error, and no half-made run folder (no ranking snapshot a rerun would reuse)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "metadata.jsonl").write_text(json.dumps({"input_image": "a.png", "edit_prompt": "add a dog"}) + "\n")
+    fresh, existing = tmp_path / "fresh", tmp_path / "existing"
+    existing.mkdir()
+    for run_dir in (fresh, existing):
+        argv_bad = [*argv[:argv.index("--data") + 1], str(bad), *argv[argv.index("--data") + 2:]]
+        argv_bad[argv_bad.index("--out") + 1] = str(run_dir)
+        assert main(argv_bad) == 2
+        assert "missing columns ['edited_image']" in capsys.readouterr().err
+    assert not fresh.exists() and list(existing.iterdir()) == []
+    # the finished run's pipeline, once registered (served), is never written again by a rerun
+    from hive import registry
+
+    before = {p.name: p.read_bytes() for p in (out / "pipeline").rglob("*") if p.is_file()}
+    registry.ensure_registered(out / "pipeline", "editor", promote_if_none=True)
+    assert main(argv) == 2
+    assert "would overwrite the" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (out / "pipeline").rglob("*") if p.is_file()} == before
