@@ -38,19 +38,49 @@ def _fig(w: float = 6, h: float = 3.2) -> tuple[Figure, plt.Axes]:
     return fig, ax
 
 
+WIN_COLUMNS = ["source", "version 1", "version 2", "wins 1", "wins 2", "ties", "both bad", "votes",
+               "win rate 1", "95% CI 1", "win rate 2", "95% CI 2"]
+
+
+def _win_row(source: str, v1, v2, w1: int, w2: int, ties: int, both_bad: int | None) -> dict:
+    """One table row; rates over all votes (ties and "both bad" included), as the paper reports
+    them, each with its 95% Wilson interval."""
+    n = w1 + w2 + ties + (both_bad or 0)
+    row = {"source": source, "version 1": v1, "version 2": v2, "wins 1": w1, "wins 2": w2, "ties": ties,
+           "both bad": both_bad, "votes": n}
+    for k, w in ((1, w1), (2, w2)):
+        lo, hi = wilson(w, n)
+        row[f"win rate {k}"] = round(w / n, 3) if n else None
+        row[f"95% CI {k}"] = f"{lo:.2f}–{hi:.2f}" if n else "–"
+    return row
+
+
 def win_rate_table(session) -> pd.DataFrame:
-    names = dict(session.execute(select(ModelVersion.id, ModelVersion.name)).all())
+    """Blind A/B results per pair of editor versions: people's votes from the Compare tab, and the
+    simulated-annotator comparisons that loop rounds record (a candidate's metrics
+    `pairwise_vs_serving`: wins/ties/losses of the candidate against the editor it improves on)."""
+    versions = list(session.scalars(select(ModelVersion)))
+    names = {v.id: v.name for v in versions}
     df = queries.comparison_summary(session)
-    rows = []
-    for r in df.itertuples():
-        decided = r.wins_1 + r.wins_2
-        lo, hi = wilson(r.wins_1, decided)
-        rows.append({"version 1": names.get(r.version_1), "version 2": names.get(r.version_2), "wins 1": r.wins_1,
-                     "wins 2": r.wins_2, "ties / both bad": r.ties, "votes": r.n,
-                     "win rate 1 (decided)": round(r.wins_1 / decided, 3) if decided else None,
-                     "95% CI": f"{lo:.2f}–{hi:.2f}" if decided else "–"})
-    return pd.DataFrame(rows, columns=["version 1", "version 2", "wins 1", "wins 2", "ties / both bad", "votes",
-                                       "win rate 1 (decided)", "95% CI"])
+    rows = [_win_row("people", names.get(r.version_1), names.get(r.version_2), int(r.wins_1), int(r.wins_2),
+                     int(r.ties), int(r.both_bad)) for r in df.itertuples()]
+    for v in versions:
+        pw = v.metrics.get("pairwise_vs_serving") if isinstance(v.metrics, dict) else None
+        if isinstance(pw, dict) and all(isinstance(pw.get(k), int) for k in ("wins", "ties", "losses")):
+            rows.append(_win_row(f"simulated ({pw.get('annotators', '?')} per input)", v.name,
+                                 names.get(v.parent_id, "serving"), pw["wins"], pw["losses"], pw["ties"], None))
+    return pd.DataFrame(rows, columns=WIN_COLUMNS)
+
+
+def tradeoff_curves(versions: list[ModelVersion]) -> dict[str, dict]:
+    """Trade-off curves stored in editor versions' metrics (`tradeoff`: a hive.evaluate.tradeoff_curve
+    result, recorded by the Admin tab's `tradeoff` job)."""
+    curves = {}
+    for v in versions:
+        c = v.metrics.get("tradeoff") if v.kind == "editor" and isinstance(v.metrics, dict) else None
+        if isinstance(c, dict) and isinstance(c.get("points"), list) and c["points"]:
+            curves[v.name] = c
+    return curves
 
 
 def build() -> dict:
@@ -76,15 +106,23 @@ def build() -> dict:
         ax.set_ylabel("rankings")
         fig1.autofmt_xdate()
 
-    # per annotator: counts and gold accuracy
-    fig2, ax = _fig()
+    # per annotator: counts, and agreement with the other annotators on shared requests
+    fig2, (ax, ax_agree) = plt.subplots(1, 2, figsize=(6, 3.2), dpi=90, sharey=True)
     if stats.empty:
         _empty(ax, "no annotators yet")
+        ax_agree.set_axis_off()
     else:
         top = stats.sort_values("n_rankings", ascending=False).head(15)
         ax.barh(top["annotator"], top["n_rankings"], color="#4c78a8")
         ax.invert_yaxis()
-        ax.set_title("rankings per annotator")
+        ax.set_title("rankings per annotator", fontsize=10)
+        agree_with = top["agreement_with_others"].astype(float)
+        ax_agree.barh(top["annotator"], agree_with.fillna(0.0), color="#72b7b2")
+        for y, (a, n) in enumerate(zip(agree_with, top["n_shared_pairs"])):
+            ax_agree.text(0.02, y, "no shared requests" if a != a else f"{a:.2f} (n={int(n)})", va="center",
+                          fontsize=7)
+        ax_agree.set_xlim(0, 1)
+        ax_agree.set_title("agreement with others (pairs)", fontsize=10)
     fig2.tight_layout()
 
     fig3, ax = _fig()
@@ -100,28 +138,32 @@ def build() -> dict:
         ax.set_title("accuracy on gold items (95% CI)")
     fig3.tight_layout()
 
-    # win rates between versions
+    # win rates between versions: shares of all votes, with 95% CIs
     fig4, ax = _fig()
-    if wins.empty:
+    shown = wins[wins["votes"] > 0] if not wins.empty else wins
+    if shown.empty:
         _empty(ax, "no blind A/B votes yet (Compare tab)")
     else:
-        labels, rates, lows, highs = [], [], [], []
-        for r in wins.itertuples(index=False):
-            decided = r[2] + r[3]
-            if not decided:
-                continue
-            lo, hi = wilson(r[2], decided)
-            labels.append(f"{r[0]} vs {r[1]}")
-            rates.append(r[2] / decided)
-            lows.append(rates[-1] - lo)
-            highs.append(hi - rates[-1])
-        if labels:
-            ax.barh(labels, rates, xerr=[lows, highs], color="#54a24b")
-            ax.axvline(0.5, color="#888", lw=1, ls="--")
-            ax.set_xlim(0, 1)
-            ax.set_title("win rate of version 1 (decided votes, 95% CI)")
-        else:
-            _empty(ax, "only ties so far")
+        labels = [f"{r['version 1']} vs {r['version 2']}" + (" (sim.)" if r["source"] != "people" else "")
+                  for _, r in shown.iterrows()]
+        parts = [("wins 1", "#54a24b"), ("ties", "#bab0ac"), ("both bad", "#e45756"), ("wins 2", "#4c78a8")]
+        h = 0.8 / len(parts)
+        for j, (col, colour) in enumerate(parts):
+            ys, rates, errs = [], [], [[], []]
+            for i, (_, r) in enumerate(shown.iterrows()):
+                k = r[col] if r[col] == r[col] and r[col] is not None else 0  # NaN/None: not recorded
+                lo, hi = wilson(k, int(r["votes"]))
+                ys.append(i + (j - 1.5) * h)
+                rates.append(k / r["votes"])
+                errs[0].append(rates[-1] - lo)
+                errs[1].append(hi - rates[-1])
+            ax.barh(ys, rates, height=h, xerr=errs, color=colour, label=col.replace(" 1", " (version 1)")
+                    .replace(" 2", " (version 2)"), error_kw={"lw": 0.8})
+        ax.set_yticks(range(len(labels)), [lb.replace(" vs ", "\nvs ") for lb in labels], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=4, frameon=False)
+        ax.set_title("blind A/B: share of votes (95% CI)", fontsize=10)
     fig4.tight_layout()
 
     # reward-model accuracy per version, and editor success per version
@@ -137,23 +179,18 @@ def build() -> dict:
         bars = [(f"reward {n}", a) for n, a in reward] + [(f"editor {n} (toy success)", a) for n, a in editors]
         ax.barh([b[0] for b in bars], [b[1] for b in bars], color=["#b279a2"] * len(reward) + ["#4c78a8"] * len(editors))
         ax.set_xlim(0, 1)
-        ax.set_title("reward-model pair accuracy / editor toy success per version")
+        ax.set_title("reward pair accuracy / editor toy success", fontsize=10)
     fig5.tight_layout()
 
-    # trade-off: CLIP image similarity vs directional similarity per version
-    fig6, ax = _fig()
-    curves = [(v.name, v.metrics.get("tradeoff")) for v in versions if v.kind == "editor"]
-    curves = [(n, c) for n, c in curves if isinstance(c, list) and c]
+    # trade-off: CLIP image similarity vs directional similarity per version (hive.evaluate's plot)
+    fig6, ax = _fig(6, 4)
+    curves = tradeoff_curves(versions)
     if not curves:
-        _empty(ax, "no trade-off sweeps recorded yet (an editor version's metrics['tradeoff']: "
-                   "[{image_guidance, clip_image, clip_direction}, ...])")
+        _empty(ax, "no trade-off sweeps recorded yet (Admin: run a `tradeoff` job)")
     else:
-        for name, c in curves:
-            ax.plot([p["clip_direction"] for p in c], [p["clip_image"] for p in c], marker="o", label=name)
-        ax.set_xlabel("CLIP directional similarity")
-        ax.set_ylabel("CLIP image similarity")
-        ax.legend(fontsize=8)
-        ax.set_title("trade-off over image guidance")
+        from hive.evaluate import draw_tradeoff
+
+        draw_tradeoff(ax, curves)
     fig6.tight_layout()
 
     table = stats.copy()

@@ -1,4 +1,4 @@
-"""Background jobs (evaluate, fill the queue, loop rounds): rows in `training_runs`, one worker thread.
+"""Background jobs (evaluate, trade-off, fill the queue, loop rounds): rows in `training_runs`, one worker thread.
 
 The request thread only inserts a `queued` row; the worker picks it up, writes its log to
 HIVE_HOME/jobs/run-<id>.log and closes the row as succeeded or failed. Because the state is
@@ -85,6 +85,48 @@ def run_evaluate(ctx: JobContext) -> dict:
     return {"version_id": version.id}
 
 
+def _editor_version(ctx: JobContext):
+    """The version named by the job's config (`version`: id or name), else the promoted editor."""
+    ident = ctx.config.get("version")
+    if ident in (None, ""):
+        return ctx.service.editor_version()
+    for v in ctx.service.editor_versions():
+        if str(v.id) == str(ident) or v.name == str(ident):
+            return v
+    raise AppInputError(f"no editor version with id or name {ident!r}")
+
+
+def run_tradeoff(ctx: JobContext) -> dict:
+    """The CLIP trade-off curve (image guidance 1.0-2.2, text guidance 7.5) of an editor version,
+    stored in its metrics (`tradeoff`) for the Dashboard's trade-off plot."""
+    from hive.evaluate import TRADEOFF_IMAGE_GUIDANCES, ClipEmbedder, tradeoff_curve
+
+    n = int(ctx.config.get("n", 8))
+    steps = int(ctx.config.get("steps", 20))
+    version = _editor_version(ctx)
+    editor, lock = ctx.service.editors.get(version.path)
+    clip = ClipEmbedder(ctx.config.get("clip") or None)
+    ctx.log(f"trade-off of {version.name}: {n} toy edits x {len(TRADEOFF_IMAGE_GUIDANCES)} image guidances, "
+            f"{steps} steps, CLIP {clip.path}")
+    curve = None
+    for i, ig in enumerate(TRADEOFF_IMAGE_GUIDANCES):
+        with lock:  # one point at a time, so that people's edits are not held up for the whole sweep
+            point = tradeoff_curve(editor, n=n, image_guidances=(ig,), steps=steps, clip=clip,
+                                   batch=max(1, min(8, n)), progress=False)
+        if curve is None:
+            curve = point
+        else:
+            curve["points"] += point["points"]
+            curve["seconds"] = round(curve["seconds"] + point["seconds"], 1)
+        p = point["points"][0]
+        ctx.log(f"image guidance {ig:g}: CLIP image similarity {p['image_similarity']:.3f}, "
+                f"directional {p['directional_similarity']:.3f}, judge success {p['success']:.1%}")
+        ctx.progress(i + 1, len(TRADEOFF_IMAGE_GUIDANCES))
+    with session_scope() as s:
+        fb.update_model_metrics(s, version.id, {"tradeoff": curve})
+    return {"version_id": version.id}
+
+
 def run_fill_queue(ctx: JobContext) -> dict:
     from hive_app.queue import fill_queue
 
@@ -101,6 +143,8 @@ def run_loop_round(ctx: JobContext) -> dict:
 
 
 register_job_kind("evaluate", run_evaluate, "judge the promoted editor on n fresh toy edits", {"n": 8, "steps": 20})
+register_job_kind("tradeoff", run_tradeoff, "CLIP trade-off curve of an editor version (default: the promoted "
+                  "one) over image guidance 1.0-2.2, for the Dashboard", {"n": 8, "steps": 20, "version": None})
 register_job_kind("fill_queue", run_fill_queue, "queue a dataset folder for ranking (K variants per row)",
                   {"data": "", "variants": 4, "gold_rate": 0.2})
 
@@ -115,8 +159,36 @@ def loop_available() -> bool:
 def job_kinds() -> dict[str, JobKind]:
     """The job kinds on offer; `loop_round` joins them as soon as `hive.loop` provides `run_round`."""
     if "loop_round" not in JOB_KINDS and loop_available():
-        register_job_kind("loop_round", run_loop_round, "one loop round: reward model, fine-tune, evaluate", {})
+        register_job_kind("loop_round", run_loop_round, "one loop round: export rankings, train the reward model, "
+                          "fine-tune the promoted editor, evaluate it, register a candidate", loop_defaults())
     return JOB_KINDS
+
+
+LOOP_SHOWN = ("method", "cycle", "steps", "batch_size", "toy_n", "toy_noise", "reward_steps", "eval_n", "pairwise_n")
+
+
+def loop_defaults() -> dict:
+    """The loop settings shown in the Admin tab's config box (every other key of
+    hive.loop.DEFAULTS may be added there too)."""
+    try:
+        defaults = importlib.import_module("hive.loop").DEFAULTS
+    except (ImportError, AttributeError):
+        return {}
+    return {k: defaults[k] for k in LOOP_SHOWN if k in defaults}
+
+
+def job_progress(run: TrainingRun) -> tuple[int, int] | None:
+    """The last `PROGRESS done/total` line of a job's log, or None."""
+    if not run.log_path or not Path(run.log_path).exists():
+        return None
+    last = None
+    for line in Path(run.log_path).read_text(errors="replace").splitlines():
+        parts = line.split(" PROGRESS ", 1)
+        if len(parts) == 2 and "/" in parts[1]:
+            done, _, total = parts[1].strip().partition("/")
+            if done.isdigit() and total.isdigit():
+                last = (int(done), int(total))
+    return last
 
 
 # ---------------------------------------------------------------- submitting and the worker

@@ -26,6 +26,7 @@ from db.models import EditRequest, Image, ModelVersion, Ranking, Variant, utcnow
 from hive import toy
 from hive.editor import (DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS, Editor, EditorInputError,
                          load_image)
+from hive.registry import RegistryError
 from hive_app.auth import Auth, AuthError, Signer
 from hive_app.config import AppConfig
 
@@ -378,8 +379,9 @@ class HiveService:
         return ComparePair(token_, " ".join(instruction.split()), paths[ids[0]], paths[left], paths[right])
 
     def compare_vote(self, token: str | None, pair_token: str, choice: str, seconds: float | None = None) -> int:
-        """Record a vote: left, right, tie or both_bad. The database knows a, b and tie, so
-        "both bad" is stored as a tie (neither version wins)."""
+        """Record a vote: left, right, tie or both_bad. Sides are mapped back to versions (a, b);
+        "both bad" is stored as such (neither version wins; the win-rate tables count it apart
+        from ties of two good outputs)."""
         who = self.auth.for_rank(token)
         if choice not in CHOICES:
             raise AppInputError(f"choice must be one of left, right, tie, both_bad; not {choice!r}")
@@ -388,7 +390,7 @@ class HiveService:
             raise AppInputError("unknown or damaged A/B pair: ask for a new pair")
         if pair.get("by") != who.user_id:
             raise AppInputError("this A/B pair was drawn for another account: ask for a new pair")
-        stored = {"left": "a" if pair["left_a"] else "b", "right": "b" if pair["left_a"] else "a"}.get(choice, "tie")
+        stored = {"left": "a" if pair["left_a"] else "b", "right": "b" if pair["left_a"] else "a"}.get(choice, choice)
         key = hashlib.sha256(pair_token.encode()).hexdigest()[:40]
         with session_scope() as s:
             comp = fb.record_comparison(s, who.user_id, pair["va"], pair["vb"], stored, instruction=pair["ins"],
@@ -398,5 +400,5 @@ class HiveService:
             return comp.id
 
 
-USER_ERRORS = (AppInputError, EditorInputError, AuthError, fb.FeedbackError, ImageError)
+USER_ERRORS = (AppInputError, EditorInputError, AuthError, fb.FeedbackError, ImageError, RegistryError)
 """Errors whose message is meant for the person who sent the input (shown as is)."""

@@ -210,16 +210,22 @@ def build_app(svc: HiveService) -> gr.Blocks:
 
             # ---------------------------------------------------------------- Admin
             with gr.Tab("Admin", id="admin", elem_id="tab-admin", visible=False) as admin_tab:
-                loop_note = "" if jobs.loop_available() else (
-                    " The loop round (`loop_round`) appears here once `hive.loop` provides `run_round`.")
+                kinds = jobs.job_kinds()
+                first_kind = "loop_round" if "loop_round" in kinds else "evaluate"
+                loop_note = (" A **loop round** exports the rankings, trains the reward model, fine-tunes the "
+                             "promoted editor, evaluates it against the promoted one and registers it as a "
+                             "candidate; promote it below when its numbers are better."
+                             if "loop_round" in kinds else
+                             " The loop round (`loop_round`) appears here once `hive.loop` provides `run_round`.")
                 gr.Markdown("Jobs run in a background worker, one of a kind at a time; their state is in the "
                             "database." + loop_note)
                 with gr.Row():
-                    job_kind = gr.Dropdown(label="Job", choices=sorted(jobs.job_kinds()), value="evaluate",
-                                           elem_id="job-kind")
-                    job_config = gr.Textbox(label="Config (JSON)", value=json.dumps(jobs.JOB_KINDS["evaluate"].defaults),
+                    job_kind = gr.Dropdown(label="Job", choices=sorted(kinds), value=first_kind, elem_id="job-kind")
+                    job_config = gr.Textbox(label="Config (JSON)", value=json.dumps(kinds[first_kind].defaults),
                                             elem_id="job-config")
                     start_btn = gr.Button("Start job", variant="primary", elem_id="job-start")
+                job_help = gr.Markdown(kinds[first_kind].description, elem_id="job-help")
+                job_bar = gr.HTML("", elem_id="job-progress")
                 jobs_table = gr.Dataframe(label="Jobs", interactive=False, elem_id="jobs-table")
                 job_log = gr.Textbox(label="Log of the latest job (live)", lines=12, max_lines=12,
                                      interactive=False, elem_id="job-log")
@@ -469,22 +475,34 @@ def build_app(svc: HiveService) -> gr.Blocks:
             try:
                 auth.for_admin(tok)
             except USER_ERRORS:
-                return gr.update(), gr.update(), gr.update(), gr.update()
+                return gr.update(), gr.update(), gr.update(), gr.update(), gr.update()
             runs = jobs.list_jobs()
             rows = [[r.id, r.kind, r.status, str(r.created_at)[:19], str(r.finished_at or "")[:19],
                      (r.error or "")[:80]] for r in runs]
-            log = jobs.read_log(runs[0]) if runs else "(no jobs yet)"
+            # the newest job the worker runs (a `loop` row is the loop's own record of a loop_round job)
+            latest = next((r for r in runs if r.kind in jobs.JOB_KINDS), runs[0] if runs else None)
+            log = jobs.read_log(latest) if latest else "(no jobs yet)"
             versions = svc.editor_versions()
-            vrows = [[v.id, v.name, v.status, v.path, v.metrics.get("toy_success")] for v in versions]
+            names = {v.id: v.name for v in versions}
+            vrows = []
+            for v in versions:
+                m = v.metrics or {}
+                pw = m.get("pairwise_vs_serving") if isinstance(m.get("pairwise_vs_serving"), dict) else {}
+                wtl = f"{pw['wins']}/{pw['ties']}/{pw['losses']}" if {"wins", "ties", "losses"} <= set(pw) else ""
+                vrows.append([v.id, v.name, v.status, names.get(v.parent_id, ""), m.get("toy_success"),
+                              m.get("serving_toy_success"), wtl, v.path])
             return (gr.update(value=rows, headers=["id", "kind", "status", "created", "finished", "error"]),
-                    log, gr.update(value=vrows, headers=["id", "name", "status", "path", "toy success"]),
+                    log, progress_html(latest),
+                    gr.update(value=vrows, headers=["id", "name", "status", "parent", "toy success",
+                                                    "parent's toy success", "vs parent W/T/L (simulated)", "path"]),
                     gr.update(choices=[(f"{v.name} ({v.status})", v.id) for v in versions]))
 
-        admin_outputs = [jobs_table, job_log, versions_table, version_dd]
+        admin_outputs = [jobs_table, job_log, job_bar, versions_table, version_dd]
         timer.tick(admin_view, token, admin_outputs, api_visibility="private")
         admin_tab.select(admin_view, token, admin_outputs, api_visibility="private")
-        job_kind.input(lambda k: json.dumps(jobs.JOB_KINDS[k].defaults) if k in jobs.JOB_KINDS else "{}",
-                       job_kind, job_config, api_visibility="private")
+        job_kind.input(lambda k: (json.dumps(jobs.JOB_KINDS[k].defaults), jobs.JOB_KINDS[k].description)
+                       if k in jobs.JOB_KINDS else ("{}", ""), job_kind, [job_config, job_help],
+                       api_visibility="private")
 
         def start_job(tok, kind, config):
             try:
@@ -510,7 +528,7 @@ def build_app(svc: HiveService) -> gr.Blocks:
                     mv = promote(version_id) if action == "promote" else rollback()
                 except USER_ERRORS as exc:
                     return f"⚠ {exc}", *admin_view(tok)
-                return f"✓ Now serving **{mv.name}**.", *admin_view(tok)
+                return f"✓ Now serving **{mv['name']}**.", *admin_view(tok)
             return fn
 
         promote_btn.click(change_version("promote"), [token, version_dd], [admin_status, *admin_outputs],
@@ -521,19 +539,40 @@ def build_app(svc: HiveService) -> gr.Blocks:
     return demo
 
 
-def promote(version_id: Any):
+def progress_html(run) -> str:
+    """A progress bar for a job: its last `PROGRESS done/total` log line (loop rounds: stages)."""
+    if run is None:
+        return ""
+    done_total = jobs.job_progress(run)
+    what = {"loop_round": "stages"}.get(run.kind, "steps")
+    if done_total is None:
+        text, bar = "no progress reported yet", ""
+    else:
+        done, total = done_total
+        text = f"{done} of {total} {what}"
+        bar = f'<progress value="{done}" max="{max(total, 1)}" style="width: 240px"></progress> '
+    return (f'<div id="job-progress-line">Job {run.id} ({run.kind}) <b>{run.status}</b>: {bar}'
+            f'<span id="job-progress-text">{text}</span></div>')
+
+
+def promote(version_id: Any) -> dict:
+    """Serve an editor version from now on (hive.registry: its folder must be complete)."""
+    from hive import registry
+
     if version_id in (None, ""):
         raise AppInputError("choose an editor version to promote")
-    with session_scope() as s:
-        mv = s.get(fb.ModelVersion, int(version_id))
-        if mv is None or mv.kind != "editor":
-            raise AppInputError(f"unknown editor version {version_id}")
-        return fb.set_model_status(s, mv.id, "promoted")
+    try:
+        ident = int(version_id)
+    except (TypeError, ValueError):
+        raise AppInputError(f"unknown editor version {version_id!r}") from None
+    return registry.promote(ident, "editor")
 
 
-def rollback():
-    with session_scope() as s:
-        return fb.rollback_model(s, "editor")
+def rollback() -> dict:
+    """Go back to the editor promoted before the current one (hive.registry)."""
+    from hive import registry
+
+    return registry.rollback("editor")
 
 
 def build_api(svc: HiveService) -> None:
@@ -610,7 +649,7 @@ def build_api(svc: HiveService) -> None:
 
     @api_errors
     def start_job(token: str, kind: str, config: dict | None = None) -> dict:
-        """Admins: queue a background job (evaluate, fill_queue, loop_round once hive.loop exists)."""
+        """Admins: queue a background job (loop_round, evaluate, tradeoff, fill_queue); returns its run id."""
         auth.for_admin(token)
         return {"run_id": jobs.submit_job(kind, config or {})}
 
@@ -628,13 +667,13 @@ def build_api(svc: HiveService) -> None:
     def promote_version(token: str, version_id: int) -> dict:
         """Admins: serve this editor version from now on."""
         auth.for_admin(token)
-        return {"promoted": promote(version_id).name}
+        return {"promoted": promote(version_id)["name"]}
 
     @api_errors
     def rollback_version(token: str) -> dict:
         """Admins: go back to the editor promoted before the current one."""
         auth.for_admin(token)
-        return {"promoted": rollback().name}
+        return {"promoted": rollback()["name"]}
 
     for fn in (login, guest, next_item, submit_ranking, undo_ranking, compare_pair, compare_vote, start_job,
                job_status, promote_version, rollback_version):

@@ -7,6 +7,7 @@ import pytest
 from gradio_client import Client, handle_file
 from sqlalchemy import select
 
+from db import feedback as fb
 from db.engine import session_scope
 from db.models import Comparison, Ranking, RankingItem, TrainingRun
 from hive import toy
@@ -62,8 +63,11 @@ def test_edit_rank_and_vote_through_the_api(app, client, source):
     ann = login(client, "ann")
     pair = client.predict(ann, api_name="/compare_pair")
     vote = client.predict(ann, pair["pair"], "right", api_name="/compare_vote")
+    pair2 = client.predict(ann, api_name="/compare_pair")
+    vote2 = client.predict(ann, pair2["pair"], "both_bad", api_name="/compare_vote")
     with session_scope(write=False) as s:
         assert s.get(Comparison, vote["comparison_id"]).instruction == pair["instruction"]
+        assert s.get(Comparison, vote2["comparison_id"]).choice == "both_bad"
 
 
 @pytest.mark.parametrize("case, expected", [
@@ -133,8 +137,10 @@ def test_admin_promotes_and_rolls_back_editor_versions(app, client, source):
     assert promoted_first != "tiny-candidate"
     info, _ = edit(client, login(client, "ann"), source)
     assert info["model_version"] == promoted_first
-    with pytest.raises(Exception, match="unknown editor version"):
+    with pytest.raises(Exception, match="no editor model version with id or name '999'"):
         client.predict(admin, 999, api_name="/promote_version")
+    with session_scope(write=False) as s:  # a refused promotion changes nothing
+        assert fb.promoted_version(s, "editor").name == promoted_first
 
 
 def test_only_images_are_served_from_the_data_folder(app, client, source):

@@ -14,7 +14,7 @@ from db import feedback as fb
 from db.engine import session_scope
 from db.models import Comparison, EditRequest, ModelVersion, Ranking, TrainingRun, Variant
 from hive import toy
-from hive_app import jobs
+from hive_app import dashboard, jobs
 from hive_app.auth import AuthError, Signer
 from hive_app.queue import fill_queue, gold_accuracy
 from hive_app.service import USER_ERRORS, AppInputError
@@ -231,8 +231,16 @@ def test_blind_comparison_maps_sides_to_versions(make_service, accounts, tiny_pi
     with pytest.raises(USER_ERRORS, match="damaged"):
         svc.compare_vote(accounts["ann"], pair.token + "0", "tie")
     assert svc.compare_vote(accounts["ann"], pair.token, "both_bad")
+    with session_scope(write=False) as s:  # "both bad" is stored as such, not as a tie
+        assert s.scalars(select(Comparison.choice).order_by(Comparison.id.desc())).first() == "both_bad"
+    pair = svc.compare_pair(accounts["ann"])
+    svc.compare_vote(accounts["ann"], pair.token, "tie")
     with session_scope(write=False) as s:
         assert s.scalars(select(Comparison.choice).order_by(Comparison.id.desc())).first() == "tie"
+        table = dashboard.win_rate_table(s)
+    row = table.iloc[0]
+    assert (row["ties"], row["both bad"], row["votes"]) == (1, 1, 8)
+    assert row["wins 1"] + row["wins 2"] == 6
     assert len(seen_left) == 2  # sides are shuffled (6 pairs: both sides seen with prob. 1 - 2/64)
 
 
@@ -282,13 +290,15 @@ def test_loop_round_is_offered_only_when_the_loop_exists():
 
 
 def test_a_loop_module_plugs_in_as_the_loop_round_job(svc, hive, monkeypatch, tiny_pipeline):
-    """The contract for `hive.loop` (not built yet): `run_round(config, log, progress) -> dict`; a
-    `produced_version_id` in the result is recorded on the job. A stand-in module checks the wiring."""
+    """The contract with `hive.loop`: `run_round(config, log, progress) -> dict`; a
+    `produced_version_id` in the result is recorded on the job, progress lines feed the Admin tab's
+    bar. A stand-in module checks the wiring fast (the browser test runs a real round)."""
     import sys
     import types
 
-    if jobs.loop_available():
-        pytest.skip("hive.loop exists: its own tests cover it")
+    from hive_app.ui import progress_html
+
+    jobs.JOB_KINDS.pop("loop_round", None)  # registered again below, on the stand-in
     calls = []
 
     def run_round(config, log, progress):
@@ -307,8 +317,49 @@ def test_a_loop_module_plugs_in_as_the_loop_round_job(svc, hive, monkeypatch, ti
             produced = s.get(ModelVersion, run.produced_version_id)
         assert run.status == "succeeded" and produced.name == "round-1" and calls == [{"rounds": 1}]
         assert "stand-in round" in jobs.read_log(run)
+        assert jobs.job_progress(run) == (1, 1)
+        assert "1 of 1 stages" in progress_html(run) and "succeeded" in progress_html(run)
     finally:
         jobs.JOB_KINDS.pop("loop_round", None)
+
+
+def test_loop_round_job_offers_the_loop_settings():
+    if not jobs.loop_available():
+        pytest.skip("hive.loop is not there")
+    from hive.loop import DEFAULTS
+
+    defaults = jobs.job_kinds()["loop_round"].defaults
+    assert defaults and all(defaults[k] == DEFAULTS[k] for k in defaults)
+    assert {"method", "cycle", "steps"} <= set(defaults)
+
+
+def test_tradeoff_job_stores_a_curve_that_the_dashboard_draws(svc, hive, accounts, tmp_path, tiny_pipeline):
+    from hive_app import dashboard
+    from tests.test_reward_model import build_tiny_clip
+
+    clip = build_tiny_clip(tmp_path / "clip")
+    run_id = jobs.submit_job("tradeoff", {"n": 1, "steps": 1, "clip": str(clip)})
+    assert jobs.JobWorker(svc).run_one()
+    with session_scope(write=False) as s:
+        run = s.get(TrainingRun, run_id)
+        version = fb.promoted_version(s, "editor")
+    assert run.status == "succeeded", run.error
+    curve = version.metrics["tradeoff"]
+    assert [p["image_guidance"] for p in curve["points"]] == [1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2]
+    assert curve["clip"] == str(clip) and jobs.job_progress(run) == (7, 7)
+    with pytest.raises(AppInputError, match="no editor version"):
+        jobs._editor_version(jobs.JobContext(0, {"version": "nope"}, svc, tmp_path / "log"))
+    # a candidate with a simulated blind comparison against its parent (what a loop round records)
+    with session_scope() as s:
+        fb.register_model_version(s, "editor", "cand", str(tiny_pipeline), parent_id=version.id, metrics={
+            "pairwise_vs_serving": {"wins": 6, "ties": 3, "losses": 1, "annotators": 3, "n": 10}})
+    d = dashboard.build()
+    lines = d["tradeoff"].axes[0].get_lines()
+    assert [ln.get_label() for ln in lines] == [version.name] and len(lines[0].get_xdata()) == 7
+    sim = d["wins"][d["wins"]["source"].str.startswith("simulated")].iloc[0]
+    assert (sim["version 1"], sim["version 2"], sim["wins 1"], sim["wins 2"], sim["ties"]) == (
+        "cand", version.name, 6, 1, 3)
+    assert sim["win rate 1"] == 0.6 and sim["95% CI 1"] == "0.31–0.83"
 
 
 def test_queue_command(svc, hive, tmp_path, capsys, monkeypatch):

@@ -1,6 +1,7 @@
 """The app in real headless Chromium: a visitor edits and ranks, an annotator works through the
-queue, an admin runs a job and sees it finish, a non-admin cannot reach admin actions; bad input
-through the UI gets a clear message and writes nothing. Also takes the README's screenshots."""
+queue and votes in the blind A/B, an admin runs a loop round on tiny models and sees it finish,
+promotes its candidate and rolls back, a non-admin cannot reach admin actions; bad input through
+the UI gets a clear message and writes nothing. Also takes the README's screenshots of each tab."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from sqlalchemy import select
 
 from db import feedback as fb
 from db.engine import session_scope
-from db.models import EditRequest, Ranking, TrainingRun, User
+from db.models import Comparison, EditRequest, Ranking, TrainingRun, User
 from hive import toy
 from hive_app.queue import fill_queue
 from tests.app_fixtures import bad_files  # noqa: F401
@@ -152,35 +153,77 @@ def test_annotator_works_through_the_queue(page: Page, app, tmp_path, shots):
     page.screenshot(path=str(shots / "compare.png"), full_page=True)
     page.locator("#vote-left").click()
     status(page, "compare-status").to_contain_text("Vote saved")
+    page.locator("#vote-both_bad").click()
+    status(page, "compare-status").to_contain_text("Vote saved (both bad")
+    with session_scope(write=False) as s:
+        choices = [c.choice for c in s.scalars(select(Comparison).order_by(Comparison.id))]
+    assert choices[-1] == "both_bad" and choices[-2] in ("a", "b")
+
+
+def test_admin_runs_a_loop_round_and_promotes_its_candidate(page: Page, app, shots, tmp_path_factory):
+    import json
+
+    from hive import registry
+    from hive.simulate import simulate
+    from tests.test_reward_model import build_tiny_clip
+
+    clip = build_tiny_clip(tmp_path_factory.mktemp("browser_clip") / "clip")
+    simulate(None, 4, variants=3, annotators=1, progress=False)  # rankings to learn from (editor-free stand-ins)
+    served = registry.promoted("editor")
+    # a loop round on tiny models: every stage runs (export, reward, data, fine-tune, evaluate, register)
+    config = {"name": "browser-candidate", "toy_n": 4, "steps": 2, "batch_size": 2, "warmup_steps": 1,
+              "ema_decay": None, "checkpoint_every": 1, "reward_backbone": str(clip), "reward_steps": 2,
+              "reward_batch_size": 2, "reward_hidden": 16, "reward_freeze_layers": 1, "eval_n": 2, "eval_steps": 1,
+              "eval_batch": 2, "score_batch": 16}
+    sign_in(page, "boss")
+    tab(page, "Admin")
+    expect(page.locator("#job-kind input")).to_have_value("loop_round")  # the loop round is offered first
+    expect(page.locator("#job-help")).to_contain_text("fine-tune")
+    page.locator("#job-config textarea, #job-config input").first.fill(json.dumps(config))
+    page.locator("#job-start").click()
+    status(page, "admin-status").to_contain_text("(loop_round) queued")
+    # live progress and log, refreshed by the timer while the round runs
+    expect(page.locator("#job-log textarea")).to_have_value(re.compile(r"\[export\] start"), timeout=120_000)
+    expect(page.locator("#job-progress")).to_contain_text("loop_round", timeout=10_000)
+    expect(page.locator("#job-progress")).to_contain_text("succeeded", timeout=600_000)
+    expect(page.locator("#job-progress-text")).to_have_text("6 of 6 stages")
+    expect(page.locator("#job-log textarea")).to_have_value(re.compile(r"candidate browser-candidate"))
+    expect(page.locator("#versions-table")).to_contain_text("browser-candidate")
+    page.screenshot(path=str(shots / "admin.png"), full_page=True)
+    with session_scope(write=False) as s:
+        runs = {r.kind: r for r in s.scalars(select(TrainingRun))}
+        job, loop_row = runs["loop_round"], runs["loop"]
+        assert (job.status, loop_row.status) == ("succeeded", "succeeded")
+        assert job.produced_version_id == loop_row.produced_version_id is not None
+        cand = s.get(fb.ModelVersion, job.produced_version_id)
+        assert (cand.name, cand.status, cand.parent_id) == ("browser-candidate", "candidate", served["id"])
+        assert "toy_success" in cand.metrics and cand.metrics["pairwise_vs_serving"]["n"] == 2
+    assert registry.promoted("editor")["id"] == served["id"]  # a loop round never promotes by itself
+
+    # promote the candidate, then roll back to the editor promoted before it
+    page.locator("#version-dd input").click()
+    page.get_by_role("option", name="browser-candidate (candidate)").click()
+    page.locator("#promote-btn").click()
+    status(page, "admin-status").to_contain_text("Now serving browser-candidate")
+    assert registry.promoted("editor")["name"] == "browser-candidate"
+    page.locator("#rollback-btn").click()
+    status(page, "admin-status").to_contain_text(f"Now serving {served['name']}")
+    assert registry.promoted("editor")["id"] == served["id"] == app.running.service.served
+
+    # a trade-off sweep of the promoted editor, for the dashboard's trade-off plot
+    page.locator("#job-kind input").click()
+    page.get_by_role("option", name="tradeoff").click()
+    expect(page.locator("#job-help")).to_contain_text("trade-off")
+    page.locator("#job-config textarea, #job-config input").first.fill(
+        json.dumps({"n": 2, "steps": 1, "clip": str(clip)}))
+    page.locator("#job-start").click()
+    status(page, "admin-status").to_contain_text("(tradeoff) queued")
+    expect(page.locator("#job-progress")).to_contain_text("succeeded", timeout=300_000)
+    expect(page.locator("#job-progress-text")).to_have_text("7 of 7 steps")
     tab(page, "Dashboard")
     status(page, "dash-summary").to_contain_text("rankings by")
     page.wait_for_timeout(1500)  # let the plots draw
     page.screenshot(path=str(shots / "dashboard.png"), full_page=True)
-
-
-def test_admin_starts_a_job_and_sees_it_finish(page: Page, app, shots):
-    sign_in(page, "boss")
-    tab(page, "Admin")
-    page.locator("#job-config textarea, #job-config input").first.fill('{"n": 2, "steps": 2}')
-    page.locator("#job-start").click()
-    status(page, "admin-status").to_contain_text("queued")
-    expect(page.locator("#jobs-table")).to_contain_text("succeeded", timeout=90_000)
-    expect(page.locator("#job-log textarea")).to_have_value(re.compile("finished"), timeout=10_000)
-    page.screenshot(path=str(shots / "admin.png"), full_page=True)
-    with session_scope(write=False) as s:
-        runs = s.scalars(select(TrainingRun)).all()
-    assert [(r.kind, r.status) for r in runs] == [("evaluate", "succeeded")]
-    # promote the candidate, then roll back to the editor promoted before it
-    page.locator("#version-dd input").click()
-    page.get_by_role("option", name="tiny-candidate (candidate)").click()
-    page.locator("#promote-btn").click()
-    status(page, "admin-status").to_contain_text("Now serving tiny-candidate")
-    page.locator("#rollback-btn").click()
-    status(page, "admin-status").to_contain_text("Now serving")
-    expect(page.locator("#admin-status")).not_to_contain_text("tiny-candidate")
-    with session_scope(write=False) as s:
-        promoted = fb.promoted_version(s, "editor")
-    assert promoted.name != "tiny-candidate" and promoted.id == app.running.service.served
 
 
 def test_non_admin_cannot_reach_admin_actions(page: Page, app):
