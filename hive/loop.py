@@ -144,6 +144,41 @@ def _locked(work: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _round_held(work: Path) -> bool:
+    """Whether a live process holds the round's lock now (the lock goes with its process, so a
+    killed round holds nothing, while its row still says `running`)."""
+    import fcntl
+
+    lock = work / ".lock"
+    if not lock.exists():
+        return False
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def fail_interrupted_runs() -> list[int]:
+    """Mark failed the `running` loop rows whose process is gone; a round still running (from
+    the command line, say) is left alone. For the app's start-up, which cannot tell otherwise:
+    failing every `running` row would also fail a live round. Returns the ids marked."""
+    from sqlalchemy import select
+
+    from db import feedback as fb
+    from db.engine import session_scope
+    from db.models import TrainingRun
+
+    with session_scope() as s:
+        rows = s.scalars(select(TrainingRun).where(TrainingRun.kind == RUN_KIND, TrainingRun.status == "running"))
+        stale = [r for r in rows if not (r.config.get("work_dir") and _round_held(Path(r.config["work_dir"])))]
+        for r in stale:
+            fb.finish_training_run(s, r.id, "failed", error="interrupted: its process stopped")
+        return [r.id for r in stale]
+
+
 def _loop_runs():
     from sqlalchemy import select
 

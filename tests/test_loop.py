@@ -237,3 +237,19 @@ def test_the_app_runs_a_loop_round_as_a_background_job(tiny_clip, hive, tiny_pip
     text = jobs.read_log(job)
     assert "PROGRESS 6/6" in text and "registered" in text
     assert digest(served) == before and svc.editor_version().id == svc.served  # still serving the same editor
+
+
+def test_only_rounds_whose_process_is_gone_are_marked_interrupted(hive):
+    """What the app's start-up needs: a round running elsewhere (it holds its lock) stays running."""
+    from hive.loop import _locked, _start_row, fail_interrupted_runs
+
+    live_dir, dead_dir = hive.home / "loop" / "live", hive.home / "loop" / "dead"
+    live, dead = (_start_row({}, "k", d, None, None) for d in (live_dir, dead_dir))
+    with _locked(dead_dir):
+        pass  # a round that took its lock and was killed: the lock went with its process
+    with _locked(live_dir):  # a round still running
+        assert fail_interrupted_runs() == [dead]
+        with session_scope(hive.url, write=False) as s:
+            assert s.get(TrainingRun, live).status == "running"
+            assert s.get(TrainingRun, dead).status == "failed" and "interrupted" in s.get(TrainingRun, dead).error
+    assert fail_interrupted_runs() == [live]  # its process stopped too
