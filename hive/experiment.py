@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -183,15 +184,7 @@ def picture_grid(models: dict[str, Any], out_png: Path, steps: int, per_kind: in
     for r, e in enumerate(examples):
         y = 20 + r * (cell + text_h + pad)
         draw.text((pad, y + 4), f"[{e.edit.kind}]", fill=(90, 90, 90))
-        words, line, lines = e.edit.instruction.split(), "", []
-        for w in words:
-            if len(line) + len(w) + 1 > 38:
-                lines.append(line)
-                line = w
-            else:
-                line = f"{line} {w}".strip()
-        lines.append(line)
-        for i, text in enumerate(lines):
+        for i, text in enumerate(textwrap.wrap(e.edit.instruction, 38)):
             draw.text((pad, y + 20 + 12 * i), text, fill=(0, 0, 0))
         images = [e.input_image, e.clean_image] + [outputs[m][r] for m in models]
         for c, im in enumerate(images):
