@@ -97,6 +97,13 @@ def normalise(config: dict | None) -> dict:
                 raise LoopError(f"{key}: {cfg[key]} does not exist")
     if cfg["data"] is not None and not (Path(cfg["data"]) / "metadata.jsonl").exists():
         raise LoopError(f"data: {cfg['data']} has no metadata.jsonl")
+    if cfg["name"] is not None:
+        from hive.registry import RegistryError, check_name
+
+        try:
+            check_name(cfg["name"])
+        except RegistryError as e:
+            raise LoopError(str(e)) from None
     if not isinstance(cfg["tradeoff_n"], int) or cfg["tradeoff_n"] < 0:
         raise LoopError(f"tradeoff_n must be a whole number >= 0, not {cfg['tradeoff_n']!r}")
     if cfg["pairwise_n"] is not None and (not isinstance(cfg["pairwise_n"], int) or cfg["pairwise_n"] < 1):
@@ -302,6 +309,8 @@ def run_round(config: dict | None = None, log: Log | None = None, progress: Prog
             if previous.status == "running":  # its process is gone (we hold the lock): it crashed
                 _finish_row(previous.id, "failed", error="interrupted; resumed by a later run")
             return _run_locked(work, cfg, key, log, progress, resume_of=previous.id)
+    if cfg["name"] is not None and _registered("editor", cfg["name"]):
+        raise LoopError(f"an editor named {cfg['name']!r} is registered already: choose another name")
     run_id = _start_row(cfg, key, None, None, None)
     work = _round_dir(run_id)
     with _locked(work):
@@ -425,7 +434,8 @@ def stage_reward(rnd: Round) -> dict:
         report = train_reward(rankings, rnd.work / "reward", tc)
         name = f"reward-round{rnd.round_id}"
         path = registry.models_root() / "reward" / name
-        if not _registered_at("reward", name, path):  # else: registered before a crash, kept as it is
+        done = _registered("reward", name)  # registered before a crash, state.json not written: kept as it is
+        if done is None or Path(done["path"]) != path.resolve():  # (publishing again would be refused)
             path = registry.publish(rnd.work / "reward" / "model", "reward", name)
         keep = ("heldout_pair_accuracy", "heldout_pair_accuracy_with_ties", "true_pair_accuracy",
                 "single_annotator_accuracy", "clip_direction_accuracy", "random_accuracy", "train_requests",
@@ -447,15 +457,11 @@ def stage_reward(rnd: Round) -> dict:
     return {"path": v["path"], "version_id": v["id"], "trained": False}
 
 
-def _registered_at(kind: str, name: str, path: Path) -> bool:
-    """Whether version `name` is registered at `path`: a stage that crashed after registering
-    (before state.json recorded it) must not publish again, which the registry would refuse."""
+def _registered(kind: str, name: str) -> dict | None:
+    """The version of `kind` named `name`, if there is one."""
     from hive import registry
 
-    try:
-        return Path(registry.get_version(name, kind)["path"]) == path.resolve()
-    except registry.RegistryError:
-        return False
+    return next((v for v in registry.list_versions(kind) if v["name"] == name), None)
 
 
 def stage_data(rnd: Round) -> dict:

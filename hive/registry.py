@@ -10,6 +10,7 @@ folders under HIVE_HOME/models/<kind>/ and never over a registered model's folde
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,13 @@ def ensure_registered(path: str | Path, kind: str = "editor", promote_if_none: b
         return version_json(mv)
 
 
+def check_name(name: str) -> None:
+    """A version name is a plain folder name: "../x" would publish (and replace) outside models/<kind>/."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
+        raise RegistryError(f"model name {name!r}: use letters, digits, '.', '_' and '-' (at most 128, "
+                            "starting with a letter or digit)")
+
+
 def models_root() -> Path:
     return hive_home() / "models"
 
@@ -195,6 +203,7 @@ def publish(src: str | Path, kind: str, name: str, url: str | None = None) -> Pa
     renamed in). A leftover folder of the same name that no version is registered at (a crash
     between copy and registration) is replaced; a registered one never is."""
     _check_kind(kind)
+    check_name(name)
     dest = models_root() / kind / name
     assert_fresh(dest, url)
     dest.parent.mkdir(parents=True, exist_ok=True)

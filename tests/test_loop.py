@@ -81,7 +81,10 @@ def test_loop_round_registers_a_candidate_and_leaves_the_promoted_editor_untouch
     assert any("candidate" in line for line in logs)
     editor = Editor(cand["path"], device="cpu")  # condition reward: the editor adds the top level itself
     assert editor.prompt_for("make the circle red") == "make the circle red" + TOP
-    # the same config again starts a new round (the last one succeeded)
+    from hive.loop import _find_resumable
+
+    assert _find_resumable(run.config["key"]) is None  # the same config again starts a new round
+    # promotion and rollback are explicit steps
     assert registry.promote(cand["id"])["previous_id"] == served_id
     assert registry.rollback()["id"] == served_id
 
@@ -159,7 +162,8 @@ def test_a_round_without_rankings_or_reward_model_fails_clearly(served, hive):
         run_round({"stepz": 3})
     # bad fine-tuning values are refused up front, not after the reward model has trained
     for bad, message in (({"eta": 0}, "eta"), ({"clip": 0.5}, "clip"), ({"sft": {"stepz": 1}}, "unknown SFT options"),
-                         ({"pairwise_n": 0}, "pairwise_n"), ({"toy_noise": 2}, "toy_noise")):
+                         ({"pairwise_n": 0}, "pairwise_n"), ({"toy_noise": 2}, "toy_noise"),
+                         ({"name": "../../images"}, "model name"), ({"name": "served-editor"}, "registered already")):
         with pytest.raises(LoopError, match=message):
             run_round(bad)
     assert hive.counts()["training_runs"] == 0  # refused before anything was written
@@ -211,6 +215,11 @@ def test_new_models_never_go_into_a_registered_folder(served, hive, tiny_pipelin
         registry.publish(tiny_pipeline, "editor", "cand")
     with pytest.raises(registry.RegistryError, match="already registered"):
         registry.register("editor", "cand", folder)
+    (hive.home / "keep").mkdir()
+    for name in ("../../keep", "a/b", ".hidden", ""):  # a name is one plain folder under models/<kind>/
+        with pytest.raises(registry.RegistryError, match="model name"):
+            registry.publish(tiny_pipeline, "editor", name)
+    assert (hive.home / "keep").exists()
 
 
 def test_the_app_runs_a_loop_round_as_a_background_job(tiny_clip, hive, tiny_pipeline):
