@@ -228,9 +228,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         r = report["pairwise"]
         print(f"blind pairwise, {r['model_a']} vs {r['model_b']} on {r['n']} edits, {r['annotators']} simulated "
               f"annotators each (95% Wilson CIs):")
-        for key in ("win", "tie", "loss"):
+        for key, count in (("win", "wins"), ("tie", "ties"), ("loss", "losses")):
             lo, hi = r[f"{key}_ci"]
-            print(f"  {key:<4} {r[key + 's']:>4}  {r[key + '_rate']:.1%}  [{lo:.1%}, {hi:.1%}]")
+            print(f"  {key:<4} {r[count]:>4}  {r[key + '_rate']:.1%}  [{lo:.1%}, {hi:.1%}]")
     return 0
 
 

@@ -209,3 +209,13 @@ def test_default_annotator_noise_gives_about_72_percent_agreement():
 
     qualities = toy_variant_qualities(40, 2, seed=77_000)
     assert expected_agreement(qualities, PAIRWISE_NOISE, repeats=50) == pytest.approx(0.72, abs=0.04)
+
+
+def test_cli_evaluate_prints_the_pairwise_table(tiny_pipeline, capsys):
+    from hive.cli import main
+
+    assert main(["evaluate", "--model", str(tiny_pipeline), "--no-judge", "--steps", "1", "--against",
+                 str(tiny_pipeline), "--pairwise-n", "2", "--annotator-noise", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "blind pairwise" in out and "95% Wilson" in out
+    assert [line.split()[0] for line in out.splitlines()[-3:]] == ["win", "tie", "loss"]
