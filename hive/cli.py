@@ -79,7 +79,7 @@ def cmd_train_editor(args: argparse.Namespace) -> int:
     config = SFTConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                        ema_decay=None if args.no_ema else args.ema_decay, mixed_precision=args.mixed_precision,
                        checkpoint_every=args.checkpoint_every, gradient_checkpointing=args.gradient_checkpointing,
-                       change_weight=args.change_weight,
+                       change_weight=args.change_weight, high_noise_bias=args.high_noise_bias,
                        min_snr_gamma=args.min_snr_gamma if args.min_snr_gamma > 0 else None,
                        channels_last=args.channels_last, compile=args.compile, dataloader_workers=args.workers)
     t = time.time()
@@ -311,10 +311,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def _reward_config(args: argparse.Namespace):
     from hive.train_reward import RewardTrainConfig
 
-    return RewardTrainConfig(backbone=args.backbone, loss=args.loss, steps=args.steps, batch_size=args.batch_size,
-                             lr=args.lr, head_lr=args.head_lr, freeze_layers=args.freeze_layers,
-                             test_fraction=args.test_fraction, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                             mixed_precision=args.mixed_precision)
+    # options left unset take RewardTrainConfig's defaults (the measured best, see docs/reward.md)
+    names = ("backbone", "loss", "steps", "batch_size", "lr", "head_lr", "freeze_layers", "hidden", "head_type",
+             "patch_layers", "ensemble", "val_fraction", "patience", "eval_every", "dropout", "test_fraction", "seed",
+             "checkpoint_every", "mixed_precision")
+    values = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    if isinstance(values.get("patch_layers"), str):
+        values["patch_layers"] = [int(x) for x in values["patch_layers"].split(",")]
+    return RewardTrainConfig(**values)
 
 
 def cmd_train_reward(args: argparse.Namespace) -> int:
@@ -370,14 +374,14 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_reward_experiment(args: argparse.Namespace) -> int:
-    from hive.editor import Editor
     from hive.train_reward import run_experiment
 
     curve = [int(x) for x in args.curve.split(",")] if args.curve else None
     try:
-        report = run_experiment(Path(args.out), None if args.stand_in else Editor(args.model), requests=args.requests,
+        report = run_experiment(Path(args.out), args.model, stand_in=args.stand_in, requests=args.requests,
                                 test_requests=args.test_requests, variants=args.variants, annotators=args.annotators,
-                                curve=curve, config=_reward_config(args), steps=args.sample_steps, batch=args.batch)
+                                curve=curve, config=_reward_config(args), steps=args.sample_steps, batch=args.batch,
+                                sim_dir=Path(args.sim) if args.sim else None, resample=args.resample)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -458,11 +462,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true", help="NHWC weights (pays on GPUs; bench train)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (kernels cached on disk)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader processes that build batches ahead")
+    p.add_argument("--min-snr-gamma", type=float, default=5.0, help="min-SNR loss weighting; 0 turns it off")
+    p.add_argument("--high-noise-bias", type=float, default=0.0,
+                   help="draw more high-noise timesteps (0: uniform; the toy recipe uses 1)")
     p.add_argument("--change-weight", type=float, default=0.0,
                    help="extra loss weight on latent pixels the edit changes (the toy recipe uses 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--min-snr-gamma", type=float, default=5.0, help="min-SNR loss weighting; 0 turns it off")
     p.set_defaults(func=cmd_train_editor)
 
     p = train.add_parser("export", help="write the newest checkpoint of an editor run as a pipeline folder")
@@ -565,16 +571,27 @@ def build_parser() -> argparse.ArgumentParser:
                        "openai/clip-vit-large-patch14 for real photos)")
         p.add_argument("--loss", choices=["bt", "pl"], default="bt",
                        help="bt: Bradley-Terry over all pairs of a ranking (ties 0.5); pl: Plackett-Luce")
-        p.add_argument("--steps", type=int, default=600)
-        p.add_argument("--batch-size", type=int, default=16, help="rankings per step")
-        p.add_argument("--lr", type=float, default=1e-4, help="backbone learning rate")
-        p.add_argument("--head-lr", type=float, default=1e-3)
-        p.add_argument("--freeze-layers", type=int, default=2,
-                       help="freeze embeddings and the lowest N layers of both towers (-1: the whole backbone)")
-        p.add_argument("--test-fraction", type=float, default=0.2, help="held-out requests")
-        p.add_argument("--checkpoint-every", type=int, default=200)
-        p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
-        p.add_argument("--seed", type=int, default=0)
+        # defaults (None here): RewardTrainConfig in hive/train_reward.py
+        p.add_argument("--steps", type=int, help="most training steps (per ensemble member)")
+        p.add_argument("--batch-size", type=int, help="rankings per step")
+        p.add_argument("--lr", type=float, help="backbone learning rate")
+        p.add_argument("--head-lr", type=float)
+        p.add_argument("--freeze-layers", type=int,
+                       help="freeze embeddings and the lowest N layers of both towers (-1, default: the whole "
+                            "backbone; the heads then train on features computed once)")
+        p.add_argument("--head-type", choices=["change", "global"],
+                       help="change: pooled change + patch-difference tokens + text cross-attention; global: pooled")
+        p.add_argument("--patch-layers", help="vision hidden states compared patchwise, e.g. -1 or 0,-1")
+        p.add_argument("--hidden", type=int, help="head width")
+        p.add_argument("--dropout", type=float)
+        p.add_argument("--ensemble", type=int, help="heads averaged (each validates on its own fold)")
+        p.add_argument("--val-fraction", type=float, help="train requests held out for early stopping (0: none)")
+        p.add_argument("--patience", type=int, help="validations without improvement before stopping")
+        p.add_argument("--eval-every", type=int, help="steps between validations (0: one epoch)")
+        p.add_argument("--test-fraction", type=float, help="held-out requests")
+        p.add_argument("--checkpoint-every", type=int)
+        p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+        p.add_argument("--seed", type=int)
         p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("train-reward", help="train the reward model on rankings (db or export); register it")
@@ -610,6 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, help="requests per pipeline call")
     p.add_argument("--stand-in", action="store_true", help="variants from the toy noise model instead of the editor "
                    "(an editor-free check of the reward model)")
+    p.add_argument("--sim", help="the simulated store (default OUT/home): sampled once, reused by later runs with "
+                   "the same settings and editor; or an exported dataset of one")
+    p.add_argument("--resample", action="store_true", help="sample the simulation again (e.g. the editor changed)")
     reward_train_args(p)
     p.set_defaults(func=cmd_reward_experiment)
 

@@ -87,10 +87,14 @@ def toy_scheduler(prediction_type: str = "v_prediction") -> EulerAncestralDiscre
     source and the instruction, so the first, noisiest sampling steps should already see the
     edited image; an epsilon model's estimate of the image there is the noisy latent minus a
     predicted noise, its error amplified ~1/alpha_bar (~200x at t=950), and a 1,000-step CPU run
-    painted random scenes although its estimates at t <= 700 were right (docs/toy-zoo-training.md)."""
+    painted random scenes although its estimates at t <= 700 were right (docs/toy-zoo-training.md).
+    With SD's schedule the noisiest training step still holds 7% of the target, so a small model
+    learns to read the edit from the noisy latent instead of the source, and fails when sampling
+    starts from pure noise; a zero-terminal-SNR schedule ("Common diffusion noise schedules are
+    flawed", Lin et al. 2023) with trailing timesteps leaves it nothing to read there."""
     return EulerAncestralDiscreteScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type=prediction_type, timestep_spacing="leading", steps_offset=1,
+        prediction_type=prediction_type, timestep_spacing="trailing", rescale_betas_zero_snr=True,
     )
 
 
