@@ -45,6 +45,9 @@ class SFTConfig:
     # On the toy world an edit changes a few percent of the image; unweighted, the UNet spends most
     # of its early training learning to copy the source. 0 (off) is diffusers' loss.
     change_weight: float = 0.0
+    # > 0: draw more high-noise timesteps (t = T * u ** (1 / (1 + bias))); there the edit must be
+    # read from the source and the instruction, as the noisy latent holds (almost) nothing.
+    high_noise_bias: float = 0.0
     # fast path (hive.fastpath; `python -m hive bench train` measures it): with mixed_precision
     # "bf16" on a GPU, fused AdamW, channels-last weights and torch.compile of the UNet pay;
     # DataLoader workers build the next batches while the current one trains.
@@ -86,7 +89,7 @@ def sft_loss(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPT
              tokenizer: CLIPTokenizer, noise_scheduler: DDPMScheduler, batch: TripletBatch,
              generator: torch.Generator, min_snr_gamma: float | None,
              weights: torch.Tensor | None = None, null_text: torch.Tensor | None = None,
-             change_weight: float = 0.0) -> torch.Tensor:
+             change_weight: float = 0.0, high_noise_bias: float = 0.0) -> torch.Tensor:
     """The InstructPix2Pix denoising loss of one batch (mean over examples). `null_text`, the
     embedding of the empty prompt, can be passed in so a training loop computes it once."""
     device = batch.source.device
@@ -100,8 +103,12 @@ def sft_loss(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPT
         if null_text is None:
             null_text = encode_prompts(tokenizer, text_encoder, [""], device)
     noise = torch.randn(target_latents.shape, generator=generator, device=device)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator,
-                              device=device)
+    num_t = noise_scheduler.config.num_train_timesteps
+    if high_noise_bias > 0:
+        u = torch.rand(bsz, generator=generator, device=device)
+        timesteps = (num_t * u ** (1.0 / (1.0 + high_noise_bias))).long().clamp(max=num_t - 1)
+    else:
+        timesteps = torch.randint(0, num_t, (bsz,), generator=generator, device=device)
     noisy = noise_scheduler.add_noise(target_latents, noise, timesteps)
     # conditioning dropout: p<.05 text only, .05-.10 both, .10-.15 image only
     p = torch.rand(bsz, generator=generator, device=device)
@@ -203,7 +210,7 @@ def train_sft(base: Path | str, data: TripletSource, out: Path, config: SFTConfi
         weights = weights.to(device) if weights is not None else None
         with accelerator.autocast():
             loss = sft_loss(forward_unet, vae, text_encoder, tokenizer, noise_scheduler, batch, generator,
-                            config.min_snr_gamma, weights, null_text, config.change_weight)
+                            config.min_snr_gamma, weights, null_text, config.change_weight, config.high_noise_bias)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
