@@ -357,8 +357,9 @@ def _run(out: Path, sc: PaperScale, base: str, clip: str | None, docs: Path | No
     if docs is not None:
         docs = Path(docs)
         docs.mkdir(parents=True, exist_ok=True)
-        for name in ("report.md", "tradeoff.png", "grid.png", "report.json"):
-            shutil.copyfile(out / name, docs / name)
+        for name in ("report.md", "tradeoff.png", "grid.png", "report.json"):  # copied beside, then renamed
+            shutil.copyfile(out / name, docs / f".{name}.tmp")
+            os.replace(docs / f".{name}.tmp", docs / name)
     return report
 
 
