@@ -251,8 +251,11 @@ def cmd_bench_edit(args: argparse.Namespace) -> int:
     from hive.bench import bench_edit
     from hive.fastpath import FastOptions
 
-    options = FastOptions.for_device("cuda" if torch.cuda.is_available() else "cpu")
-    for name in ("compile", "channels_last", "fuse_qkv", "compile_mode"):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    options = FastOptions.for_device(device)
+    if args.compile is not None:  # the GPU: torch.compile; the CPU: the UNet's ahead-of-time package
+        options = options.with_compile(args.compile, device)
+    for name in ("channels_last", "fuse_qkv", "compile_mode"):
         if getattr(args, name) is not None:
             options = replace(options, **{name: getattr(args, name)})
     result = bench_edit(args.model, variants=args.variants, steps=args.steps, repeats=args.repeats,

@@ -41,31 +41,44 @@ class FastOptions:
 
     channels_last: bool = False  # NHWC weights for the UNet and VAE (tensor cores, oneDNN)
     fuse_qkv: bool = False  # one matmul for Q, K and V (self-attention), K and V (cross-attention)
-    compile: bool = False  # torch.compile the UNet and the VAE decoder
+    compile: bool = False  # torch.compile the UNet and the VAE decoder (in process; kernels cached on disk)
     compile_mode: str | None = None  # inductor mode ("max-autotune-no-cudagraphs", "reduce-overhead", ...)
     freeze: bool = False  # inductor freezing: weights become constants, prepacked for oneDNN (CPU)
     compile_vae: bool = True  # with `compile`: also the VAE decoder
+    # AOTInductor package of the UNet on disk (a shared library with the weights frozen in; loads
+    # in about a second, no tracing): True builds it if missing (minutes, once per model), None
+    # uses it only if it is there, False never
+    aot: bool | None = False
     cudnn_benchmark: bool = False  # let cuDNN pick the fastest convolution for the fixed shapes
 
     @classmethod
     def for_device(cls, device: torch.device | str) -> "FastOptions":
-        """What pays on this device. Environment overrides: HIVE_COMPILE=0/1,
-        HIVE_COMPILE_MODE=<inductor mode>."""
+        """What pays on this device (docs/speed.md). Environment: HIVE_COMPILE=0 compiles nothing,
+        HIVE_COMPILE=1 compiles where it is opt-in (the CPU's UNet package), HIVE_COMPILE_MODE sets
+        the inductor mode."""
         device = torch.device(device)
-        if device.type == "cuda":
-            opts = cls(channels_last=True, fuse_qkv=True, compile=True, compile_mode="max-autotune-no-cudagraphs",
-                       cudnn_benchmark=True)
-        else:
-            # Measured on the 2-core AVX-512 Xeon (docs/speed.md): the lean loop pays; a cold
-            # inductor compile costs minutes of CPU there, so compiling is opt-in (HIVE_COMPILE=1)
-            # and then uses freezing and the on-disk cache.
-            opts = cls(channels_last=False, compile=False, freeze=True)
         env = os.environ.get("HIVE_COMPILE")
-        if env is not None:
-            opts = replace(opts, compile=env.strip().lower() not in ("", "0", "false", "no", "off"))
+        wanted = None if env is None else env.strip().lower() not in ("", "0", "false", "no", "off")
+        if device.type == "cuda":
+            # inductor's default mode: the anchor compiled SD-1.5's UNet in 78 s on an H200;
+            # max-autotune takes minutes more (HIVE_COMPILE_MODE to try it, or reduce-overhead)
+            opts = cls(channels_last=True, fuse_qkv=True, compile=wanted is not False, cudnn_benchmark=True)
+        else:
+            # 2-core AVX-512 Xeon (docs/speed.md): the lean loop pays 1.1x; inductor with freezing
+            # about 1.3x more, but compiling costs minutes of CPU, so the UNet is compiled ahead of
+            # time into a package on disk when asked (HIVE_COMPILE=1, bench edit --compile), and
+            # every later process loads that package if it is there.
+            opts = cls(freeze=True, aot=None if wanted is None else wanted)
         if os.environ.get("HIVE_COMPILE_MODE"):
             opts = replace(opts, compile_mode=os.environ["HIVE_COMPILE_MODE"])
         return opts
+
+    def with_compile(self, on: bool, device: torch.device | str) -> "FastOptions":
+        """Compile, or not, the way that pays on the device: on a GPU torch.compile in process, on
+        the CPU the UNet's ahead-of-time package (built if missing)."""
+        if torch.device(device).type == "cuda":
+            return replace(self, compile=on, aot=self.aot if on else False)
+        return replace(self, compile=False, aot=on)
 
 
 def fast_default() -> bool:
@@ -118,6 +131,119 @@ def compile_module(fn: Callable, options: FastOptions, device: torch.device) -> 
     return torch.compile(fn, mode=options.compile_mode, **kwargs)
 
 
+# ---------------------------------------------------------------- ahead-of-time UNet packages
+AOT_MIN_BATCH, AOT_MAX_BATCH = 2, 63  # diffusers' upsampler branches at batch 64; larger batches go in chunks
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A hash of a module's weights (frozen into a package, so the package is only valid for them)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def unet_package_path(unet, latent_hw: tuple[int, int], text_shape: tuple[int, int], options: FastOptions,
+                      device: torch.device) -> Path:
+    """Where the package for this UNet (weights, dtype, layout), input shapes, device and torch
+    version lives in the compile cache."""
+    import hashlib
+    import json
+
+    p = next(unet.parameters())
+    key = json.dumps({"weights": weights_fingerprint(unet), "config": dict(unet.config), "dtype": str(p.dtype),
+                      "device": device.type, "torch": torch.__version__, "latent": list(latent_hw),
+                      "text": list(text_shape), "channels_last": options.channels_last, "freeze": options.freeze,
+                      "mode": options.compile_mode}, sort_keys=True, default=str)
+    return compile_cache_dir() / "aot" / f"unet-{hashlib.blake2b(key.encode(), digest_size=12).hexdigest()}.pt2"
+
+
+class _UNetForExport(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+def build_unet_package(unet, latent_hw: tuple[int, int], text_shape: tuple[int, int], options: FastOptions,
+                       path: Path) -> Path:
+    """torch.export the UNet (batch dynamic within AOT_MIN_BATCH..AOT_MAX_BATCH) and compile it with
+    AOTInductor into `path` (written beside it and renamed: a crash leaves no broken package)."""
+    from torch.export import Dim
+
+    use_compile_cache()
+    p = next(unet.parameters())
+    batch = Dim("batch", min=AOT_MIN_BATCH, max=AOT_MAX_BATCH)
+    example = (torch.randn(6, unet.config.in_channels, *latent_hw, device=p.device, dtype=p.dtype),
+               torch.tensor(500.0, device=p.device),
+               torch.randn(6, *text_shape, device=p.device, dtype=p.dtype))
+    configs: dict[str, Any] = {"freezing": options.freeze}
+    if options.compile_mode not in (None, "default"):
+        from torch._inductor import list_mode_options
+
+        configs.update(list_mode_options(options.compile_mode))
+    with torch.no_grad():
+        exported = torch.export.export(_UNetForExport(unet).eval(), example,
+                                       dynamic_shapes=({0: batch}, None, {0: batch}), strict=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp), inductor_configs=configs)
+    os.replace(tmp, path)
+    return path
+
+
+class PackagedUNet:
+    """Calls a UNet package like the UNet itself (`unet(sample, t, encoder_hidden_states=...,
+    return_dict=False)[0]`); batches outside the package's range go in chunks, or to the UNet."""
+
+    def __init__(self, package, unet, latent_hw: tuple[int, int]):
+        self.package, self.unet, self.latent_hw = package, unet, tuple(latent_hw)
+
+    def __call__(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, return_dict: bool = False,
+                 **kwargs) -> tuple[torch.Tensor]:
+        t = torch.as_tensor(timestep, device=sample.device)
+        if (kwargs and any(v is not None for v in kwargs.values())) or t.numel() != 1 \
+                or tuple(sample.shape[-2:]) != self.latent_hw or sample.shape[0] < AOT_MIN_BATCH:
+            return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False, **kwargs)
+        t = t.reshape(()).to(torch.float32)
+        outs = []
+        for start in range(0, sample.shape[0], AOT_MAX_BATCH):
+            x, e = sample[start:start + AOT_MAX_BATCH], encoder_hidden_states[start:start + AOT_MAX_BATCH]
+            if x.shape[0] < AOT_MIN_BATCH:  # a last chunk of one row
+                outs.append(self.unet(x, timestep, encoder_hidden_states=e, return_dict=False)[0])
+                continue
+            out = self.package(x.contiguous(), t, e.contiguous())
+            outs.append(out[0] if isinstance(out, (list, tuple)) else out)
+        return (torch.cat(outs) if len(outs) > 1 else outs[0],)
+
+
+def load_unet_package(pipe, options: FastOptions, device: torch.device, build: bool) -> PackagedUNet | None:
+    """The UNet package for this pipeline from the compile cache: built first if `build` and missing;
+    None if it is missing and not to be built."""
+    import logging
+
+    if not build and not any((compile_cache_dir() / "aot").glob("unet-*.pt2")):
+        return None  # nothing built yet: skip hashing the weights
+    unet = pipe.unet
+    latent_hw = (int(unet.config.sample_size),) * 2 if isinstance(unet.config.sample_size, int) \
+        else tuple(int(v) for v in unet.config.sample_size)
+    text_shape = (int(pipe.tokenizer.model_max_length), int(pipe.text_encoder.config.hidden_size))
+    path = unet_package_path(unet, latent_hw, text_shape, options, device)
+    if not path.exists():
+        if not build:
+            return None
+        logging.getLogger("hive.fastpath").warning(
+            "compiling the UNet ahead of time (once for these weights; minutes on a small CPU) into %s", path)
+        build_unet_package(unet, latent_hw, text_shape, options, path)
+    return PackagedUNet(torch._inductor.aoti_load_package(str(path)), unet, latent_hw)
+
+
 # ---------------------------------------------------------------- the sampler
 class FastSampler:
     """InstructPix2Pix sampling with the pipeline's math and the fast path's tricks.
@@ -139,8 +265,14 @@ class FastSampler:
             pipe.unet.fuse_qkv_projections()
         self.unet: Callable = pipe.unet
         self.vae_decode: Callable = pipe.vae.decode
+        self.packaged = None
+        if opts.aot is not False:  # an ahead-of-time package: loaded if there, built if asked
+            self.packaged = load_unet_package(pipe, opts, self.device, build=opts.aot is True)
+            if self.packaged is not None:
+                self.unet = self.packaged
         if opts.compile:
-            self.unet = compile_module(pipe.unet, opts, self.device)
+            if self.packaged is None:
+                self.unet = compile_module(pipe.unet, opts, self.device)
             if opts.compile_vae:
                 self.vae_decode = compile_module(pipe.vae.decode, opts, self.device)
         step_params = set(inspect.signature(pipe.scheduler.step).parameters)

@@ -18,7 +18,7 @@ def pipes(tiny_pipeline):
 
     def load():
         pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
-            tiny_pipeline, safety_checker=None, requires_safety_checker=False)
+            tiny_pipeline, dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -95,10 +95,56 @@ def test_options_per_device_and_environment(monkeypatch):
     gpu = FastOptions.for_device("cuda")
     assert gpu.compile and gpu.channels_last and gpu.fuse_qkv
     assert not FastOptions.for_device("cpu").compile
+    assert FastOptions.for_device("cpu").aot is None  # a UNet package is used if one was built
     monkeypatch.setenv("HIVE_COMPILE", "1")
     monkeypatch.setenv("HIVE_COMPILE_MODE", "reduce-overhead")
     cpu = FastOptions.for_device("cpu")
-    assert cpu.compile and cpu.compile_mode == "reduce-overhead"
+    assert cpu.aot is True and cpu.compile_mode == "reduce-overhead"  # on the CPU: build the package
+    monkeypatch.setenv("HIVE_COMPILE", "0")
+    assert FastOptions.for_device("cpu").aot is False and not FastOptions.for_device("cuda").compile
+
+
+def test_packaged_unet_chunks_and_falls_back(pipes, tmp_path, monkeypatch):
+    """The package wrapper: batches above the package's range go in chunks, a single row and other
+    shapes to the UNet; no package is looked for when none was built."""
+    from hive import fastpath
+
+    _, ours = pipes
+    unet = ours.unet
+    calls = []
+
+    def fake_package(x, t, e):  # stands in for the compiled library: records the batch sizes it gets
+        calls.append(x.shape[0])
+        assert t.dim() == 0 and t.dtype == torch.float32
+        return [unet(x, t, encoder_hidden_states=e, return_dict=False)[0]]
+
+    monkeypatch.setattr(fastpath, "AOT_MAX_BATCH", 4)
+    packaged = fastpath.PackagedUNet(fake_package, unet, (8, 8))
+    x, e = torch.randn(9, 8, 8, 8), torch.randn(9, 77, 32)
+    with torch.no_grad():
+        got = packaged(x, torch.tensor(321), encoder_hidden_states=e, return_dict=False)[0]
+        want = unet(x, torch.tensor(321), encoder_hidden_states=e, return_dict=False)[0]
+        assert calls == [4, 4]  # 9 rows: two chunks of 4 in the package, the last row through the UNet
+        assert torch.allclose(got, want, atol=1e-5)
+        packaged(torch.randn(3, 8, 16, 16), torch.tensor(1), encoder_hidden_states=e[:3])  # other size: UNet
+        assert calls == [4, 4]
+    monkeypatch.setenv("HIVE_COMPILE_CACHE", str(tmp_path / "empty"))
+    assert fastpath.load_unet_package(ours, FastOptions(aot=None), torch.device("cpu"), build=False) is None
+
+
+def test_package_key_follows_the_weights(pipes, tmp_path, monkeypatch):
+    from hive.fastpath import unet_package_path
+
+    monkeypatch.setenv("HIVE_COMPILE_CACHE", str(tmp_path))
+    reference, ours = pipes
+    key = lambda unet: unet_package_path(unet, (8, 8), (77, 32), FastOptions(freeze=True), torch.device("cpu"))  # noqa: E731
+    assert key(reference.unet) == key(reference.unet)
+    import copy
+
+    changed = copy.deepcopy(reference.unet)
+    with torch.no_grad():
+        changed.conv_out.bias += 1e-3
+    assert key(changed) != key(reference.unet) and key(changed).parent == tmp_path / "aot"
 
 
 def test_compile_with_an_on_disk_cache_runs_on_cpu(tmp_path, monkeypatch):
