@@ -80,6 +80,7 @@ def cmd_train_editor(args: argparse.Namespace) -> int:
                        ema_decay=None if args.no_ema else args.ema_decay, mixed_precision=args.mixed_precision,
                        checkpoint_every=args.checkpoint_every, gradient_checkpointing=args.gradient_checkpointing,
                        change_weight=args.change_weight, high_noise_bias=args.high_noise_bias,
+                       max_minutes=args.max_minutes,
                        min_snr_gamma=args.min_snr_gamma if args.min_snr_gamma > 0 else None,
                        channels_last=args.channels_last, compile=args.compile, dataloader_workers=args.workers)
     t = time.time()
@@ -466,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (kernels cached on disk)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader processes that build batches ahead")
     p.add_argument("--min-snr-gamma", type=float, default=5.0, help="min-SNR loss weighting; 0 turns it off")
+    p.add_argument("--max-minutes", type=float, help="stop (checkpoint + pipeline) after this many minutes; rerun to continue")
     p.add_argument("--high-noise-bias", type=float, default=0.0,
                    help="draw more high-noise timesteps (0: uniform; the toy recipe uses 1)")
     p.add_argument("--change-weight", type=float, default=0.0,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -56,6 +57,9 @@ class SFTConfig:
     fused_optimizer: bool | None = None  # None: fused on CUDA
     dataloader_workers: int = 0
     pin_memory: bool | None = None  # None: when training on CUDA
+    # stop after this many minutes of training (checkpoint, then the pipeline as usual); run the
+    # same command again to continue. For leases of fixed length (a GPU lent for minutes).
+    max_minutes: float | None = None
 
 
 def expand_conv_in(unet: UNet2DConditionModel, in_channels: int | None = None) -> UNet2DConditionModel:
@@ -128,9 +132,10 @@ def sft_loss(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPT
         per_example = err.mean(dim=(1, 2, 3))
     if min_snr_gamma is not None:
         snr = compute_snr(noise_scheduler, timesteps)
-        w = torch.clamp(snr, max=min_snr_gamma) / snr
         if noise_scheduler.config.prediction_type == "v_prediction":
-            w = w * snr / (snr + 1)  # keeps the same weighting in v-space
+            w = torch.clamp(snr, max=min_snr_gamma) / (snr + 1)  # the same weighting, in v-space
+        else:  # min(snr, gamma) / snr, written so a zero-terminal-SNR step (snr = 0) gets weight 1
+            w = torch.where(snr > min_snr_gamma, min_snr_gamma / snr.clamp(min=1e-12), torch.ones_like(snr))
         per_example = per_example * w
     if weights is not None:
         per_example = per_example * weights
@@ -202,6 +207,7 @@ def train_sft(base: Path | str, data: TripletSource, out: Path, config: SFTConfi
     forward_unet = prepare_unet_for_training(unet, compile=config.compile) if config.compile else unet
     pin = config.pin_memory if config.pin_memory is not None else device.type == "cuda"
     batches = step_loader(data, bar.n, config.steps, config.batch_size, config.dataloader_workers, pin)
+    started = time.monotonic()
     for step, batch in zip(bar, batches):
         batch = TripletBatch(batch.source.to(device, non_blocking=pin), batch.edited.to(device, non_blocking=pin),
                              batch.prompts, batch.weights)
@@ -227,6 +233,10 @@ def train_sft(base: Path | str, data: TripletSource, out: Path, config: SFTConfi
             ckpt = save_checkpoint(accelerator, out, step + 1)
             if on_checkpoint is not None and accelerator.is_main_process:
                 on_checkpoint(step + 1, ckpt)
+        elif config.max_minutes is not None and time.monotonic() - started > 60 * config.max_minutes:
+            save_checkpoint(accelerator, out, step + 1)
+            bar.write(f"time budget of {config.max_minutes} min reached at step {step + 1}; run again to continue")
+            break
     accelerator.wait_for_everyone()
     final_unet = accelerator.unwrap_model(unet)
     if ema is not None:

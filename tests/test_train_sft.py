@@ -79,3 +79,42 @@ def test_change_map_weights_changed_latent_cells_and_keeps_mean_one():
     assert torch.allclose(w.mean(dim=(2, 3)), torch.ones(2, 1))
     assert w[0, 0, 0, 0] == w[0].max() and w[0, 0, 0, 0] > 4 * w[0, 0, 3, 3]
     assert torch.allclose(w[1], torch.ones(1, 4, 4))
+
+
+def test_time_budget_stops_at_a_checkpoint_and_a_rerun_continues(tiny_pipeline, tmp_path):
+    data = ToyTriplets(resolution=32)
+    config = dict(batch_size=2, lr=1e-3, warmup_steps=1, checkpoint_every=100)
+    out = tmp_path / "run"
+    train_sft(tiny_pipeline, data, out, SFTConfig(steps=5, max_minutes=0.0, **config))  # budget spent after step 1
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1"]
+    assert (out / "pipeline" / "model_index.json").exists()
+    train_sft(tiny_pipeline, data, out, SFTConfig(steps=5, **config))
+    assert (out / "checkpoints" / "step-5").exists()
+
+
+def test_high_noise_bias_draws_noisier_timesteps(tiny_pipeline):
+    vae, text_encoder, tokenizer, scheduler, unet = load_components(tiny_pipeline)
+    batch = ToyTriplets(resolution=32).batch(0, 64)
+    seen = {}
+    real_unet = unet
+
+    def spy(x, t, text):
+        seen["t"] = t
+        return real_unet(x, t, text)
+
+    for bias in (0.0, 3.0):
+        sft_loss(spy, vae, text_encoder, tokenizer, scheduler, batch, torch.Generator().manual_seed(0), None,
+                 high_noise_bias=bias)
+        seen[bias] = seen["t"].float().mean().item()
+    assert seen[0.0] < 650 < seen[3.0]  # uniform: mean ~500; bias 3: t = T * u**(1/4), mean ~800
+
+
+def test_min_snr_weighting_stays_finite_on_a_zero_terminal_snr_schedule(tiny_pipeline):
+    vae, text_encoder, tokenizer, scheduler, unet = load_components(tiny_pipeline)
+    assert scheduler.config.rescale_betas_zero_snr  # the toy schedule: alpha_bar(T) = 0
+    batch = ToyTriplets(resolution=32).batch(0, 8)
+    for prediction_type in ("v_prediction", "epsilon"):
+        scheduler.register_to_config(prediction_type=prediction_type)
+        loss = sft_loss(unet, vae, text_encoder, tokenizer, scheduler, batch, torch.Generator().manual_seed(0), 5.0,
+                        high_noise_bias=1e6)  # t = T * u ** 1e-6: every t is the last one, snr = 0
+        assert torch.isfinite(loss)
