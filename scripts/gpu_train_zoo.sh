@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Train the toy editor further on a GPU lent for minutes, prepared for a session that has one.
+#
+#   scripts/gpu_check.sh prepare        # HERE, once: the diffusers wheel into .whl/ (the GPU machine lacks it)
+#   scripts/gpu_train_zoo.sh run        # ON THE DEVICE (device tool `run`, carry [".whl"], timeout_s 590)
+#
+# What `run` does inside GPU_TRAIN_BUDGET_S (default 520 s):
+#   1. continues the SFT training of the shipped editor (models/toy-editor: its VAE, text encoder,
+#      scheduler and UNet) on fresh toy edits, batch 256, bf16, DataLoader workers, for the minutes
+#      the budget leaves (the trainer's --max-minutes: it checkpoints and writes the pipeline);
+#   2. judges 300 fresh edits at the default sampling settings (`python -m hive evaluate`);
+#   3. packs the trained pipeline, fp16, into $OUT/toy-editor.tar (one file: the tool returns at most 8).
+# Back here: `tar -xf .../toy-editor.tar -C /tmp && python -m hive train ship --editor /tmp/toy-editor
+#   --clip models/toy-clip`, then `python -m hive evaluate --n 300` on the CPU and commit models/.
+# Dry run on a CPU (checks the script, not the speed):
+#   GPU_TRAIN_NO_WHEELS=1 GPU_TRAIN_PYTHON=.venv/bin/python GPU_TRAIN_BUDGET_S=200 GPU_TRAIN_EVAL_N=8 \
+#   OUT=/tmp/gt scripts/gpu_train_zoo.sh run
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+run() {
+    local budget=${GPU_TRAIN_BUDGET_S:-520} start=$SECONDS
+    local out=${OUT:-/tmp/gpu_train_out} py=${GPU_TRAIN_PYTHON:-python3} work=/tmp/hive-gpu-train
+    mkdir -p "$out" "$work"
+    export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD
+    if [[ -z "${GPU_TRAIN_NO_WHEELS:-}" ]]; then
+        "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/diffusers-*.whl || { echo "no diffusers wheel: run 'scripts/gpu_check.sh prepare' here first"; exit 3; }
+        export PYTHONPATH=/tmp/site:$PWD
+    fi
+    local device workers
+    device=$("$py" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+    workers=$(( $(nproc) > 2 ? $(nproc) - 2 : 0 ))
+    # what is left after training: evaluation (~1 min on a GPU) and packing
+    local minutes
+    minutes=$("$py" -c "print(max(0.5, ($budget - ($SECONDS - $start) - 120) / 60))")
+    local batch=256 precision=bf16
+    [[ $device == cpu ]] && batch=8 precision=no
+    echo "== train editor on $device for $minutes min (batch $batch, $workers workers)"
+    "$py" -m hive train editor --base models/toy-editor --out "$work/editor" --steps 1000000 \
+        --batch-size $batch --lr 1e-3 --mixed-precision $precision --workers "$workers" \
+        --change-weight 4 --high-noise-bias 1 --min-snr-gamma 0 --checkpoint-every 1000 \
+        --max-minutes "$minutes" > "$out/train.log" 2>&1
+    echo "   rc=$?, $(( SECONDS - start ))s used"; tail -c 600 "$out/train.log"; echo
+    cp "$work/editor/loss.jsonl" "$out/loss.jsonl" 2>/dev/null
+    echo "== evaluate 300 fresh edits"
+    "$py" -m hive evaluate --model "$work/editor/pipeline" --n "${GPU_TRAIN_EVAL_N:-300}" --json > "$out/evaluate.log" 2>&1
+    tail -n 1 "$out/evaluate.log" > "$out/evaluate.json"
+    cat "$out/evaluate.json"
+    # fp16, as shipped (the fp32 UNet alone is over the tool's 16 MB a file)
+    mkdir -p "$work/ship"
+    "$py" -m hive train ship --editor "$work/editor/pipeline" --clip models/toy-clip --models "$work/ship" > /dev/null
+    tar -cf "$out/toy-editor.tar" -C "$work/ship" toy-editor
+    ls -la "$out"; echo "done in $(( SECONDS - start ))s"
+}
+
+case "${1:-}" in
+    run) run ;;
+    *) echo "usage: $0 run   (see the header)"; exit 2 ;;
+esac
