@@ -221,12 +221,18 @@ class JobWorker:
         self._thread: threading.Thread | None = None
 
     def recover(self) -> list[int]:
-        """Jobs left `running` by a stopped app cannot be resumed mid-way: mark them failed."""
+        """This worker's jobs left `running` by a stopped app cannot be resumed mid-way: mark them
+        failed. Rows of other kinds (a loop round started from the command line) belong to other
+        processes: hive.loop fails only those whose process is gone."""
         with session_scope() as s:
-            stale = s.scalars(select(TrainingRun).where(TrainingRun.status == "running")).all()
+            stale = s.scalars(select(TrainingRun).where(TrainingRun.status == "running",
+                                                        TrainingRun.kind.in_(list(job_kinds())))).all()
             for run in stale:
                 fb.finish_training_run(s, run.id, "failed", error="interrupted: the app stopped while it ran")
-            return [r.id for r in stale]
+            ids = [r.id for r in stale]
+        if loop_available():
+            ids += importlib.import_module("hive.loop").fail_interrupted_runs()
+        return ids
 
     def start(self) -> None:
         self.recover()

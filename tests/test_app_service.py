@@ -262,9 +262,12 @@ def test_jobs_one_per_kind_run_in_worker_and_survive_restart(svc, hive):
     second = jobs.submit_job("evaluate", {"n": 1, "steps": 1})
     with session_scope() as s:
         fb.mark_training_run_running(s, second)
+    with session_scope() as s:  # a row of another process (not one of the worker's job kinds)
+        other = fb.start_training_run(s, "reward", {}).id  # started running, e.g. from the CLI
     assert worker.recover() == [second]
     with session_scope(write=False) as s:
         assert s.get(TrainingRun, second).status == "failed"
+        assert s.get(TrainingRun, other).status == "running"
     # a failing job is recorded as failed with its error, and the worker goes on
     jobs.register_job_kind("boom", lambda ctx: 1 / 0, "always fails")
     try:
