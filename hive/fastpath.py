@@ -155,7 +155,8 @@ def unet_package_path(unet, latent_hw: tuple[int, int], text_shape: tuple[int, i
     import json
 
     p = next(unet.parameters())
-    key = json.dumps({"weights": weights_fingerprint(unet), "config": dict(unet.config), "dtype": str(p.dtype),
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}  # not where it was loaded from
+    key = json.dumps({"weights": weights_fingerprint(unet), "config": config, "dtype": str(p.dtype),
                       "device": device.type, "torch": torch.__version__, "latent": list(latent_hw),
                       "text": list(text_shape), "channels_last": options.channels_last, "freeze": options.freeze,
                       "mode": options.compile_mode}, sort_keys=True, default=str)
@@ -380,27 +381,31 @@ def unet_flops(unet, batch: int, latent_hw: tuple[int, int], text_len: int, text
     return int(counter.get_total_flops())
 
 
-def matmul_peak_tflops(device: torch.device | str, dtype: torch.dtype | None = None, seconds: float = 0.5) -> float:
+def matmul_peak_tflops(device: torch.device | str, dtype: torch.dtype | None = None, seconds: float = 0.5,
+                       clock: str = "wall") -> float:
     """The chip's matrix rate as measured here (large square matmuls): the ceiling against which
-    the benchmarks report their share. bf16 on CUDA, fp32 on the CPU, unless `dtype` says."""
+    the benchmarks report their share. bf16 on CUDA, fp32 on the CPU, unless `dtype` says.
+    clock="cpu" (CPU only): per second of process CPU time, i.e. what the cores give when they
+    are ours, also on a machine that other jobs share."""
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     n = 8192 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    now = time.process_time if clock == "cpu" and device.type == "cpu" else time.perf_counter
     for _ in range(3):
         a @ b
     sync()
-    reps, start = 0, time.perf_counter()
+    reps, start = 0, now()
     while True:
         a @ b
         reps += 1
         if reps % 5 == 0:
             sync()
-            if time.perf_counter() - start > seconds:
+            if now() - start > seconds:
                 break
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+    return 2 * n**3 * reps / (now() - start) / 1e12
 
 
 # ---------------------------------------------------------------- training
