@@ -1,9 +1,15 @@
 """The reward model R(source, edited, instruction) -> scalar, on any transformers CLIP backbone.
 
-Both images go through the CLIP vision tower and the instruction through its text tower; a small
-MLP head reads the change between the source and edit features (difference, direction, size),
-the text features, and the direction against the text (a learned "did the image move the way
-the text says").
+Both images go through the CLIP vision tower and the instruction through its text tower. The
+head reads the edit as a change (`head_type="change"`, the default):
+- global: the difference of the pooled image features (scaled), its direction times the text
+  features, its size, and its cosine with the text (a learned "did the image move the way the
+  text says");
+- local: patch-difference tokens (edit patch tokens, edit - source, |edit - source|, at the
+  vision layers `patch_layers`, with learned positions), pooled (mean and max of |edit - source|:
+  how much changed, and where the most did) and read by cross-attention from the instruction's
+  tokens (and one learned query): did the right place change?
+`head_type="global"` is the first, pooled-only head. `ensemble` > 1 averages several heads.
 
 A saved model is a folder that describes itself, loading offline with one call:
 
@@ -38,10 +44,18 @@ class RewardConfig:
     """What a reward folder records about itself."""
 
     backbone: str  # where the backbone came from (a folder or hub id); the weights live in backbone/
+    head_type: str = "change"  # "change": global + patch-difference tokens + text cross-attention; "global"
     hidden: int = 256
     dropout: float = 0.1
     freeze_layers: int = 0  # lower encoder layers (and embeddings) of both towers kept frozen; -1: all
     delta_scale: float = 10.0  # the head's input scale for feature differences
+    patch_layers: list[int] = field(default_factory=lambda: [-1])  # vision hidden states compared patchwise
+    attn_heads: int = 4
+    token_dim: int = 32  # width of the change tokens and of the cross-attention
+    residual: bool = True  # change head: also the token/attention/MLP branch beside the main term
+    gate_l2: float = 1.0  # L2 penalty on the instruction's weights (G) of the main term
+    residual_l2: float = 1e-3  # L2 penalty on the residual branch's weights
+    ensemble: int = 1  # heads whose scores are averaged
     score_mean: float = 0.0
     score_std: float = 1.0
     image_size: int = 0  # filled from the backbone
@@ -50,6 +64,134 @@ class RewardConfig:
     image_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
     model_type: str = MODEL_TYPE
     extra: dict = field(default_factory=dict)  # e.g. training metrics and data summary
+
+
+def _global_inputs(src: torch.Tensor, edit: torch.Tensor, text: torch.Tensor, k: float) -> torch.Tensor:
+    """The pooled change: difference (scaled, as one edit moves a unit CLIP embedding by ~0.1-0.5),
+    its direction times the text, its size, and its cosine with the text. Absolute source/edit
+    features were tried too and let the head memorise scenes (toy stand-in data: 59% vs 64%)."""
+    delta = edit - src
+    size = delta.norm(dim=-1, keepdim=True)
+    unit = delta / (size + 1e-6)
+    cos = (unit * text).sum(-1, keepdim=True)
+    return torch.cat([delta * k, text, unit * text, size * k, cos * k], dim=-1)
+
+
+class GlobalHead(nn.Module):
+    """The first head: an MLP over the pooled change only."""
+
+    def __init__(self, proj_dim: int, config: "RewardConfig"):
+        super().__init__()
+        self.k = config.delta_scale
+        self.mlp = nn.Sequential(
+            nn.Linear(3 * proj_dim + 2, config.hidden), nn.GELU(), nn.Dropout(config.dropout),
+            nn.Linear(config.hidden, config.hidden), nn.GELU(), nn.Linear(config.hidden, 1))
+
+    def forward(self, src: dict, edit: dict, text: dict) -> torch.Tensor:
+        return self.mlp(_global_inputs(src["pooled"], edit["pooled"], text["pooled"], self.k)).squeeze(-1)
+
+
+PIXEL_EDGES = (0.06, 0.12, 0.24, 0.4, 0.6)  # RGB distances (0-1 channels, at most 3**0.5), faint to large
+KEEP_TOLERANCE = 0.24  # a pixel "kept its colour" when it moved less than this (~60 of 255)
+PROFILE_QUANTILES = (0.0, 0.1, 0.25, 0.5)  # of the patches' share of unchanged pixels: the worst-kept patches
+
+
+def pixel_change(source: torch.Tensor, edited: torch.Tensor, mean, std, patch: int) -> torch.Tensor:
+    """Per patch of the vision tower's grid: the share of pixels whose colour moved less than each
+    of `PIXEL_EDGES`, then the patch's mean colour in the source and in the edit. (B, patches,
+    len(PIXEL_EDGES) + 6), from normalised pixel tensors. Not learned, so it needs no data: how
+    much each place changed, and to what colour, is what a few hundred rankings cannot teach a
+    head to read out of pooled CLIP features."""
+    m = torch.as_tensor(mean, dtype=source.dtype, device=source.device).view(1, 3, 1, 1)
+    sd = torch.as_tensor(std, dtype=source.dtype, device=source.device).view(1, 3, 1, 1)
+    s, e = source * sd + m, edited * sd + m
+    d = (e - s).norm(dim=1, keepdim=True)
+    close = torch.cat([(d < t).to(s.dtype) for t in PIXEL_EDGES], dim=1)
+    parts = [nn.functional.avg_pool2d(x, patch) for x in (close, s, e)]
+    return torch.cat(parts, dim=1).flatten(2).transpose(1, 2)
+
+
+class ChangeHead(nn.Module):
+    """Reads the edit as a change, with the priors that learning from a few hundred noisy
+    rankings needs (measured in docs/reward.md).
+
+    What makes an edit good is local: the named thing changed as asked and nothing else did.
+    - main term: the share of the image's pixels that kept their colour (`KEEP_TOLERANCE`),
+      standardised, times a weight that the instruction sets (w + G t, t the standardised text
+      features, G under an L2 penalty): the same amount of change is good for "make the
+      background black" and bad for "add a dot";
+    - residual (`residual=True`): change tokens, one per patch (the pixel change of
+      `pixel_change`, the size of the CLIP patch-token difference edit - source at each of
+      `patch_layers` and a low-rank projection of it, learned positions) read by cross-attention
+      from the instruction's tokens and one learned query (did the place the text names change),
+      with change statistics (unchanged shares at every tolerance, the worst-kept patches, mean
+      patch-token change per layer, size and text-cosine of the pooled CLIP change) and a
+      projection of the pooled CLIP change features, into an MLP whose output layer starts at
+      zero, so training starts from the main term and the residual grows only as the data
+      supports (L2 penalty, early stopping).
+    """
+
+    def __init__(self, proj_dim: int, patch_dim: int, text_dim: int, n_patches: int, n_layers: int,
+                 config: "RewardConfig"):
+        super().__init__()
+        h, ht = config.hidden, config.token_dim
+        self.k = config.delta_scale
+        self.n_layers = n_layers
+        self.gate_l2, self.residual_l2 = config.gate_l2, config.residual_l2
+        self.text_norm = nn.BatchNorm1d(proj_dim, affine=False)
+        self.kept_norm = nn.BatchNorm1d(1, affine=False)
+        self.w = nn.Parameter(torch.zeros(1))
+        self.gate = nn.Linear(proj_dim, 1, bias=False)
+        nn.init.zeros_(self.gate.weight)
+        self.residual = config.residual
+        if not self.residual:
+            return
+        n_pix = len(PIXEL_EDGES) + 6
+        self.diff_proj = nn.Linear(patch_dim, 8)
+        self.tokens_in = nn.Sequential(nn.Linear(n_pix + n_layers + 8, ht), nn.GELU(), nn.Linear(ht, ht),
+                                       nn.LayerNorm(ht))
+        self.pos = nn.Parameter(torch.randn(1, n_patches, ht) * 0.02)
+        self.text_in = nn.Sequential(nn.Linear(text_dim, ht), nn.LayerNorm(ht))
+        self.query = nn.Parameter(torch.randn(1, 1, ht) * 0.02)
+        self.attn = nn.MultiheadAttention(ht, config.attn_heads, dropout=config.dropout, batch_first=True)
+        n_stats = len(PIXEL_EDGES) + len(PROFILE_QUANTILES) + n_layers + 2
+        self.stats_norm = nn.BatchNorm1d(n_stats, affine=False)
+        self.global_in = nn.Linear(3 * proj_dim + 2, 16)
+        self.mlp = nn.Sequential(
+            nn.Linear(n_stats + ht + 16, h), nn.GELU(), nn.Dropout(config.dropout),
+            nn.Linear(h, h), nn.GELU(), nn.Linear(h, 1))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def penalty(self) -> torch.Tensor:
+        """L2 on the instruction's weights and on the residual branch (added to the ranking loss)."""
+        out = self.gate_l2 * self.gate.weight.pow(2).sum()
+        if self.residual and self.residual_l2:
+            out = out + self.residual_l2 * sum(p.pow(2).sum() for n, p in self.named_parameters()
+                                               if p.ndim > 1 and n not in ("gate.weight",))
+        return out
+
+    def forward(self, src: dict, edit: dict, text: dict) -> torch.Tensor:
+        pix = edit["pixel_change"]
+        kept = pix[..., PIXEL_EDGES.index(KEEP_TOLERANCE)].mean(1, keepdim=True)
+        t = self.text_norm(text["pooled"])
+        out = self.kept_norm(kept)[:, 0] * (self.w + self.gate(t)[:, 0])
+        if not self.residual:
+            return out
+        diff = edit["patches"] - src["patches"]
+        b, n, _ = diff.shape
+        size = diff.abs().view(b, n, self.n_layers, -1).mean(-1)  # (B, patches, layers)
+        tokens = self.tokens_in(torch.cat([pix, size, self.diff_proj(diff)], dim=-1)) + self.pos
+        queries = torch.cat([self.query.expand(b, -1, -1), self.text_in(text["tokens"])], dim=1)
+        valid = torch.cat([torch.ones_like(text["mask"][:, :1]), text["mask"]], dim=1).to(tokens.dtype)
+        read, _ = self.attn(queries, tokens, tokens, need_weights=False)
+        read = (read * valid.unsqueeze(-1)).sum(1) / valid.sum(1, keepdim=True)
+        n_edges = len(PIXEL_EDGES)
+        q = torch.tensor(PROFILE_QUANTILES, dtype=pix.dtype, device=pix.device)
+        profile = torch.quantile(pix[..., PIXEL_EDGES.index(KEEP_TOLERANCE)], q, dim=1).T
+        g = _global_inputs(src["pooled"], edit["pooled"], text["pooled"], self.k)
+        stats = self.stats_norm(torch.cat([pix[..., :n_edges].mean(1), profile, size.mean(1), g[:, -2:]], dim=-1))
+        return out + self.mlp(torch.cat([stats, read, self.global_in(g)], dim=-1)).squeeze(-1)
 
 
 class RewardModel(nn.Module):
@@ -64,11 +206,26 @@ class RewardModel(nn.Module):
         config.max_length = config.max_length or int(min(tokenizer.model_max_length,
                                                           clip.config.text_config.max_position_embeddings))
         self.config = config
+        if config.head_type not in ("change", "global"):
+            raise ValueError(f"unknown head_type {config.head_type!r}: 'change' or 'global'")
+        if config.ensemble < 1:
+            raise ValueError("ensemble must be >= 1")
         d = int(clip.config.projection_dim)
-        self.head = nn.Sequential(
-            nn.Linear(3 * d + 2, config.hidden), nn.GELU(), nn.Dropout(config.dropout),
-            nn.Linear(config.hidden, config.hidden), nn.GELU(), nn.Linear(config.hidden, 1),
-        )
+        n_layers = int(vision.num_hidden_layers)
+        bad = [l for l in config.patch_layers if not -(n_layers + 1) <= l <= n_layers]
+        if bad or not config.patch_layers:
+            raise ValueError(f"patch_layers {config.patch_layers} must name hidden states between "
+                             f"{-(n_layers + 1)} and {n_layers} (0: the patch embeddings)")
+        n_patches = (int(vision.image_size) // int(vision.patch_size)) ** 2
+        patch_dim = int(vision.hidden_size) * len(config.patch_layers)
+        text_dim = int(clip.config.text_config.hidden_size)
+
+        def make() -> nn.Module:
+            if config.head_type == "global":
+                return GlobalHead(d, config)
+            return ChangeHead(d, patch_dim, text_dim, n_patches, len(config.patch_layers), config)
+
+        self.head = nn.ModuleList([make() for _ in range(config.ensemble)])
         self.apply_freeze(config.freeze_layers)
 
     # -- construction -------------------------------------------------------------------------
@@ -100,11 +257,16 @@ class RewardModel(nn.Module):
         raw = json.loads(cfg_path.read_text())
         if raw.get("model_type") != MODEL_TYPE:
             raise ValueError(f"{path} is not a HIVE reward model (model_type={raw.get('model_type')!r})")
+        raw.setdefault("head_type", "global")  # folders from before the change head
         config = RewardConfig(**raw)
         clip = CLIPModel.from_pretrained(path / "backbone", dtype=torch.float32)
         tokenizer = CLIPTokenizer.from_pretrained(path / "backbone")
         model = cls(clip, tokenizer, config)
-        model.head.load_state_dict(load_file(str(path / "head.safetensors")))
+        state = load_file(str(path / "head.safetensors"))
+        if config.head_type == "global" and not any(".mlp." in k for k in state):
+            # the first head was a bare Sequential ("0.weight", "3.weight", ...): member 0's MLP
+            state = {f"0.mlp.{k}": v for k, v in state.items()}
+        model.head.load_state_dict(state)
         model.eval()
         return model
 
@@ -179,36 +341,46 @@ class RewardModel(nn.Module):
         return {"input_ids": t.input_ids, "attention_mask": t.attention_mask}
 
     # -- features and scores -------------------------------------------------------------------
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.clip.get_image_features(pixel_values=pixel_values)
-        out = out if isinstance(out, torch.Tensor) else out.pooler_output
-        return nn.functional.normalize(out, dim=-1)
+    def encode_images(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`pooled`: projected, L2-normalised image features; `patches` (change head only): the
+        patch tokens of the `patch_layers` hidden states, side by side."""
+        want = self.config.head_type == "change"
+        out = self.clip.vision_model(pixel_values=pixel_values, output_hidden_states=want, return_dict=True)
+        feats = {"pooled": nn.functional.normalize(self.clip.visual_projection(out.pooler_output), dim=-1)}
+        if want:
+            feats["patches"] = torch.cat([out.hidden_states[l][:, 1:] for l in self.config.patch_layers], dim=-1)
+        return feats
 
-    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
-        out = out if isinstance(out, torch.Tensor) else out.pooler_output
-        return nn.functional.normalize(out, dim=-1)
+    def pixel_change(self, source_pixels: torch.Tensor, edited_pixels: torch.Tensor) -> torch.Tensor:
+        """`pixel_change` of (source, edit) rows on the vision tower's patch grid."""
+        return pixel_change(source_pixels, edited_pixels, self.config.image_mean, self.config.image_std,
+                            int(self.clip.config.vision_config.patch_size))
 
-    def head_scores(self, src: torch.Tensor, edit: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """The head reads the edit as a change: the difference of the image features (scaled, as
-        one edit moves a unit CLIP embedding by ~0.1-0.5), its direction times the text features,
-        its size, and its cosine with the text. Absolute source/edit features were tried too and
-        let the head memorise scenes (toy stand-in data: 59% vs 64% held-out accuracy)."""
-        k = self.config.delta_scale
-        delta = edit - src
-        size = delta.norm(dim=-1, keepdim=True)
-        unit = delta / (size + 1e-6)
-        cos = (unit * text).sum(-1, keepdim=True)
-        return self.head(torch.cat([delta * k, text, unit * text, size * k, cos * k], dim=-1)).squeeze(-1)
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`pooled`: projected, L2-normalised text features; `tokens` and `mask`: the text tower's
+        last hidden states, for the change head's cross-attention."""
+        out = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        return {"pooled": nn.functional.normalize(self.clip.text_projection(out.pooler_output), dim=-1),
+                "tokens": out.last_hidden_state, "mask": attention_mask}
+
+    def head_forward(self, src: dict, edit: dict, text: dict, members: bool = False) -> torch.Tensor:
+        """Raw scores from features (one row per edit): the mean over the ensemble's heads, or
+        with `members` each head's, (heads, edits), which is how the members are trained apart."""
+        each = torch.stack([h(src, edit, text) for h in self.head])
+        return each if members else each.mean(0)
 
     def forward(self, source_pixels: torch.Tensor, edited_pixels: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+                attention_mask: torch.Tensor, owner: torch.Tensor, members: bool = False) -> torch.Tensor:
         """Raw scores of edited images; `owner[i]` is the row of source/text that edit i belongs to,
         so a source and instruction shared by K variants go through the towers once."""
-        feats = self.image_features(torch.cat([source_pixels, edited_pixels]))
-        src, edit = feats[: len(source_pixels)], feats[len(source_pixels):]
-        text = self.text_features(input_ids, attention_mask)
-        return self.head_scores(src[owner], edit, text[owner])
+        feats = self.encode_images(torch.cat([source_pixels, edited_pixels]))
+        n = len(source_pixels)
+        src = {k: v[:n][owner] for k, v in feats.items()}
+        edit = {k: v[n:] for k, v in feats.items()}
+        if self.config.head_type == "change":
+            edit["pixel_change"] = self.pixel_change(source_pixels[owner], edited_pixels)
+        text = {k: v[owner] for k, v in self.encode_text(input_ids, attention_mask).items()}
+        return self.head_forward(src, edit, text, members)
 
     @torch.no_grad()
     def score(self, sources: list[Image.Image], edited: list[Image.Image], instructions: list[str],

@@ -53,6 +53,7 @@ class Ranking:
     true_quality: list[float] | None = None  # noise-free quality of simulated variants
     captions: tuple[str, str] | None = None  # (source caption, target caption) when known
     all_bad: bool = False  # the annotator also marked every variant as bad
+    toy_seed: int | None = None  # simulated toy requests: the scene's seed (the experiment's order)
 
     def pairs(self) -> list[tuple[int, int, float]]:
         """(i, j, label) with label = P(i beats j): 1, or 0.5 for a tie; unranked pairs are skipped."""
@@ -106,7 +107,7 @@ def rankings_from_db(url: str | None = None, home: Path | None = None, include_s
                            g["source_path"], vids, [g["variants"][v][0] for v in vids],
                            [g["variants"][v][1] for v in vids],
                            [float(t) for t in truth] if all(t is not None for t in truth) else None, caps,
-                           g["all_bad"]))
+                           g["all_bad"], p.get("toy_seed")))
     return out
 
 
@@ -273,8 +274,19 @@ class RewardTrainConfig:
     lr: float = 1e-4
     head_lr: float = 1e-3
     weight_decay: float = 0.01
-    freeze_layers: int = 2
+    freeze_layers: int = -1  # -1: frozen backbone, heads train on features computed once
     hidden: int = 256
+    head_type: str = "change"  # "change" (patch differences + cross-attention) or "global" (pooled only)
+    patch_layers: list[int] = field(default_factory=lambda: [-1])
+    attn_heads: int = 4
+    dropout: float = 0.1
+    residual: bool = True  # change head: the token/attention/MLP branch beside the main term
+    gate_l2: float = 1.0
+    residual_l2: float = 1e-3
+    ensemble: int = 1  # heads averaged; with val_fraction > 0 each holds out its own fold of train requests
+    val_fraction: float = 0.0  # train requests held out for early stopping (0: none, train all steps)
+    eval_every: int = 0  # steps between validations (0: one pass over the fitted rankings)
+    patience: int = 5  # validations without improvement before stopping
     test_fraction: float = 0.2
     seed: int = 0
     checkpoint_every: int = 200
@@ -347,18 +359,102 @@ def _json_safe(x):
     return x
 
 
+def member_split(train: list[Ranking], member: int, config: RewardTrainConfig) -> tuple[list[Ranking], list[Ranking]]:
+    """(fit, validation) rankings of one ensemble member, split by request: member m holds out
+    the m-th block of `val_fraction` of the shuffled train requests, so the members of an
+    ensemble validate on different requests and together learn from all of them."""
+    if config.val_fraction <= 0:
+        return train, []
+    reqs = sorted({r.request_id for r in train})
+    if len(reqs) < 2:
+        return train, []
+    np.random.default_rng(config.seed + 7).shuffle(reqs)
+    n_val = min(max(int(round(len(reqs) * config.val_fraction)), 1), len(reqs) - 1)
+    start = (member * n_val) % len(reqs)
+    val = set((reqs + reqs)[start:start + n_val])
+    return [r for r in train if r.request_id not in val], [r for r in train if r.request_id in val]
+
+
+def ranking_loss(scores: torch.Tensor, r: Ranking, loss: str) -> torch.Tensor:
+    return bradley_terry_loss(scores, r.pairs()) if loss == "bt" else plackett_luce_loss(scores, r.ranks)
+
+
+class FeatureCache:
+    """Backbone features of every image and instruction of some rankings, computed once: with a
+    frozen backbone only the heads train, and they train on these (hundreds of epochs in seconds)."""
+
+    def __init__(self, model: RewardModel, rankings: list[Ranking], cache: ImageCache, device, batch_size: int = 64,
+                 progress: bool = True):
+        from tqdm.auto import tqdm
+
+        paths = sorted({p for r in rankings for p in [r.source_path, *r.variant_paths]})
+        texts = sorted({r.instruction for r in rankings})
+        self.image_index = {p: i for i, p in enumerate(paths)}
+        self.text_index = {t: i for i, t in enumerate(texts)}
+        model.eval()
+        img_parts, txt_parts = [], []
+        with torch.no_grad():
+            for i in tqdm(range(0, len(paths), batch_size), desc="backbone features", disable=not progress):
+                px = model.pixel_values([cache(p) for p in paths[i:i + batch_size]]).to(device)
+                img_parts.append(model.encode_images(px))
+            for i in range(0, len(texts), batch_size):
+                t = model.tokenize(texts[i:i + batch_size])
+                txt_parts.append(model.encode_text(t["input_ids"].to(device), t["attention_mask"].to(device)))
+        self.images = {k: torch.cat([f[k] for f in img_parts]) for k in img_parts[0]}
+        self.texts = {k: torch.cat([f[k] for f in txt_parts]) for k in txt_parts[0]}
+        self.changes = None  # per (source, edit): the pixel change, for the change head
+        if model.config.head_type == "change":
+            pairs = sorted({(r.source_path, p) for r in rankings for p in r.variant_paths})
+            self.change_index = {pair: i for i, pair in enumerate(pairs)}
+            parts = []
+            for i in range(0, len(pairs), batch_size):
+                chunk = pairs[i:i + batch_size]
+                parts.append(model.pixel_change(model.pixel_values([cache(a) for a, _ in chunk]),
+                                                model.pixel_values([cache(b) for _, b in chunk])).to(device))
+            self.changes = torch.cat(parts)
+
+    def batch(self, rankings: list[Ranking]) -> tuple[dict, dict, dict]:
+        """(source, edit, text) features, one row per variant of the rankings, in order."""
+        dev = next(iter(self.images.values())).device
+        src = torch.tensor([self.image_index[r.source_path] for r in rankings for _ in r.variant_paths], device=dev)
+        edit = torch.tensor([self.image_index[p] for r in rankings for p in r.variant_paths], device=dev)
+        txt = torch.tensor([self.text_index[r.instruction] for r in rankings for _ in r.variant_paths], device=dev)
+        edit_feats = {k: v[edit] for k, v in self.images.items()}
+        if self.changes is not None:
+            rows = [self.change_index[(r.source_path, p)] for r in rankings for p in r.variant_paths]
+            edit_feats["pixel_change"] = self.changes[torch.tensor(rows, device=dev)]
+        return {k: v[src] for k, v in self.images.items()}, edit_feats, {k: v[txt] for k, v in self.texts.items()}
+
+
+def _batch_loss(scores: torch.Tensor, batch: list[Ranking], loss: str) -> torch.Tensor:
+    """Mean ranking loss; `scores` is (edits,) or (members, edits), summed over members."""
+    each = scores if scores.dim() == 2 else scores.unsqueeze(0)
+    total, k = 0, 0
+    for r in batch:
+        n = len(r.variant_paths)
+        total = total + sum(ranking_loss(row[k:k + n], r, loss) for row in each)
+        k += n
+    return total / len(batch)
+
+
+def _penalty(head: torch.nn.Module) -> torch.Tensor | float:
+    return head.penalty() if hasattr(head, "penalty") else 0.0
+
+
 def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
                  split: tuple[list[Ranking], list[Ranking]] | None = None, progress: bool = True) -> dict:
     """Train on the train split, save `out/model`, return the metrics report (also `out/metrics.json`).
 
-    Resumes from `out/checkpoints` when a run was interrupted."""
-    from tqdm.auto import tqdm
-
-    from hive.training import LossLog, make_accelerator, resume_latest, save_checkpoint
+    With a frozen backbone (`freeze_layers=-1`) the heads train on features computed once
+    (`FeatureCache`), one ensemble member after another, each with early stopping on its own
+    validation fold. Otherwise the towers' upper layers train too, under accelerate with
+    checkpoints (a rerun resumes from `out/checkpoints`)."""
     from hive.zoo import TOY_CLIP
 
     if config.loss not in ("bt", "pl"):
         raise ValueError(f"unknown loss {config.loss!r}: 'bt' (Bradley-Terry) or 'pl' (Plackett-Luce)")
+    if not 0 <= config.val_fraction < 1:
+        raise ValueError("val_fraction must be in [0, 1)")
     train, test = split if split is not None else split_by_request(rankings, config.test_fraction, config.seed)
     train = [r for r in train if r.pairs() and not (config.skip_all_bad and r.all_bad)]
     if not train:
@@ -371,8 +467,113 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
     if backbone == str(TOY_CLIP) and not TOY_CLIP.exists():
         raise FileNotFoundError(f"the toy CLIP ({TOY_CLIP}) is not built yet: pass --backbone CLIP_FOLDER_OR_HUB_ID")
     out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    model = RewardModel.from_backbone(backbone, hidden=config.hidden, freeze_layers=config.freeze_layers,
+                                      head_type=config.head_type, patch_layers=list(config.patch_layers),
+                                      attn_heads=config.attn_heads, dropout=config.dropout, ensemble=config.ensemble,
+                                      residual=config.residual, gate_l2=config.gate_l2,
+                                      residual_l2=config.residual_l2)
+    cache = ImageCache()
+    if any(p.requires_grad for p in model.clip.parameters()):
+        model, loss_value, stopped = _train_end_to_end(model, train, out, config, cache, progress)
+    else:
+        model, loss_value, stopped = _train_heads(model, train, out, config, cache, progress)
+    train_scores = score_rankings(model, train, cache)
+    test_scores = score_rankings(model, test, cache)
+    flat = np.concatenate(train_scores)
+    model.config.score_mean = float(flat.mean())
+    model.config.score_std = float(flat.std()) or 1.0
+    report = _report(model, train, test, train_scores, test_scores, cache, config, backbone, loss_value)
+    report["stopped_at_steps"] = stopped
+    model.config.extra = {"metrics": report}
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        model.save_pretrained(out / "model")
+        write_json_atomic(out / "metrics.json", report)
+    return report
+
+
+def _validation_loss(model: RewardModel, val: list[Ranking], scores_of, loss: str) -> float:
+    """Mean ranking loss on validation rankings against their annotators' labels (never the truth)."""
+    with torch.no_grad():
+        total = 0.0
+        for i in range(0, len(val), 64):
+            chunk = val[i:i + 64]
+            total += float(_batch_loss(scores_of(chunk), chunk, loss)) * len(chunk)
+    return total / len(val)
+
+
+def _train_heads(model: RewardModel, train: list[Ranking], out: Path, config: RewardTrainConfig,
+                 cache: ImageCache, progress: bool) -> tuple[RewardModel, float, list[int]]:
+    """Frozen backbone: train each ensemble member on cached features, keeping its best state on
+    its validation fold (early stopping). Fast enough that a rerun starts over."""
+    from tqdm.auto import tqdm
+
+    from hive.training import LossLog, make_accelerator
+
     accelerator = make_accelerator(config.mixed_precision, config.seed)
-    model = RewardModel.from_backbone(backbone, hidden=config.hidden, freeze_layers=config.freeze_layers)
+    device = accelerator.device
+    model.to(device)
+    feats = FeatureCache(model, train, cache, device, progress=progress)
+    log = LossLog(out, accelerator.is_main_process)
+    loss_value, stopped = float("nan"), []
+    for m, head in enumerate(model.head):
+        fit, val = member_split(train, m, config)
+        torch.manual_seed(config.seed * 1000 + m)
+        rng = np.random.default_rng([config.seed, m])
+        opt = torch.optim.AdamW(head.parameters(), lr=config.head_lr, weight_decay=config.weight_decay)
+        every = config.eval_every or max(1, math.ceil(len(fit) / config.batch_size))
+        best, best_state, bad, order = math.inf, None, 0, []
+
+        def scores_of(batch: list[Ranking]) -> torch.Tensor:
+            return head(*feats.batch(batch))
+
+        bar = tqdm(range(config.steps), desc=f"train reward head {m + 1}/{len(model.head)}",
+                   disable=not (progress and accelerator.is_local_main_process))
+        last = config.steps
+        for step in bar:
+            head.train()
+            idx, order = _next_batch(order, len(fit), config.batch_size, rng)
+            batch = [fit[i] for i in idx]
+            loss = _batch_loss(scores_of(batch), batch, config.loss) + _penalty(head)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss_value = loss.item()
+            if (step + 1) % 10 == 0:
+                log.log(step + 1, loss=loss_value, member=m)
+            if val and (step + 1) % every == 0:
+                head.eval()
+                v = _validation_loss(model, val, scores_of, config.loss)
+                log.log(step + 1, val_loss=v, member=m)
+                bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{v:.3f}")
+                if v < best - 1e-4:
+                    best, bad = v, 0
+                    best_state = {k: t.detach().clone() for k, t in head.state_dict().items()}
+                else:
+                    bad += 1
+                    if bad >= config.patience:
+                        last = step + 1
+                        break
+        if best_state is not None:
+            head.load_state_dict(best_state)
+        stopped.append(last)
+    model.eval()
+    return model, loss_value, stopped
+
+
+def _train_end_to_end(model: RewardModel, train: list[Ranking], out: Path, config: RewardTrainConfig,
+                      cache: ImageCache, progress: bool) -> tuple[RewardModel, float, list[int]]:
+    """Upper tower layers and heads together, under accelerate, with checkpoints and resume; the
+    ensemble's members share the towers and each has its own loss; early stopping (when
+    `val_fraction` > 0) on member 0's validation fold, keeping the best weights."""
+    from tqdm.auto import tqdm
+
+    from hive.training import LossLog, make_accelerator, resume_latest, save_checkpoint
+
+    fit, val = member_split(train, 0, config)
+    accelerator = make_accelerator(config.mixed_precision, config.seed)
     head = list(model.head.parameters())
     body = [p for p in model.clip.parameters() if p.requires_grad]
     groups = [{"params": head, "lr": config.head_lr}] + ([{"params": body, "lr": config.lr}] if body else [])
@@ -380,26 +581,26 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
     model, optimizer = accelerator.prepare(model, optimizer)
     start = resume_latest(accelerator, out)
     log = LossLog(out, accelerator.is_main_process)
-    cache = ImageCache()
     rng = np.random.default_rng(config.seed)
     order: list[int] = []
     for _ in range(start):  # replay the batch order so a resumed run sees the same batches
-        order = _next_batch(order, len(train), config.batch_size, rng)[1]
+        order = _next_batch(order, len(fit), config.batch_size, rng)[1]
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train reward",
                disable=not (progress and accelerator.is_local_main_process))
-    model.train()
     raw = accelerator.unwrap_model(model)
+    every = config.eval_every or max(1, math.ceil(len(fit) / config.batch_size))
+    best, best_state, bad, last = math.inf, None, 0, config.steps
     loss_value = float("nan")
+
+    def scores_of(batch: list[Ranking]) -> torch.Tensor:
+        return model(*_ranking_batch(raw, batch, cache, accelerator.device))
+
     for step in bar:
-        idx, order = _next_batch(order, len(train), config.batch_size, rng)
-        batch = [train[i] for i in idx]
-        scores = model(*_ranking_batch(raw, batch, cache, accelerator.device))
-        losses, k = [], 0
-        for r in batch:
-            s = scores[k:k + len(r.variant_paths)]
-            k += len(r.variant_paths)
-            losses.append(bradley_terry_loss(s, r.pairs()) if config.loss == "bt" else plackett_luce_loss(s, r.ranks))
-        loss = torch.stack(losses).mean()
+        model.train()
+        idx, order = _next_batch(order, len(fit), config.batch_size, rng)
+        batch = [fit[i] for i in idx]
+        loss = _batch_loss(model(*_ranking_batch(raw, batch, cache, accelerator.device), members=True), batch,
+                           config.loss) + sum(_penalty(h) for h in raw.head)
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
@@ -407,20 +608,25 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
         bar.set_postfix(loss=f"{loss_value:.3f}")
         if (step + 1) % 10 == 0 or step + 1 == config.steps:
             log.log(step + 1, loss=loss_value)
+        if val and (step + 1) % every == 0:
+            model.eval()
+            v = _validation_loss(raw, val, scores_of, config.loss)
+            log.log(step + 1, val_loss=v)
+            if v < best - 1e-4:
+                best, bad = v, 0
+                best_state = {k: t.detach().clone() for k, t in raw.state_dict().items()}
+            else:
+                bad += 1
+                if bad >= config.patience:
+                    last = step + 1
+                    break
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
             save_checkpoint(accelerator, out, step + 1)
     model = accelerator.unwrap_model(model)
-    train_scores = score_rankings(model, train, cache)
-    test_scores = score_rankings(model, test, cache)
-    flat = np.concatenate(train_scores)
-    model.config.score_mean = float(flat.mean())
-    model.config.score_std = float(flat.std()) or 1.0
-    report = _report(model, train, test, train_scores, test_scores, cache, config, backbone, loss_value)
-    model.config.extra = {"metrics": report}
-    if accelerator.is_main_process:
-        model.save_pretrained(out / "model")
-        write_json_atomic(out / "metrics.json", report)
-    return report
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return model, loss_value, [last]
 
 
 def _next_batch(order: list[int], n: int, batch_size: int, rng: np.random.Generator) -> tuple[list[int], list[int]]:
@@ -470,7 +676,8 @@ def _report(model: RewardModel, train, test, train_scores, test_scores, cache, c
         "train_rankings": len(train), "test_rankings": len(test),
         "test_pairs": pair_accuracy(test, test_scores)["pairs"], "test_true_pairs": true_pairs,
         "loss": config.loss, "steps": config.steps, "final_loss": final_loss, "backbone": backbone,
-        "freeze_layers": config.freeze_layers, "score_mean": model.config.score_mean,
+        "freeze_layers": config.freeze_layers, "head_type": config.head_type, "ensemble": config.ensemble,
+        "val_fraction": config.val_fraction, "score_mean": model.config.score_mean,
         "score_std": model.config.score_std,
     }
     return _json_safe(report)
@@ -488,29 +695,70 @@ def register(path: Path, metrics: dict, name: str | None = None, url: str | None
 
 
 # ---------------------------------------------------------------- the toy experiment
-def run_experiment(out: Path, editor, requests: int = 300, test_requests: int = 100, variants: int = 4,
-                   annotators: int = 5, curve: list[int] | None = None, config: RewardTrainConfig | None = None,
-                   steps: int = 20, batch: int = 8, progress: bool = True) -> dict:
-    """The must-show experiment in one call: simulate `requests + test_requests` toy requests
-    (calibrated noise) into a fresh store under `out/home`, hold out `test_requests` requests,
-    train one reward model per learning-curve size on nested subsets of the rest, and write
-    `out/report.json`, `out/report.md` and `out/learning_curve.png`."""
+def editor_fingerprint(model: str | None) -> str:
+    """What identifies the editor that sampled a simulation: a hash of a local pipeline folder's
+    files (the lead may retrain the embedded editor in place), else the hub id; "stand-in"."""
+    import hashlib
+
+    from hive.editor import default_model
+
+    if model == "stand-in":
+        return model
+    path = Path(model or default_model())
+    if not path.is_dir():
+        return str(model)
+    h = hashlib.sha256()
+    for f in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def prepare_simulation(sim_dir: Path, model: str | None, stand_in: bool, total: int, variants: int, annotators: int,
+                       steps: int, batch: int, resample: bool = False, progress: bool = True) -> dict:
+    """Sample and rank the experiment's requests into the store `sim_dir` once; reuse it after.
+
+    Sampling 1,600 variants with the editor takes long on a CPU; every reward experiment after
+    the first reads the cached store. `sim_dir/simulation.json` records what was asked (requests,
+    variants, annotators, sampling steps, the editor's fingerprint) and is written last, so a
+    store without it is an unfinished run. A store made for other settings, or by another editor,
+    is an error unless `resample`, which samples it again."""
     from db.engine import dispose_engine
     from hive.simulate import simulate
 
-    config = config or RewardTrainConfig()
-    curve = sorted({min(c, requests) for c in (curve or [50, 100, 200, 300])})
-    home = out / "home"
-    if home.exists():
-        raise FileExistsError(f"{home} exists: the experiment starts from an empty store; remove it or pick --out")
-    home.mkdir(parents=True)
-    url = f"sqlite:///{home / 'hive.db'}"
+    want = {"requests": total, "variants": variants, "annotators": annotators,
+            "steps": None if stand_in else steps,
+            "editor": "stand-in" if stand_in else editor_fingerprint(model),
+            "model": "stand-in" if stand_in else str(model or "default")}
+    meta_path = sim_dir / "simulation.json"
+    if meta_path.exists() and not resample:
+        import json
+
+        meta = json.loads(meta_path.read_text())
+        diff = {k: (meta["settings"].get(k), v) for k, v in want.items() if k != "model" and meta["settings"].get(k) != v}
+        if not diff:
+            return meta
+        raise ValueError(f"{sim_dir} holds a simulation made with other settings ("
+                         + ", ".join(f"{k}: {a} there, {b} asked" for k, (a, b) in diff.items())
+                         + "): pass --resample to sample it again, or another --sim folder")
+    if sim_dir.exists() and any(sim_dir.iterdir()):
+        if not resample:
+            raise FileExistsError(f"{sim_dir} holds an unfinished or foreign store: remove it or pass --resample")
+        shutil.rmtree(sim_dir)
+    sim_dir.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{sim_dir / 'hive.db'}"
     old = {k: os.environ.get(k) for k in ("HIVE_HOME", "HIVE_DB_URL")}
-    os.environ["HIVE_HOME"], os.environ["HIVE_DB_URL"] = str(home), url
+    os.environ["HIVE_HOME"], os.environ["HIVE_DB_URL"] = str(sim_dir), url
     try:
-        sim = simulate(editor, requests + test_requests, variants, annotators=annotators, url=url, steps=steps,
-                       batch=batch, progress=progress)
-        rankings = rankings_from_db(url, home)
+        editor = None
+        if not stand_in:
+            from hive.editor import Editor
+
+            editor = Editor(model)
+        sim = simulate(editor, total, variants, annotators=annotators, url=url, steps=steps, batch=batch,
+                       progress=progress)
     finally:
         dispose_engine(url)
         for k, v in old.items():
@@ -518,18 +766,85 @@ def run_experiment(out: Path, editor, requests: int = 300, test_requests: int = 
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    test_ids = set(sim.request_ids[requests:])
-    train_all = [r for r in rankings if r.request_id not in test_ids]
-    test = [r for r in rankings if r.request_id in test_ids]
+    meta = {"settings": want, "report": asdict(sim) | {"request_ids": None}}
+    write_json_atomic(meta_path, _json_safe(meta))
+    return meta
+
+
+def split_experiment(rankings: list[Ranking], test_requests: int) -> tuple[list[Ranking], list[Ranking]]:
+    """The experiment's split: the last `test_requests` requests (by toy seed, else by id) are held
+    out, the same requests on every rerun and for every learning-curve size."""
+    def key(rid: int) -> tuple:
+        seeds = {r.toy_seed for r in rankings if r.request_id == rid}
+        seed = next(iter(seeds)) if len(seeds) == 1 else None
+        return (seed if seed is not None else math.inf, rid)
+
+    reqs = sorted({r.request_id for r in rankings}, key=key)
+    if len(reqs) <= test_requests:
+        raise ValueError(f"{len(reqs)} requests: need more than the {test_requests} held out")
+    test_ids = set(reqs[len(reqs) - test_requests:])
+    return [r for r in rankings if r.request_id not in test_ids], [r for r in rankings if r.request_id in test_ids]
+
+
+def run_experiment(out: Path, model: str | None = None, stand_in: bool = False, requests: int = 300,
+                   test_requests: int = 100, variants: int = 4, annotators: int = 5, curve: list[int] | None = None,
+                   config: RewardTrainConfig | None = None, steps: int = 20, batch: int = 8,
+                   sim_dir: Path | None = None, resample: bool = False, progress: bool = True) -> dict:
+    """The must-show experiment in one call: simulate `requests + test_requests` toy requests
+    (variants sampled by the editor `model`, ranked at the calibrated noise) into the store
+    `sim_dir` (default `out/home`; reused when it already holds this simulation), hold out the
+    last `test_requests` requests, train one reward model per learning-curve size on nested
+    subsets of the rest, and write `out/report.json`, `out/report.md` and `out/learning_curve.png`.
+    `sim_dir` may also be an exported dataset (`python -m hive export`) of such a simulation."""
+    import json
+
+    config = config or RewardTrainConfig()
+    curve = sorted({min(c, requests) for c in (curve or [50, 100, 200, 300])})
+    sim_dir = Path(sim_dir) if sim_dir is not None else out / "home"
+    if (sim_dir / "manifest.json").exists():  # an exported store: import it into a throwaway one
+        with imported_export(sim_dir) as (url, home):
+            rankings = rankings_from_db(url, home)
+            meta = {"settings": {"source": str(sim_dir)}, "report": _simulation_summary(rankings)}
+            return _experiment(out, rankings, meta, requests, test_requests, variants, curve, config, progress)
+    meta = prepare_simulation(sim_dir, model, stand_in, requests + test_requests, variants, annotators, steps, batch,
+                              resample, progress)
+    url = f"sqlite:///{sim_dir / 'hive.db'}"
+    try:
+        rankings = rankings_from_db(url, sim_dir)
+    finally:
+        from db.engine import dispose_engine
+
+        dispose_engine(url)
+    meta = json.loads(json.dumps(meta))
+    return _experiment(out, rankings, meta, requests, test_requests, variants, curve, config, progress)
+
+
+def _simulation_summary(rankings: list[Ranking]) -> dict:
+    """What the report says about a simulation it did not make (an export): sizes and agreement."""
+    single = single_annotator_accuracy(rankings)
+    reqs = {r.request_id for r in rankings}
+    return {"requests": len(reqs), "variants": max((len(r.variant_paths) for r in rankings), default=0),
+            "rankings": len(rankings), "single_annotator_agreement": single["accuracy"],
+            "pairs_compared": single["pairs"], "noise": None}
+
+
+def _experiment(out: Path, rankings: list[Ranking], meta: dict, requests: int, test_requests: int, variants: int,
+                curve: list[int], config: RewardTrainConfig, progress: bool) -> dict:
+    train_all, test = split_experiment(rankings, test_requests)
+    n_train = len({r.request_id for r in train_all})
+    if n_train < max(curve):
+        raise ValueError(f"the simulation has {n_train} training requests, fewer than the curve's {max(curve)}")
     points = []
     for n in curve:
+        run = out / f"n{n}"
+        shutil.rmtree(run, ignore_errors=True)  # never resume a run of an earlier experiment
         sub = first_requests(train_all, n, config.seed)
-        rep = train_reward(rankings, out / f"n{n}", config, split=(sub, test), progress=progress)
+        rep = train_reward(rankings, run, config, split=(sub, test), progress=progress)
         points.append({"requests": n, **{k: rep[k] for k in (
             "heldout_pair_accuracy", "heldout_pair_accuracy_with_ties", "true_pair_accuracy",
             "single_annotator_accuracy", "clip_direction_accuracy", "clip_instruction_direction_accuracy",
-            "random_accuracy", "train_rankings")}})
-    report = _json_safe({"simulation": asdict(sim) | {"request_ids": None}, "curve": points,
+            "random_accuracy", "train_rankings", "test_true_pairs", "stopped_at_steps")}})
+    report = _json_safe({"simulation": meta["report"], "simulation_settings": meta["settings"], "curve": points,
                          "config": asdict(config), "test_requests": test_requests, "variants": variants})
     write_json_atomic(out / "report.json", report)
     _plot_curve(points, out / "learning_curve.png")
@@ -566,7 +881,7 @@ def _markdown(report: dict) -> str:
     sim = report["simulation"]
     lines = ["# Reward model toy experiment\n",
              f"{sim['requests'] - report['test_requests']} training + {report['test_requests']} held-out requests x "
-             f"{sim['variants']} variants; noise {sim['noise']:.3f} "
+             f"{sim['variants']} variants; noise {'n/a' if sim.get('noise') is None else format(sim['noise'], '.3f')} "
              f"(one annotator agrees with the noise-free order on {sim['single_annotator_agreement']:.1%} of pairs).\n",
              "Accuracy on held-out requests against the noise-free order (CLIP direction with captions uses the "
              "target caption, which a reward model never sees):\n",
