@@ -220,7 +220,11 @@ class PackagedUNet:
                 outs.append(self.unet(x, timestep, encoder_hidden_states=e, return_dict=False)[0])
                 continue
             out = self.package(x.contiguous(), t, e.contiguous())
-            outs.append(out[0] if isinstance(out, (list, tuple)) else out)
+            out = out[0] if isinstance(out, (list, tuple)) else out
+            if out.shape[1] != self.unet.config.out_channels:  # a package of other weights, renamed by hand
+                raise RuntimeError(f"the compiled UNet package does not fit this UNet ({out.shape[1]} output "
+                                   f"channels, not {self.unet.config.out_channels}); delete {compile_cache_dir()}/aot")
+            outs.append(out)
         return (torch.cat(outs) if len(outs) > 1 else outs[0],)
 
 
