@@ -3,6 +3,8 @@
 #
 #   scripts/gpu_check.sh prepare   # HERE, once: fetch the wheels the device machine lacks into .whl/
 #   scripts/gpu_check.sh run       # ON THE DEVICE (device tool `run`, carry [".whl"]), one call
+#   scripts/gpu_check.sh collect DIR   # HERE, after: the JSON results from DIR (the tool's files_at)
+#                                      # into bench/results/ under the names the runs recorded
 #
 # What `run` does, inside a time budget (GPU_CHECK_BUDGET_S, default 540 s, under the tool's 600 s):
 #   1. bench edit --config sd15 (SD-1.5 shapes, random weights, 512 px, 20 steps, K=4): the plain
@@ -80,8 +82,8 @@ run() {
     step train 210 bench train --config "$config" --repeats 5
     step edit_warm 100 bench edit --config "$config" --repeats 3
     step edit_cudagraphs 150 bench edit --config "$config" --repeats 5 --compile-mode reduce-overhead --no-record
-    cp bench/results/*-gpu-*.json "$out/" 2>/dev/null || true
-    # keep $OUT within the tool's limit of 8 files: the logs of successful runs are not needed
+    # bench/results/ of the device machine does not come back: `collect` files the step JSONs here.
+    # Keep $OUT within the tool's limit of 8 files: the logs of successful runs are not needed.
     for f in "$out"/*.log; do n=${f%.log}; [[ -f "$n.json" ]] && rm -f "$f"; done
     "$py" - "$out" <<'EOF'
 import json, sys
@@ -101,8 +103,25 @@ for name in ("edit_cold", "edit_warm", "edit_cudagraphs", "train"):
 EOF
 }
 
+collect() {  # collect DIR: each DIR/<step>.json into bench/results/<the name its run recorded>
+    local dir=${1:?usage: $0 collect DIR}
+    python3 - "$dir" <<'PY'
+import json, sys
+from pathlib import Path
+for p in sorted(Path(sys.argv[1]).glob("*.json")):
+    r = json.loads(p.read_text())
+    if "recorded" not in r:
+        print(f"{p.name}: not recorded (--no-record), left out")
+        continue
+    dest = Path("bench/results") / Path(r["recorded"]).name
+    dest.write_text(json.dumps(r, indent=2))
+    print(f"{p.name} -> {dest}")
+PY
+}
+
 case "${1:-}" in
     prepare) prepare ;;
     run) run ;;
-    *) echo "usage: $0 prepare|run"; exit 2 ;;
+    collect) collect "${2:-}" ;;
+    *) echo "usage: $0 prepare|run|collect DIR"; exit 2 ;;
 esac
