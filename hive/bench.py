@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from hive import toy
-from hive.editor import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, Editor
+from hive.editor import Editor
 from hive.fastpath import FastOptions, matmul_peak_tflops, unet_flops
 from hive.files import write_json_atomic
 
@@ -236,11 +236,8 @@ def bench_edit(model: str | None = None, variants: int = 4, steps: int | None = 
 
     Agreement: fp32 outputs must agree within 2/255 per pixel; half-precision ones within twice
     what half precision itself moves the reference (an fp32 reference run, `check_fp32`)."""
-    from hive.editor import DEFAULT_STEPS
-
     if threads:
         torch.set_num_threads(int(threads))
-    steps = steps or DEFAULT_STEPS
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = default_dtype(device)
     env = environment()
@@ -255,6 +252,8 @@ def bench_edit(model: str | None = None, variants: int = 4, steps: int | None = 
     editor, setup_s = timed_once(lambda: Editor(name, device=device, dtype=dtype, fast=True, fast_options=options,
                                                 pipe=ours_pipe))
     setup_cpu = time.process_time() - setup_cpu
+    # the model's default settings (hive.json `sampling`), for both calls: what a visitor gets
+    steps, guidance, image_guidance = editor.settings(steps or None)
     res = editor.resolution
     ex = toy.sample_example(123)
     image = ex.input_image.resize((res, res))
@@ -264,11 +263,12 @@ def bench_edit(model: str | None = None, variants: int = 4, steps: int | None = 
     def run_reference(output_type: str = "pil", pipe=reference):
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         return pipe(prompt, image=image, num_inference_steps=steps, num_images_per_prompt=variants,
-                    guidance_scale=DEFAULT_GUIDANCE, image_guidance_scale=DEFAULT_IMAGE_GUIDANCE, generator=gens,
+                    guidance_scale=guidance, image_guidance_scale=image_guidance, generator=gens,
                     output_type=output_type).images
 
     def run_ours():
-        return editor.edit(image, ex.edit.instruction, variants=variants, seed=0, steps=steps)
+        return editor.edit(image, ex.edit.instruction, variants=variants, seed=0, steps=steps, guidance=guidance,
+                           image_guidance=image_guidance)
 
     peak_memory_gib(reset=True)
     ours_first, first_call_s = timed_once(run_ours)  # includes compiling (or loading it from the cache)
@@ -279,7 +279,8 @@ def bench_edit(model: str | None = None, variants: int = 4, steps: int | None = 
     ours_np = np.stack([np.asarray(im, dtype=np.float32) / 255 for im in ours_first.images])
     diff = np.abs(ref_np - ours_np)
     result = {"benchmark": "edit", "config": config, **env, "model": name, "dtype": str(dtype).replace("torch.", ""),
-              "resolution": res, "variants": variants, "steps": steps, "repeats": repeats,
+              "resolution": res, "variants": variants, "steps": steps, "guidance": guidance,
+              "image_guidance": image_guidance, "repeats": repeats,
               "fast_options": asdict(options),
               "reference_s": round(times["reference"]["wall"], 4), "ours_s": round(times["ours"]["wall"], 4),
               "speedup": round(times["reference"]["wall"] / times["ours"]["wall"], 3),
@@ -304,7 +305,7 @@ def bench_edit(model: str | None = None, variants: int = 4, steps: int | None = 
     result["outputs_agree"] = bool(diff.max() <= tolerance)
     # arithmetic: the UNet's FLOPs per call against the chip's measured matrix rate
     latent_hw = tuple(int(s) // editor.pipe.vae_scale_factor for s in (res, res))
-    cfg = DEFAULT_GUIDANCE > 1.0 and DEFAULT_IMAGE_GUIDANCE >= 1.0
+    cfg = guidance > 1.0 and image_guidance >= 1.0
     per_eval = unet_flops(reference.unet, (3 if cfg else 1) * variants, latent_hw, reference.tokenizer.model_max_length,
                           reference.text_encoder.config.hidden_size)
     peak = matmul_peak_tflops(device)

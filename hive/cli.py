@@ -101,7 +101,9 @@ def cmd_train_ship(args: argparse.Namespace) -> int:
     from hive.zoo import MODELS_DIR, ship
 
     written = ship(Path(args.editor), Path(args.clip), Path(args.models) if args.models else MODELS_DIR,
-                   vae_dir=Path(args.vae) if args.vae else None)
+                   vae_dir=Path(args.vae) if args.vae else None,
+                   sampling={k: v for k, v in (("guidance", args.guidance), ("image_guidance", args.image_guidance),
+                                               ("steps", args.steps)) if v is not None})
     for name, path in written.items():
         print(f"{name}: {path}")
     return 0
@@ -318,7 +320,7 @@ def _reward_config(args: argparse.Namespace):
     # options left unset take RewardTrainConfig's defaults (the measured best, see docs/reward.md)
     names = ("backbone", "loss", "steps", "batch_size", "lr", "head_lr", "freeze_layers", "hidden", "head_type",
              "patch_layers", "ensemble", "val_fraction", "patience", "eval_every", "dropout", "test_fraction", "seed",
-             "checkpoint_every", "mixed_precision")
+             "checkpoint_every", "mixed_precision", "residual")
     values = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if isinstance(values.get("patch_layers"), str):
         values["patch_layers"] = [int(x) for x in values["patch_layers"].split(",")]
@@ -385,7 +387,8 @@ def cmd_reward_experiment(args: argparse.Namespace) -> int:
         report = run_experiment(Path(args.out), args.model, stand_in=args.stand_in, requests=args.requests,
                                 test_requests=args.test_requests, variants=args.variants, annotators=args.annotators,
                                 curve=curve, config=_reward_config(args), steps=args.sample_steps, batch=args.batch,
-                                sim_dir=Path(args.sim) if args.sim else None, resample=args.resample)
+                                sim_dir=Path(args.sim) if args.sim else None, resample=args.resample,
+                                repeats=args.repeats)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -407,10 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
     def sampling_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default=None, help="pipeline folder or hub id (default: $HIVE_MODEL or the "
                        "embedded toy editor)")
-        p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps (default %(default)s)")
-        p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="text guidance (default %(default)s)")
-        p.add_argument("--image-guidance", type=float, default=DEFAULT_IMAGE_GUIDANCE,
-                       help="image guidance (default %(default)s)")
+        p.add_argument("--steps", type=int, default=None,
+                       help=f"denoising steps (default: the model's hive.json `sampling`, else {DEFAULT_STEPS})")
+        p.add_argument("--guidance", type=float, default=None,
+                       help=f"text guidance (default: the model's, else {DEFAULT_GUIDANCE})")
+        p.add_argument("--image-guidance", type=float, default=None,
+                       help=f"image guidance (default: the model's, else {DEFAULT_IMAGE_GUIDANCE})")
 
     # toy
     toy = sub.add_parser("toy", help="the toy world").add_subparsers(dest="toy_command", required=True,
@@ -486,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", required=True, help="CLIP folder")
     p.add_argument("--models", help="models folder (default: the repo's models/)")
     p.add_argument("--vae", help="replace the editor's VAE by this one (same encoder, e.g. `train vae --decoder-only`)")
+    p.add_argument("--guidance", type=float, help="the editor's default text guidance (hive.json `sampling`)")
+    p.add_argument("--image-guidance", type=float, help="the editor's default image guidance")
+    p.add_argument("--steps", type=int, help="the editor's default denoising steps")
     p.set_defaults(func=cmd_train_ship)
 
     # edit
@@ -542,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("edit", help="K variants of one edit: ours vs a plain diffusers pipeline call")
     bench_common(p)
     p.add_argument("--variants", type=int, default=4)
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--steps", type=int, default=None, help="default: the model's (hive.json `sampling`)")
     p.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=None)
     p.set_defaults(func=cmd_bench_edit)
     p = bench.add_parser("train", help="one SFT step of the UNet: ours vs diffusers' InstructPix2Pix training step")
@@ -590,6 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--hidden", type=int, help="head width")
         p.add_argument("--dropout", type=float)
         p.add_argument("--ensemble", type=int, help="heads averaged (each validates on its own fold)")
+        p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
+                       help="change head: also read the CLIP patch and pooled features (tokens, cross-attention, "
+                            "MLP) beside the main term")
         p.add_argument("--val-fraction", type=float, help="train requests held out for early stopping (0: none)")
         p.add_argument("--patience", type=int, help="validations without improvement before stopping")
         p.add_argument("--eval-every", type=int, help="steps between validations (0: one epoch)")
@@ -635,6 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sim", help="the simulated store (default OUT/home): sampled once, reused by later runs with "
                    "the same settings and editor; or an exported dataset of one")
     p.add_argument("--resample", action="store_true", help="sample the simulation again (e.g. the editor changed)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="reward models per curve size (other training subsets and seeds); the report gives the mean")
     reward_train_args(p)
     p.set_defaults(func=cmd_reward_experiment)
 

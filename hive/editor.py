@@ -143,6 +143,7 @@ class Editor:
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.info = read_model_info(self.model)
+        self.defaults = sampling_defaults(self.info)
         self.resolution = int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
         use_fast = fast_default() if fast is None else bool(fast)
         self.fast: FastSampler | None = None
@@ -168,11 +169,20 @@ class Editor:
         return prompt
 
     # -- sampling ----------------------------------------------------------------------------
+    def settings(self, steps: int | None = None, guidance: float | None = None,
+                 image_guidance: float | None = None) -> tuple[int, float, float]:
+        """The sampling settings of a call: what the caller gave, else this model's defaults."""
+        d = self.defaults
+        return (int(d["steps"] if steps is None else steps), float(d["guidance"] if guidance is None else guidance),
+                float(d["image_guidance"] if image_guidance is None else image_guidance))
+
     def edit(self, image: Any, instruction: str, variants: int = 4, seed: int | None = None,
-             steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
-             image_guidance: float = DEFAULT_IMAGE_GUIDANCE) -> EditResult:
+             steps: int | None = None, guidance: float | None = None,
+             image_guidance: float | None = None) -> EditResult:
         """K variants of one edit in one batched call; variant i uses seed `seed + i`, so each
-        variant reproduces on its own (also with another K)."""
+        variant reproduces on its own (also with another K). Settings left None take the
+        model's defaults (`self.defaults`)."""
+        steps, guidance, image_guidance = self.settings(steps, guidance, image_guidance)
         if not 1 <= int(variants) <= MAX_VARIANTS:
             raise EditorInputError(f"variants must be between 1 and {MAX_VARIANTS}, not {variants}")
         if not 1 <= int(steps) <= 500:
@@ -188,12 +198,13 @@ class Editor:
         return EditResult(outputs, records)
 
     @torch.inference_mode()
-    def sample(self, sources: list[Image.Image], prompts: list[str], seeds: list[list[int]], steps: int,
-               guidance: float, image_guidance: float) -> list[list[Image.Image]]:
+    def sample(self, sources: list[Image.Image], prompts: list[str], seeds: list[list[int]], steps: int | None = None,
+               guidance: float | None = None, image_guidance: float | None = None) -> list[list[Image.Image]]:
         """Edit several sources at once (one pipeline call); sources[j] gets len(seeds[j]) variants.
 
         Each source is resized to the model's square resolution and each output back to the
-        source's size."""
+        source's size. Settings left None take the model's defaults."""
+        steps, guidance, image_guidance = self.settings(steps, guidance, image_guidance)
         res = self.resolution
         images, texts, generators, owners = [], [], [], []
         for j, (src, prompt, ss) in enumerate(zip(sources, prompts, seeds)):
@@ -213,6 +224,20 @@ class Editor:
             src = sources[owner]
             outputs[owner].append(out.resize(src.size, Image.Resampling.BICUBIC) if out.size != src.size else out)
         return outputs
+
+
+def sampling_defaults(info: dict) -> dict[str, float]:
+    """A model's default steps and guidance: its hive.json `sampling` (a small toy editor follows
+    instructions best at a text guidance far below SD's 7.5, measured by `evaluate --guidance`),
+    else the global defaults of hive.defaults."""
+    out = {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE, "image_guidance": DEFAULT_IMAGE_GUIDANCE}
+    given = info.get("sampling") or {}
+    unknown = set(given) - set(out)
+    if unknown:
+        raise ValueError(f"hive.json sampling: unknown keys {sorted(unknown)}; known: {sorted(out)}")
+    out.update({k: float(v) for k, v in given.items()})
+    out["steps"] = int(out["steps"])
+    return out
 
 
 def read_model_info(model: str) -> dict:

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from hive import toy
-from hive.editor import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS, Editor
+from hive.editor import DEFAULT_GUIDANCE, Editor
 from hive.files import write_json_atomic, write_jsonl_atomic
 
 if TYPE_CHECKING:
@@ -23,12 +23,14 @@ if TYPE_CHECKING:
 EVAL_SEED_BASE = 900_000_000  # far from the training seeds (hive.data.TOY_TRAIN_SEED_BASE)
 
 
-def evaluate_toy(model: str | None = None, n: int = 300, seed: int = EVAL_SEED_BASE, steps: int = DEFAULT_STEPS,
-                 guidance: float = DEFAULT_GUIDANCE, image_guidance: float = DEFAULT_IMAGE_GUIDANCE,
+def evaluate_toy(model: str | None = None, n: int = 300, seed: int = EVAL_SEED_BASE, steps: int | None = None,
+                 guidance: float | None = None, image_guidance: float | None = None,
                  batch: int = 32, out: Path | None = None, editor: Editor | None = None) -> dict:
     """Edit `n` fresh noise-free toy examples (one variant each, variant seed = example seed) and
-    judge them. Returns overall and per-kind success, following and preservation."""
+    judge them. Returns overall and per-kind success, following and preservation. Settings left
+    None take the model's defaults (what a visitor gets)."""
     editor = editor or Editor(model)
+    steps, guidance, image_guidance = editor.settings(steps, guidance, image_guidance)
     examples = [toy.sample_example(seed + k) for k in range(n)]
     rows = []
     if out is not None:
@@ -66,7 +68,7 @@ def evaluate_toy(model: str | None = None, n: int = 300, seed: int = EVAL_SEED_B
 
 
 def grid_by_kind(editor: Editor, out_png: Path, seed: int = EVAL_SEED_BASE + 50_000, variants: int = 4,
-                 per_kind: int = 1, scale: int = 2, steps: int = DEFAULT_STEPS) -> Path:
+                 per_kind: int = 1, scale: int = 2, steps: int | None = None) -> Path:
     """A picture grid: for each edit kind, source | instruction | K variants (judge verdict under each)."""
     rows = []
     k = 0
@@ -75,8 +77,7 @@ def grid_by_kind(editor: Editor, out_png: Path, seed: int = EVAL_SEED_BASE + 50_
             ex = toy.sample_example(seed + k, kind=kind)
             k += 1
             imgs = editor.sample([ex.input_image], [editor.prompt_for(ex.edit.instruction)],
-                                 [[seed + 100 * k + v for v in range(variants)]], steps,
-                                 DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE)[0]
+                                 [[seed + 100 * k + v for v in range(variants)]], steps)[0]
             verdicts = [toy.judge(ex.input_image, ex.clean_image, im).success for im in imgs]
             rows.append((ex, imgs, verdicts))
     cell = toy.DEFAULT_SIZE * scale
@@ -202,8 +203,8 @@ def clip_similarities(clip: ClipEmbedder, sources: list[Image.Image], outputs: l
 
 
 def tradeoff_curve(model: str | Path | Editor | None = None, n: int = 100,
-                   image_guidances: tuple[float, ...] = TRADEOFF_IMAGE_GUIDANCES, guidance: float = DEFAULT_GUIDANCE,
-                   steps: int = DEFAULT_STEPS, seed: int = TRADEOFF_SEED_BASE, clip: str | Path | ClipEmbedder | None = None,
+                   image_guidances: tuple[float, ...] = TRADEOFF_IMAGE_GUIDANCES, guidance: float | None = None,
+                   steps: int | None = None, seed: int = TRADEOFF_SEED_BASE, clip: str | Path | ClipEmbedder | None = None,
                    batch: int = 32, progress: bool = True) -> dict:
     """The paper's CLIP trade-off: for each image guidance, the mean CLIP image similarity (how much
     of the source is kept) and the mean directional similarity (how far the image moved the way
@@ -218,6 +219,7 @@ def tradeoff_curve(model: str | Path | Editor | None = None, n: int = 100,
     if not image_guidances:
         raise ValueError("give at least one image guidance")
     editor = _as_editor(model)
+    steps, guidance, _ = editor.settings(steps, guidance)
     embedder = clip if isinstance(clip, ClipEmbedder) else ClipEmbedder(clip)
     started = time.time()
     examples = [toy.sample_example(seed + k) for k in range(n)]
@@ -350,8 +352,8 @@ def calibrated_pairwise_noise(n: int = 100, target: float | None = None, tie_mar
 
 
 def blind_pairwise(model_a: str | Path | Editor | None, model_b: str | Path | Editor | None, n: int = 300,
-                   annotators: int = 3, seed: int = PAIRWISE_SEED_BASE, steps: int = DEFAULT_STEPS,
-                   guidance: float = DEFAULT_GUIDANCE, image_guidance: float = DEFAULT_IMAGE_GUIDANCE,
+                   annotators: int = 3, seed: int = PAIRWISE_SEED_BASE, steps: int | None = None,
+                   guidance: float | None = None, image_guidance: float | None = None,
                    noise: float | None = None, tie_margin: float | None = None, batch: int = 32,
                    out: Path | None = None, progress: bool = True) -> dict:
     """A blind A/B user study with simulated annotators, as in the paper.
@@ -423,8 +425,9 @@ def blind_pairwise(model_a: str | Path | Editor | None, model_b: str | Path | Ed
             per_kind[kind] = {"n": len(ks), **{o: sum(t["outcome"] == o for t in ks) for o in ("win", "tie", "loss")}}
     report = {
         "model_a": editor_a.model, "model_b": editor_b.model, "n": n, "annotators": annotators,
-        "noise": float(noise), "tie_margin": tie_margin, "first_seed": seed, "steps": steps, "guidance": guidance,
-        "image_guidance": image_guidance,
+        "noise": float(noise), "tie_margin": tie_margin, "first_seed": seed,
+        "settings_a": dict(zip(("steps", "guidance", "image_guidance"), editor_a.settings(steps, guidance, image_guidance))),
+        "settings_b": dict(zip(("steps", "guidance", "image_guidance"), editor_b.settings(steps, guidance, image_guidance))),
         "wins": wins, "ties": ties, "losses": losses,
         "win_rate": wins / n, "tie_rate": ties / n, "loss_rate": losses / n,
         "ci_method": "wilson", "ci_level": 0.95,

@@ -161,7 +161,6 @@ def picture_grid(models: dict[str, Any], out_png: Path, steps: int, per_kind: in
     from PIL import Image, ImageDraw
 
     from hive import toy
-    from hive.defaults import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE
     from hive.editor import Editor
 
     examples = [toy.sample_example(GRID_SEED + 100 * k + i, kind=kind)
@@ -170,8 +169,7 @@ def picture_grid(models: dict[str, Any], out_png: Path, steps: int, per_kind: in
     for name, model in models.items():
         ed = model if isinstance(model, Editor) else Editor(model)
         outs = ed.sample([e.input_image for e in examples], [ed.prompt_for(e.edit.instruction) for e in examples],
-                         [[GRID_SEED + k] for k in range(len(examples))], steps, DEFAULT_GUIDANCE,
-                         DEFAULT_IMAGE_GUIDANCE)
+                         [[GRID_SEED + k] for k in range(len(examples))], steps)  # each model's guidance
         outputs[name] = [o[0] for o in outs]
     cell, pad, text_h, label_w = toy.DEFAULT_SIZE * scale, 6, 14, 250
     cols = ["source", "target"] + list(models)
@@ -340,7 +338,7 @@ def _run(out: Path, sc: PaperScale, base: str, clip: str | None, docs: Path | No
     curves = {name: step(f"tradeoff_{_slug(name)}", lambda p=path: ev.tradeoff_curve(
         editor(p), n=sc.tradeoff_n, image_guidances=sc.image_guidances, steps=sc.eval_steps, clip=embedder(),
         progress=progress)) for name, path in curve_models.items()}
-    ev.plot_tradeoff(curves, out / "tradeoff.png", title="CLIP trade-off on fresh toy edits (text guidance 7.5)")
+    ev.plot_tradeoff(curves, out / "tradeoff.png", title="CLIP trade-off on fresh toy edits (each model's text guidance)")
     if not (out / "grid.png").exists():
         picture_grid({name: editor(path) for name, path in models.items()}, out / "grid.png", steps=sc.eval_steps)
 

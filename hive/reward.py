@@ -52,8 +52,8 @@ class RewardConfig:
     patch_layers: list[int] = field(default_factory=lambda: [-1])  # vision hidden states compared patchwise
     attn_heads: int = 4
     token_dim: int = 32  # width of the change tokens and of the cross-attention
-    residual: bool = True  # change head: also the token/attention/MLP branch beside the main term
-    gate_l2: float = 1.0  # L2 penalty on the instruction's weights (G) of the main term
+    residual: bool = False  # change head: also the token/attention/MLP branch beside the main term
+    gate_l2: float = 0.3  # L2 penalty on the instruction's weights (G) of the main term
     residual_l2: float = 1e-3  # L2 penalty on the residual branch's weights
     ensemble: int = 1  # heads whose scores are averaged
     score_mean: float = 0.0
@@ -342,9 +342,9 @@ class RewardModel(nn.Module):
 
     # -- features and scores -------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """`pooled`: projected, L2-normalised image features; `patches` (change head only): the
-        patch tokens of the `patch_layers` hidden states, side by side."""
-        want = self.config.head_type == "change"
+        """`pooled`: projected, L2-normalised image features; `patches` (the change head's
+        residual branch only): the patch tokens of the `patch_layers` hidden states, side by side."""
+        want = self.config.head_type == "change" and self.config.residual
         out = self.clip.vision_model(pixel_values=pixel_values, output_hidden_states=want, return_dict=True)
         feats = {"pooled": nn.functional.normalize(self.clip.visual_projection(out.pooler_output), dim=-1)}
         if want:

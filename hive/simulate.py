@@ -139,8 +139,8 @@ def _png(img: Image.Image) -> bytes:
 
 def simulate(editor, requests: int, variants: int = 4, annotators: int = 1, per_request: int = 1,
              noise: float | None = None, target: float = DEFAULT_TARGET_AGREEMENT,
-             tie_margin: float = DEFAULT_TIE_MARGIN, seed: int = SIM_SEED_BASE, steps: int = 20,
-             guidance: float = 7.5, image_guidance: float = 1.5, batch: int = 8, url: str | None = None,
+             tie_margin: float = DEFAULT_TIE_MARGIN, seed: int = SIM_SEED_BASE, steps: int | None = None,
+             guidance: float | None = None, image_guidance: float | None = None, batch: int = 8, url: str | None = None,
              progress: bool = True) -> SimulationReport:
     """Make `requests` toy edit requests, sample `variants` per request with `editor` (None:
     editor-free stand-ins, see `stand_in_variants`), rank each
@@ -164,6 +164,8 @@ def simulate(editor, requests: int, variants: int = 4, annotators: int = 1, per_
     outputs: list[list[Image.Image]] = []
     if editor is None:  # editor-free stand-ins, to test the reward model before an editor exists
         outputs = [stand_in_variants(e, variants, seed + k) for k, e in enumerate(examples)]
+    else:  # settings left None: the editor's defaults
+        steps, guidance, image_guidance = editor.settings(steps, guidance, image_guidance)
     for i in tqdm(range(0, requests if editor is not None else 0, batch), desc="sample variants",
                   disable=not progress):
         chunk = examples[i:i + batch]

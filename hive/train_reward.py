@@ -269,10 +269,10 @@ def single_annotator_accuracy(rankings: list[Ranking]) -> dict[str, float | int 
 class RewardTrainConfig:
     backbone: str | None = None  # CLIP folder or hub id (default: the toy CLIP)
     loss: str = "bt"  # "bt" (Bradley-Terry over all pairs) or "pl" (Plackett-Luce)
-    steps: int = 600
+    steps: int = 3000  # at most, per ensemble member; early stopping usually ends sooner
     batch_size: int = 16  # rankings per step
     lr: float = 1e-4
-    head_lr: float = 1e-3
+    head_lr: float = 1e-2
     weight_decay: float = 0.01
     freeze_layers: int = -1  # -1: frozen backbone, heads train on features computed once
     hidden: int = 256
@@ -280,13 +280,13 @@ class RewardTrainConfig:
     patch_layers: list[int] = field(default_factory=lambda: [-1])
     attn_heads: int = 4
     dropout: float = 0.1
-    residual: bool = True  # change head: the token/attention/MLP branch beside the main term
-    gate_l2: float = 1.0
+    residual: bool = False  # change head: the token/attention/MLP branch beside the main term
+    gate_l2: float = 0.3
     residual_l2: float = 1e-3
-    ensemble: int = 1  # heads averaged; with val_fraction > 0 each holds out its own fold of train requests
-    val_fraction: float = 0.0  # train requests held out for early stopping (0: none, train all steps)
-    eval_every: int = 0  # steps between validations (0: one pass over the fitted rankings)
-    patience: int = 5  # validations without improvement before stopping
+    ensemble: int = 5  # heads averaged; with val_fraction > 0 each holds out its own fold of train requests
+    val_fraction: float = 0.2  # train requests held out for early stopping (0: none, train all steps)
+    eval_every: int = 20  # steps between validations (0: one pass over the fitted rankings)
+    patience: int = 10  # validations without improvement before stopping
     test_fraction: float = 0.2
     seed: int = 0
     checkpoint_every: int = 200
@@ -344,6 +344,32 @@ def clip_direction_scores(clip, tokenizer, rankings: list[Ranking], cache: Image
         else:
             s = clip_directional(clip, tokenizer, src, [cache(p) for p in r.variant_paths], [r.instruction] * n)
         out.append(s)
+    return out
+
+
+@torch.no_grad()
+def kept_pixel_scores(model: RewardModel, rankings: list[Ranking], cache: ImageCache) -> list[np.ndarray]:
+    """Share of each variant's pixels within `KEEP_TOLERANCE` of the source's colour."""
+    from hive.reward import KEEP_TOLERANCE, PIXEL_EDGES
+
+    out = []
+    for r in rankings:
+        src = model.pixel_values([cache(r.source_path)] * len(r.variant_paths))
+        pix = model.pixel_change(src, model.pixel_values([cache(p) for p in r.variant_paths]))
+        out.append(pix[..., PIXEL_EDGES.index(KEEP_TOLERANCE)].mean(1).float().cpu().numpy())
+    return out
+
+
+@torch.no_grad()
+def clip_similarity_scores(clip, model: RewardModel, rankings: list[Ranking], cache: ImageCache) -> list[np.ndarray]:
+    """CLIP image similarity of each variant to its source (the backbone as loaded)."""
+    device = next(clip.parameters()).device
+    out = []
+    for r in rankings:
+        px = model.pixel_values([cache(r.source_path)] + [cache(p) for p in r.variant_paths]).to(device)
+        f = clip.get_image_features(pixel_values=px)
+        f = torch.nn.functional.normalize(f if isinstance(f, torch.Tensor) else f.pooler_output, dim=-1)
+        out.append((f[1:] @ f[0]).float().cpu().numpy())
     return out
 
 
@@ -656,6 +682,11 @@ def _report(model: RewardModel, train, test, train_scores, test_scores, cache, c
     rng = np.random.default_rng(config.seed + 12345)
     rand_test = [rng.random(len(r.variant_paths)) for r in test]
     rand = evaluate_scorer(train, test, None, rand_test)
+    # two untrained preservation heuristics, to show what the rankings add: the share of pixels
+    # that kept their colour (the reward head's main input, with a fixed sign) and CLIP image
+    # similarity of source and edit (the paper's other metric)
+    kept = evaluate_scorer(train, test, None, kept_pixel_scores(model, test, cache))
+    image_sim = evaluate_scorer(train, test, None, clip_similarity_scores(base_clip, model, test, cache))
     single = single_annotator_accuracy(test)
     true_pairs = true_order_accuracy(test, test_scores)["pairs"]
     simulated = any(r.true_quality is not None for r in test)
@@ -669,8 +700,12 @@ def _report(model: RewardModel, train, test, train_scores, test_scores, cache, c
         "clip_instruction_direction_accuracy": (clip_instr["true_pair_accuracy"] if simulated
                                                 else clip_instr["heldout_pair_accuracy"]),
         "random_accuracy": rand["true_pair_accuracy"] if simulated else rand["heldout_pair_accuracy"],
+        "kept_pixels_accuracy": kept["true_pair_accuracy"] if simulated else kept["heldout_pair_accuracy"],
+        "clip_image_similarity_accuracy": (image_sim["true_pair_accuracy"] if simulated
+                                           else image_sim["heldout_pair_accuracy"]),
         "accuracy_reference": "noise-free order" if simulated else "annotator labels",
-        "baselines": {"clip_direction": clip, "clip_instruction_direction": clip_instr, "random": rand},
+        "baselines": {"clip_direction": clip, "clip_instruction_direction": clip_instr, "random": rand,
+                      "kept_pixels": kept, "clip_image_similarity": image_sim},
         "tie_threshold": ours["tie_threshold"],
         "train_requests": len({r.request_id for r in train}), "test_requests": len({r.request_id for r in test}),
         "train_rankings": len(train), "test_rankings": len(test),
@@ -789,15 +824,19 @@ def split_experiment(rankings: list[Ranking], test_requests: int) -> tuple[list[
 def run_experiment(out: Path, model: str | None = None, stand_in: bool = False, requests: int = 300,
                    test_requests: int = 100, variants: int = 4, annotators: int = 5, curve: list[int] | None = None,
                    config: RewardTrainConfig | None = None, steps: int = 20, batch: int = 8,
-                   sim_dir: Path | None = None, resample: bool = False, progress: bool = True) -> dict:
+                   sim_dir: Path | None = None, resample: bool = False, repeats: int = 1,
+                   progress: bool = True) -> dict:
     """The must-show experiment in one call: simulate `requests + test_requests` toy requests
     (variants sampled by the editor `model`, ranked at the calibrated noise) into the store
     `sim_dir` (default `out/home`; reused when it already holds this simulation), hold out the
     last `test_requests` requests, train one reward model per learning-curve size on nested
     subsets of the rest, and write `out/report.json`, `out/report.md` and `out/learning_curve.png`.
-    `sim_dir` may also be an exported dataset (`python -m hive export`) of such a simulation."""
+    `sim_dir` may also be an exported dataset (`python -m hive export`) of such a simulation.
+    Each curve size is trained `repeats` times (other subsets and initialisations)."""
     import json
 
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
     config = config or RewardTrainConfig()
     curve = sorted({min(c, requests) for c in (curve or [50, 100, 200, 300])})
     sim_dir = Path(sim_dir) if sim_dir is not None else out / "home"
@@ -805,7 +844,8 @@ def run_experiment(out: Path, model: str | None = None, stand_in: bool = False, 
         with imported_export(sim_dir) as (url, home):
             rankings = rankings_from_db(url, home)
             meta = {"settings": {"source": str(sim_dir)}, "report": _simulation_summary(rankings)}
-            return _experiment(out, rankings, meta, requests, test_requests, variants, curve, config, progress)
+            return _experiment(out, rankings, meta, requests, test_requests, variants, curve, config, progress,
+                               repeats)
     meta = prepare_simulation(sim_dir, model, stand_in, requests + test_requests, variants, annotators, steps, batch,
                               resample, progress)
     url = f"sqlite:///{sim_dir / 'hive.db'}"
@@ -816,7 +856,8 @@ def run_experiment(out: Path, model: str | None = None, stand_in: bool = False, 
 
         dispose_engine(url)
     meta = json.loads(json.dumps(meta))
-    return _experiment(out, rankings, meta, requests, test_requests, variants, curve, config, progress)
+    return _experiment(out, rankings, meta, requests, test_requests, variants, curve, config, progress,
+                               repeats)
 
 
 def _simulation_summary(rankings: list[Ranking]) -> dict:
@@ -828,22 +869,40 @@ def _simulation_summary(rankings: list[Ranking]) -> dict:
             "pairs_compared": single["pairs"], "noise": None}
 
 
+CURVE_KEYS = ("heldout_pair_accuracy", "heldout_pair_accuracy_with_ties", "true_pair_accuracy",
+              "single_annotator_accuracy", "clip_direction_accuracy", "clip_instruction_direction_accuracy",
+              "random_accuracy", "kept_pixels_accuracy", "clip_image_similarity_accuracy")
+
+
 def _experiment(out: Path, rankings: list[Ranking], meta: dict, requests: int, test_requests: int, variants: int,
-                curve: list[int], config: RewardTrainConfig, progress: bool) -> dict:
+                curve: list[int], config: RewardTrainConfig, progress: bool, repeats: int = 1) -> dict:
+    """One reward model per (curve size, repeat): repeat k draws its own nested training subset
+    and initialisation (seed + k); a point reports the mean over repeats and each run."""
     train_all, test = split_experiment(rankings, test_requests)
     n_train = len({r.request_id for r in train_all})
     if n_train < max(curve):
         raise ValueError(f"the simulation has {n_train} training requests, fewer than the curve's {max(curve)}")
     points = []
     for n in curve:
-        run = out / f"n{n}"
-        shutil.rmtree(run, ignore_errors=True)  # never resume a run of an earlier experiment
-        sub = first_requests(train_all, n, config.seed)
-        rep = train_reward(rankings, run, config, split=(sub, test), progress=progress)
-        points.append({"requests": n, **{k: rep[k] for k in (
-            "heldout_pair_accuracy", "heldout_pair_accuracy_with_ties", "true_pair_accuracy",
-            "single_annotator_accuracy", "clip_direction_accuracy", "clip_instruction_direction_accuracy",
-            "random_accuracy", "train_rankings", "test_true_pairs", "stopped_at_steps")}})
+        runs = []
+        for k in range(repeats):
+            run = out / (f"n{n}" if k == 0 else f"n{n}-seed{config.seed + k}")
+            shutil.rmtree(run, ignore_errors=True)  # never resume a run of an earlier experiment
+            cfg = RewardTrainConfig(**{**asdict(config), "seed": config.seed + k})
+            sub = first_requests(train_all, n, cfg.seed)
+            rep = train_reward(rankings, run, cfg, split=(sub, test), progress=progress)
+            runs.append({"seed": cfg.seed, **{key: rep[key] for key in CURVE_KEYS},
+                         "train_rankings": rep["train_rankings"], "test_true_pairs": rep["test_true_pairs"],
+                         "stopped_at_steps": rep["stopped_at_steps"]})
+        point = {"requests": n, "repeats": repeats}
+        for key in CURVE_KEYS:
+            vals = [r[key] for r in runs if r[key] is not None]
+            point[key] = float(np.mean(vals)) if vals else None
+            if key in ("true_pair_accuracy", "heldout_pair_accuracy"):
+                point[key + "_min"] = float(min(vals)) if vals else None
+                point[key + "_max"] = float(max(vals)) if vals else None
+        point.update(train_rankings=runs[0]["train_rankings"], test_true_pairs=runs[0]["test_true_pairs"], runs=runs)
+        points.append(point)
     report = _json_safe({"simulation": meta["report"], "simulation_settings": meta["settings"], "curve": points,
                          "config": asdict(config), "test_requests": test_requests, "variants": variants})
     write_json_atomic(out / "report.json", report)
@@ -859,16 +918,26 @@ def _plot_curve(points: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     xs = [p["requests"] for p in points]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for key, label, style, marker in (("true_pair_accuracy", "reward model", "-", "o"),
-                                      ("single_annotator_accuracy", "one simulated annotator", "--", ""),
-                                      ("clip_direction_accuracy", "CLIP direction (captions)", ":", ""),
+    fig, ax = plt.subplots(figsize=(6, 4))
+
+    def ys(key):
+        return [p[key] if p.get(key) is not None else float("nan") for p in points]
+
+    repeats = points[0].get("repeats", 1) if points else 1
+    ax.plot(xs, ys("true_pair_accuracy"), "-o", color="C0", label=f"reward model (mean of {repeats})")
+    if repeats > 1:
+        ax.fill_between(xs, ys("true_pair_accuracy_min"), ys("true_pair_accuracy_max"), color="C0", alpha=0.2,
+                        label="reward model, min-max")
+    for key, label, style, colour in (("single_annotator_accuracy", "one simulated annotator", "--", "C1"),
+                                      ("clip_direction_accuracy", "CLIP direction (captions)", ":", "C2"),
                                       ("clip_instruction_direction_accuracy", "CLIP direction (instruction)",
-                                       (0, (1, 1)), ""),
-                                      ("random_accuracy", "random scorer", "-.", "")):
-        ys = [p[key] if p.get(key) is not None else float("nan") for p in points]
-        ax.plot(xs, ys, linestyle=style, marker=marker or None, label=label)
-    ax.set_xlabel("training requests (rankings)")
+                                       (0, (1, 1)), "C3"),
+                                      ("kept_pixels_accuracy", "share of unchanged pixels (untrained)", "-.", "C4"),
+                                      ("clip_image_similarity_accuracy", "CLIP image similarity (untrained)",
+                                       (0, (3, 1, 1, 1)), "C5"),
+                                      ("random_accuracy", "random scorer", (0, (5, 5)), "C7")):
+        ax.plot(xs, ys(key), linestyle=style, color=colour, label=label)
+    ax.set_xlabel("training requests (one ranking each)")
     ax.set_ylabel("held-out pair accuracy vs noise-free order")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -879,22 +948,31 @@ def _plot_curve(points: list[dict], path: Path) -> None:
 
 def _markdown(report: dict) -> str:
     sim = report["simulation"]
+    noise = "n/a" if sim.get("noise") is None else format(sim["noise"], ".3f")
     lines = ["# Reward model toy experiment\n",
              f"{sim['requests'] - report['test_requests']} training + {report['test_requests']} held-out requests x "
-             f"{sim['variants']} variants; noise {'n/a' if sim.get('noise') is None else format(sim['noise'], '.3f')} "
-             f"(one annotator agrees with the noise-free order on {sim['single_annotator_agreement']:.1%} of pairs).\n",
-             "Accuracy on held-out requests against the noise-free order (CLIP direction with captions uses the "
-             "target caption, which a reward model never sees):\n",
-             "| train requests | reward model | one annotator | CLIP direction (captions) | CLIP direction "
-             "(instruction) | random | reward vs labels (no ties) |",
-             "|---|---|---|---|---|---|---|"]
+             f"{sim['variants']} variants; noise {noise} (one annotator agrees with the noise-free order on "
+             f"{sim['single_annotator_agreement']:.1%} of the pairs it ranked).\n",
+             "Accuracy on the held-out requests against the noise-free order, pairs of distinct true quality "
+             "(CLIP direction with captions uses the target caption, which a reward model never sees; "
+             "the untrained heuristics need no rankings):\n",
+             "| train requests | reward model (mean, min-max) | one annotator | CLIP direction (captions) | "
+             "CLIP direction (instruction) | unchanged pixels | CLIP image similarity | random | "
+             "reward vs labels (no ties) |",
+             "|---|---|---|---|---|---|---|---|---|"]
 
     def f(x):
         return "n/a" if x is None else f"{x:.3f}"
 
     for p in report["curve"]:
-        lines.append(f"| {p['requests']} | {f(p['true_pair_accuracy'])} | {f(p['single_annotator_accuracy'])} | "
+        spread = (f" ({f(p.get('true_pair_accuracy_min'))}-{f(p.get('true_pair_accuracy_max'))})"
+                  if p.get("repeats", 1) > 1 else "")
+        lines.append(f"| {p['requests']} | {f(p['true_pair_accuracy'])}{spread} | {f(p['single_annotator_accuracy'])} | "
                      f"{f(p['clip_direction_accuracy'])} | {f(p['clip_instruction_direction_accuracy'])} | "
+                     f"{f(p.get('kept_pixels_accuracy'))} | {f(p.get('clip_image_similarity_accuracy'))} | "
                      f"{f(p['random_accuracy'])} | {f(p['heldout_pair_accuracy'])} |")
-    lines.append("\n![learning curve](learning_curve.png)\n")
+    pairs = report["curve"][0].get("test_true_pairs") if report["curve"] else None
+    lines.append(f"\n{pairs} held-out pairs of distinct true quality (one standard error of an accuracy near "
+                 f"0.75: about {0.433 / max(pairs or 1, 1) ** 0.5:.3f}).\n")
+    lines.append("![learning curve](learning_curve.png)\n")
     return "\n".join(lines)

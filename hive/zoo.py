@@ -114,16 +114,24 @@ def assemble_base(vae_dir: Path, clip_dir: Path, dest: Path, unet: UNet2DConditi
     return dest
 
 
-def ship(editor_dir: Path, clip_dir: Path, models_dir: Path = MODELS_DIR, vae_dir: Path | None = None) -> dict[str, Path]:
+def ship(editor_dir: Path, clip_dir: Path, models_dir: Path = MODELS_DIR, vae_dir: Path | None = None,
+         sampling: dict[str, float] | None = None) -> dict[str, Path]:
     """Copy a trained editor pipeline and CLIP into `models/` with fp16 weights (half the bytes;
-    loaders upcast on the CPU), optionally with a better decoder (`vae_dir`). Each folder is
-    written beside its place and renamed into it."""
+    loaders upcast on the CPU), optionally with a better decoder (`vae_dir`) and the editor's
+    default sampling settings (`sampling`, into its hive.json: measured with `evaluate`). Each
+    folder is written beside its place and renamed into it."""
+    import json
     import shutil
+
+    from hive.editor import sampling_defaults
+    from hive.files import write_json_atomic
 
     import torch
     from diffusers import StableDiffusionInstructPix2PixPipeline
     from transformers import CLIPImageProcessor, CLIPTokenizer
 
+    if sampling:
+        sampling_defaults({"sampling": sampling})  # unknown keys fail here, before anything is written
     written = {}
     pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(editor_dir, dtype=torch.float16)
     if vae_dir is not None:  # a decoder fine-tuned on the same, frozen encoder (see hive.train_vae)
@@ -140,9 +148,12 @@ def ship(editor_dir: Path, clip_dir: Path, models_dir: Path = MODELS_DIR, vae_di
         if name == "toy-clip":
             CLIPTokenizer.from_pretrained(clip_dir).save_pretrained(tmp)
             CLIPImageProcessor.from_pretrained(clip_dir).save_pretrained(tmp)
-        info = Path(editor_dir) / "hive.json"
-        if name == "toy-editor" and info.exists():
-            shutil.copy(info, tmp / "hive.json")
+        info_path = Path(editor_dir) / "hive.json"
+        if name == "toy-editor" and (info_path.exists() or sampling):
+            info = json.loads(info_path.read_text()) if info_path.exists() else {}
+            if sampling:
+                info["sampling"] = {**info.get("sampling", {}), **sampling}
+            write_json_atomic(tmp / "hive.json", info)
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
         written[name] = dest

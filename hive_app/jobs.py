@@ -97,7 +97,7 @@ def _editor_version(ctx: JobContext):
 
 
 def run_tradeoff(ctx: JobContext) -> dict:
-    """The CLIP trade-off curve (image guidance 1.0-2.2, text guidance 7.5) of an editor version,
+    """The CLIP trade-off curve (image guidance 1.0-2.2, the model's text guidance) of an editor version,
     stored in its metrics (`tradeoff`) for the Dashboard's trade-off plot."""
     from hive.evaluate import TRADEOFF_IMAGE_GUIDANCES, ClipEmbedder, tradeoff_curve
 

@@ -25,7 +25,7 @@ from db.engine import session_scope
 from db.images import get_or_create_image
 from db.models import EditRequest, User
 from hive import toy
-from hive.editor import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS, load_image
+from hive.editor import load_image
 from hive_app.service import MAX_VARIANTS, MIN_VARIANTS, QUEUE_OWNER, AppInputError, HiveService
 
 
@@ -79,10 +79,10 @@ def fill_queue(service: HiveService, data: Path, variants: int = 4, gold_rate: f
         instruction = str(row["edit_prompt"])
         seeds = [seed + i * MAX_VARIANTS + k for k in range(int(variants))]
         with lock:
-            images = editor.sample([source], [editor.prompt_for(instruction)], [seeds], DEFAULT_STEPS,
-                                   DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE)[0]
-        params = [{"seed": s_, "steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE,
-                   "image_guidance": DEFAULT_IMAGE_GUIDANCE, "model": version.path} for s_ in seeds]
+            images = editor.sample([source], [editor.prompt_for(instruction)], [seeds])[0]  # the model's defaults
+        steps, guidance, image_guidance = editor.settings()
+        params = [{"seed": s_, "steps": steps, "guidance": guidance, "image_guidance": image_guidance,
+                   "model": version.path} for s_ in seeds]
         gold_best: list[int] = []
         if row.get("clean_image") and rng.random() < gold_rate:
             clean = load_image(data / row["clean_image"])

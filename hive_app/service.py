@@ -24,8 +24,7 @@ from db.engine import session_scope
 from db.images import ImageError, ImageStore, get_or_create_image
 from db.models import EditRequest, Image, ModelVersion, Ranking, Variant, utcnow
 from hive import toy
-from hive.editor import (DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS, Editor, EditorInputError,
-                         load_image)
+from hive.editor import Editor, EditorInputError, load_image, read_model_info, sampling_defaults
 from hive.registry import RegistryError
 from hive_app.auth import Auth, AuthError, Signer
 from hive_app.config import AppConfig
@@ -196,9 +195,10 @@ class HiveService:
 
     # -- edit ----------------------------------------------------------------------------------
     def edit(self, token: str | None, image: Any, instruction: str, variants: Any = DEFAULT_VARIANTS,
-             seed: Any = None, steps: Any = DEFAULT_STEPS, guidance: Any = DEFAULT_GUIDANCE,
-             image_guidance: Any = DEFAULT_IMAGE_GUIDANCE, consent: bool = False) -> EditOutcome:
-        """K variants of one edit by the promoted editor, recorded with their parameters.
+             seed: Any = None, steps: Any = None, guidance: Any = None,
+             image_guidance: Any = None, consent: bool = False) -> EditOutcome:
+        """K variants of one edit by the promoted editor, recorded with their parameters
+        (steps and guidance left None: the promoted model's defaults).
 
         Order: check who, check every input (image, instruction, numbers), sample, then write the
         request, its source and its variants in one transaction; bad input writes nothing."""
@@ -224,14 +224,14 @@ class HiveService:
             return EditOutcome(req.id, [v.id for v in made], result.images, records, version.name)
 
     def check_edit(self, image: Any, instruction: str, variants: Any = DEFAULT_VARIANTS, seed: Any = None,
-                   steps: Any = DEFAULT_STEPS, guidance: Any = DEFAULT_GUIDANCE,
-                   image_guidance: Any = DEFAULT_IMAGE_GUIDANCE) -> CheckedEdit:
+                   steps: Any = None, guidance: Any = None, image_guidance: Any = None) -> CheckedEdit:
         """Every check of an edit's input, without writing anything (the UI calls it before it
-        opens a guest session, so that bad input leaves no trace at all)."""
+        opens a guest session, so that bad input leaves no trace at all). Steps and guidance
+        left None take the promoted model's defaults."""
         k = _number(variants, "variants", MIN_VARIANTS, MAX_VARIANTS, integer=True)
-        n_steps = _number(steps, "steps", 1, MAX_STEPS, integer=True)
-        g_text = _number(guidance, "text guidance", 0, 30)
-        g_image = _number(image_guidance, "image guidance", 0, 10)
+        n_steps = None if steps is None else _number(steps, "steps", 1, MAX_STEPS, integer=True)
+        g_text = None if guidance is None else _number(guidance, "text guidance", 0, 30)
+        g_image = None if image_guidance is None else _number(image_guidance, "image guidance", 0, 10)
         base_seed = None if seed in (None, "", -1) else _number(seed, "seed", 0, MAX_SEED, integer=True)
         if image is None or (isinstance(image, str) and not image):
             raise AppInputError("no image: upload a photo, or draw a toy scene")
@@ -240,7 +240,12 @@ class HiveService:
         editor, lock = self.editors.get(version.path)
         with lock:  # the tokenizer is shared with running edits; fast tokenizers are not thread-safe
             editor.prompt_for(instruction)  # EditorInputError for empty or too long instructions
+        n_steps, g_text, g_image = editor.settings(n_steps, g_text, g_image)
         return CheckedEdit(source, version, k, base_seed, n_steps, g_text, g_image)
+
+    def sampling_defaults(self) -> dict[str, float]:
+        """The promoted editor's default steps and guidance (the UI's sliders start there)."""
+        return sampling_defaults(read_model_info(self.editor_version().path))  # hive.json only: no model load
 
     # -- the ranking queue ---------------------------------------------------------------------
     def next_item(self, token: str | None) -> RankItem | None:
@@ -365,8 +370,7 @@ class HiveService:
             editor, lock = self.editors.get(mv.path)
             with lock:
                 prompt = editor.prompt_for(instruction or "")
-                outputs.append(editor.sample([source], [prompt], [[seed]], DEFAULT_STEPS, DEFAULT_GUIDANCE,
-                                             DEFAULT_IMAGE_GUIDANCE)[0][0])
+                outputs.append(editor.sample([source], [prompt], [[seed]])[0][0])  # each model's defaults
         with session_scope() as s:
             src, ia, ib = (get_or_create_image(s, self.store, im) for im in (source, *outputs))
             paths = {row.id: str(self.store.home / row.path) for row in (src, ia, ib)}

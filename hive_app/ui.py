@@ -536,6 +536,15 @@ def build_app(svc: HiveService) -> gr.Blocks:
         rollback_btn.click(change_version("rollback"), [token, version_dd], [admin_status, *admin_outputs],
                            api_visibility="private")
 
+        def model_defaults():
+            """The sliders start at the promoted editor's own defaults (its hive.json `sampling`)."""
+            try:
+                d = svc.sampling_defaults()
+            except USER_ERRORS:  # no editor promoted yet: keep the global defaults
+                return gr.update(), gr.update(), gr.update()
+            return d["steps"], d["guidance"], d["image_guidance"]
+
+        demo.load(model_defaults, None, [steps_in, guidance_in, image_guidance_in], api_visibility="private")
     return demo
 
 
@@ -584,9 +593,9 @@ def build_api(svc: HiveService) -> None:
         f_instruction = gr.Textbox()
         f_variants = gr.Number(value=DEFAULT_VARIANTS, precision=0)
         f_seed = gr.Number(value=-1, precision=0)
-        f_steps = gr.Number(value=DEFAULT_STEPS, precision=0)
-        f_guidance = gr.Number(value=DEFAULT_GUIDANCE)
-        f_image_guidance = gr.Number(value=DEFAULT_IMAGE_GUIDANCE)
+        f_steps = gr.Number(value=None, precision=0)  # None: the promoted model's defaults
+        f_guidance = gr.Number(value=None)
+        f_image_guidance = gr.Number(value=None)
         f_consent = gr.Checkbox(value=False)
         f_token = gr.Textbox()
         o_json = gr.JSON()

@@ -134,6 +134,31 @@ def test_reward_suffix_is_appended_by_the_model_folder(tiny_pipeline, tmp_path, 
     assert result.records[0].instruction == "make the background white"
 
 
+def test_model_folder_sets_its_default_sampling(tiny_pipeline, tmp_path, scene):
+    import shutil
+
+    from hive.defaults import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE
+
+    plain = Editor(tiny_pipeline, device="cpu")
+    assert plain.settings() == (20, DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE)
+    folder = tmp_path / "tuned"
+    shutil.copytree(tiny_pipeline, folder)
+    (folder / "hive.json").write_text(json.dumps({"sampling": {"guidance": 3.0, "steps": 2}}))
+    editor = Editor(folder, device="cpu")
+    assert editor.settings() == (2, 3.0, DEFAULT_IMAGE_GUIDANCE)
+    assert editor.settings(5, 6.0, 1.2) == (5, 6.0, 1.2)  # a caller's values win
+    rec = editor.edit(scene.input_image, "make the background white", variants=1, seed=0).records[0]
+    assert (rec.steps, rec.guidance, rec.image_guidance) == (2, 3.0, DEFAULT_IMAGE_GUIDANCE)
+    # the defaults are the same function as passing the values: identical pixels
+    same = editor.edit(scene.input_image, "make the background white", variants=1, seed=0, steps=2, guidance=3.0,
+                       image_guidance=DEFAULT_IMAGE_GUIDANCE).images[0]
+    default = editor.edit(scene.input_image, "make the background white", variants=1, seed=0).images[0]
+    assert np.array_equal(np.asarray(same), np.asarray(default))
+    (folder / "hive.json").write_text(json.dumps({"sampling": {"guidanse": 3.0}}))
+    with pytest.raises(ValueError, match="guidanse"):
+        Editor(folder, device="cpu")
+
+
 def test_sd15_shaped_pipeline_loads_and_edits_through_the_same_path(tmp_path, scene):
     from tests.conftest import build_tiny_pipeline
 

@@ -73,3 +73,23 @@ def test_recon_judge_pass_is_one_for_a_perfect_autoencoder_and_zero_for_a_tinted
 
     assert recon_judge_pass(_IdentityAutoencoder(), n=20) == 1.0
     assert recon_judge_pass(_IdentityAutoencoder(shift=0.6), n=20) == 0.0  # ~75 RGB units off everywhere
+
+
+def test_ship_installs_the_editor_with_its_default_sampling(tiny_pipeline, tmp_path):
+    import pytest
+
+    from hive.editor import Editor
+    from hive.zoo import ship
+    from tests.test_reward_model import build_tiny_clip
+
+    clip = build_tiny_clip(tmp_path / "clip")
+    models = tmp_path / "models"
+    models.mkdir()
+    with pytest.raises(ValueError, match="guidanse"):
+        ship(tiny_pipeline, clip, models, sampling={"guidanse": 3.0})
+    assert not any(models.iterdir())  # a bad setting writes nothing
+    written = ship(tiny_pipeline, clip, models, sampling={"guidance": 3.0})
+    info = json.loads((written["toy-editor"] / "hive.json").read_text())
+    assert info["sampling"] == {"guidance": 3.0}
+    assert Editor(written["toy-editor"], device="cpu").settings()[1] == 3.0
+    assert CLIPModel.from_pretrained(written["toy-clip"]) is not None
