@@ -52,7 +52,7 @@ class RewardConfig:
     patch_layers: list[int] = field(default_factory=lambda: [-1])  # vision hidden states compared patchwise
     attn_heads: int = 4
     token_dim: int = 32  # width of the change tokens and of the cross-attention
-    residual: bool = False  # change head: also the token/attention/MLP branch beside the main term
+    residual: bool = True  # change head: also the token/attention/MLP branch beside the main term
     gate_l2: float = 0.3  # L2 penalty on the instruction's weights (G) of the main term
     residual_l2: float = 1e-3  # L2 penalty on the residual branch's weights
     ensemble: int = 1  # heads whose scores are averaged

@@ -280,7 +280,7 @@ class RewardTrainConfig:
     patch_layers: list[int] = field(default_factory=lambda: [-1])
     attn_heads: int = 4
     dropout: float = 0.1
-    residual: bool = False  # change head: the token/attention/MLP branch beside the main term
+    residual: bool = True  # change head: the token/attention/MLP branch beside the main term
     gate_l2: float = 0.3
     residual_l2: float = 1e-3
     ensemble: int = 5  # heads averaged; with val_fraction > 0 each holds out its own fold of train requests
