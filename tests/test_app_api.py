@@ -41,6 +41,17 @@ def edit(client, token, image, instruction="make the circle blue", variants=4):
     return client.predict(handle_file(image), instruction, variants, 5, 2, 7.5, 1.5, True, token, api_name="/edit")
 
 
+def test_edit_without_settings_takes_the_models_defaults(app, client, source, tiny_pipeline):
+    from hive.editor import Editor
+
+    token = client.predict(api_name="/guest")
+    info, images = client.predict(handle_file(source), "make the circle blue", 2, 5, None, None, None, False, token,
+                                  api_name="/edit")
+    want = Editor(tiny_pipeline, device="cpu").settings()
+    assert len(images) == 2
+    assert [(v["steps"], v["guidance"], v["image_guidance"]) for v in info["variants"]] == [want, want]
+
+
 def test_edit_rank_and_vote_through_the_api(app, client, source):
     token = client.predict(api_name="/guest")
     info, images = edit(client, token, source)
