@@ -46,6 +46,24 @@ def test_edit_records_request_variants_and_parameters(svc, hive):
     assert [im.tobytes() for im in again.images] == [im.tobytes() for im in out.images]
 
 
+def test_edit_without_settings_uses_the_promoted_models_defaults(hive, editor_pool, tiny_pipeline, tmp_path):
+    import shutil
+
+    from hive_app.config import AppConfig
+    from hive_app.service import HiveService
+
+    folder = tmp_path / "tuned"
+    shutil.copytree(tiny_pipeline, folder)
+    (folder / "hive.json").write_text(json.dumps({"sampling": {"steps": 2, "guidance": 3.0, "image_guidance": 1.2}}))
+    svc = HiveService(AppConfig(model=str(folder), explicit_model=True), store=hive.store, editors=editor_pool)
+    assert svc.sampling_defaults() == {"steps": 2, "guidance": 3.0, "image_guidance": 1.2}  # the UI's sliders
+    out = svc.edit(svc.auth.guest(), toy_source(), "make the circle blue", variants=2, seed=1)
+    assert {(r["steps"], r["guidance"], r["image_guidance"]) for r in out.records} == {(2, 3.0, 1.2)}
+    with session_scope(write=False) as s:
+        req = s.get(EditRequest, out.request_id)
+    assert (req.params["steps"], req.params["guidance"], req.params["image_guidance"]) == (2, 3.0, 1.2)
+
+
 @pytest.mark.parametrize("case, expected", [
     ("not_image", "not an image"),
     ("huge", "too large: 10000x10000"),
