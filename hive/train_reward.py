@@ -530,6 +530,26 @@ def _validation_loss(model: RewardModel, val: list[Ranking], scores_of, loss: st
     return total / len(val)
 
 
+class EarlyStopping:
+    """Keeps the weights of the best validation loss so far and says when `patience`
+    validations in a row have not improved on it."""
+
+    def __init__(self, patience: int):
+        self.patience, self.best, self.bad, self.state = patience, math.inf, 0, None
+
+    def should_stop(self, val_loss: float, module: torch.nn.Module) -> bool:
+        if val_loss < self.best - 1e-4:
+            self.best, self.bad = val_loss, 0
+            self.state = {k: t.detach().clone() for k, t in module.state_dict().items()}
+            return False
+        self.bad += 1
+        return self.bad >= self.patience
+
+    def restore_best(self, module: torch.nn.Module) -> None:
+        if self.state is not None:
+            module.load_state_dict(self.state)
+
+
 def _train_heads(model: RewardModel, train: list[Ranking], out: Path, config: RewardTrainConfig,
                  cache: ImageCache, progress: bool) -> tuple[RewardModel, float, list[int]]:
     """Frozen backbone: train each ensemble member on cached features, keeping its best state on
@@ -550,7 +570,7 @@ def _train_heads(model: RewardModel, train: list[Ranking], out: Path, config: Re
         rng = np.random.default_rng([config.seed, m])
         opt = torch.optim.AdamW(head.parameters(), lr=config.head_lr, weight_decay=config.weight_decay)
         every = config.eval_every or max(1, math.ceil(len(fit) / config.batch_size))
-        best, best_state, bad, order = math.inf, None, 0, []
+        stopper, order = EarlyStopping(config.patience), []
 
         def scores_of(batch: list[Ranking]) -> torch.Tensor:
             return head(*feats.batch(batch))
@@ -574,16 +594,10 @@ def _train_heads(model: RewardModel, train: list[Ranking], out: Path, config: Re
                 v = _validation_loss(model, val, scores_of, config.loss)
                 log.log(step + 1, val_loss=v, member=m)
                 bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{v:.3f}")
-                if v < best - 1e-4:
-                    best, bad = v, 0
-                    best_state = {k: t.detach().clone() for k, t in head.state_dict().items()}
-                else:
-                    bad += 1
-                    if bad >= config.patience:
-                        last = step + 1
-                        break
-        if best_state is not None:
-            head.load_state_dict(best_state)
+                if stopper.should_stop(v, head):
+                    last = step + 1
+                    break
+        stopper.restore_best(head)
         stopped.append(last)
     model.eval()
     return model, loss_value, stopped
@@ -615,7 +629,7 @@ def _train_end_to_end(model: RewardModel, train: list[Ranking], out: Path, confi
                disable=not (progress and accelerator.is_local_main_process))
     raw = accelerator.unwrap_model(model)
     every = config.eval_every or max(1, math.ceil(len(fit) / config.batch_size))
-    best, best_state, bad, last = math.inf, None, 0, config.steps
+    stopper, last = EarlyStopping(config.patience), config.steps
     loss_value = float("nan")
 
     def scores_of(batch: list[Ranking]) -> torch.Tensor:
@@ -638,19 +652,13 @@ def _train_end_to_end(model: RewardModel, train: list[Ranking], out: Path, confi
             model.eval()
             v = _validation_loss(raw, val, scores_of, config.loss)
             log.log(step + 1, val_loss=v)
-            if v < best - 1e-4:
-                best, bad = v, 0
-                best_state = {k: t.detach().clone() for k, t in raw.state_dict().items()}
-            else:
-                bad += 1
-                if bad >= config.patience:
-                    last = step + 1
-                    break
+            if stopper.should_stop(v, raw):
+                last = step + 1
+                break
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
             save_checkpoint(accelerator, out, step + 1)
     model = accelerator.unwrap_model(model)
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    stopper.restore_best(model)
     model.eval()
     return model, loss_value, [last]
 
@@ -801,20 +809,23 @@ def prepare_simulation(sim_dir: Path, model: str | None, stand_in: bool, total: 
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    meta = {"settings": want, "report": asdict(sim) | {"request_ids": None}}
-    write_json_atomic(meta_path, _json_safe(meta))
+    meta = _json_safe({"settings": want, "report": asdict(sim) | {"request_ids": None}})
+    write_json_atomic(meta_path, meta)
     return meta
 
 
 def split_experiment(rankings: list[Ranking], test_requests: int) -> tuple[list[Ranking], list[Ranking]]:
     """The experiment's split: the last `test_requests` requests (by toy seed, else by id) are held
     out, the same requests on every rerun and for every learning-curve size."""
+    seeds: dict[int, set] = {}
+    for r in rankings:
+        seeds.setdefault(r.request_id, set()).add(r.toy_seed)
+
     def key(rid: int) -> tuple:
-        seeds = {r.toy_seed for r in rankings if r.request_id == rid}
-        seed = next(iter(seeds)) if len(seeds) == 1 else None
+        seed = next(iter(seeds[rid])) if len(seeds[rid]) == 1 else None
         return (seed if seed is not None else math.inf, rid)
 
-    reqs = sorted({r.request_id for r in rankings}, key=key)
+    reqs = sorted(seeds, key=key)
     if len(reqs) <= test_requests:
         raise ValueError(f"{len(reqs)} requests: need more than the {test_requests} held out")
     test_ids = set(reqs[len(reqs) - test_requests:])
@@ -833,8 +844,6 @@ def run_experiment(out: Path, model: str | None = None, stand_in: bool = False, 
     subsets of the rest, and write `out/report.json`, `out/report.md` and `out/learning_curve.png`.
     `sim_dir` may also be an exported dataset (`python -m hive export`) of such a simulation.
     Each curve size is trained `repeats` times (other subsets and initialisations)."""
-    import json
-
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
     config = config or RewardTrainConfig()
@@ -855,9 +864,7 @@ def run_experiment(out: Path, model: str | None = None, stand_in: bool = False, 
         from db.engine import dispose_engine
 
         dispose_engine(url)
-    meta = json.loads(json.dumps(meta))
-    return _experiment(out, rankings, meta, requests, test_requests, variants, curve, config, progress,
-                               repeats)
+    return _experiment(out, rankings, meta, requests, test_requests, variants, curve, config, progress, repeats)
 
 
 def _simulation_summary(rankings: list[Ranking]) -> dict:

@@ -120,10 +120,9 @@ def ship(editor_dir: Path, clip_dir: Path, models_dir: Path = MODELS_DIR, vae_di
     loaders upcast on the CPU), optionally with a better decoder (`vae_dir`) and the editor's
     default sampling settings (`sampling`, into its hive.json: measured with `evaluate`). Each
     folder is written beside its place and renamed into it."""
-    import json
     import shutil
 
-    from hive.editor import sampling_defaults
+    from hive.editor import read_model_info, sampling_defaults
     from hive.files import write_json_atomic
 
     import torch
@@ -148,11 +147,10 @@ def ship(editor_dir: Path, clip_dir: Path, models_dir: Path = MODELS_DIR, vae_di
         if name == "toy-clip":
             CLIPTokenizer.from_pretrained(clip_dir).save_pretrained(tmp)
             CLIPImageProcessor.from_pretrained(clip_dir).save_pretrained(tmp)
-        info_path = Path(editor_dir) / "hive.json"
-        if name == "toy-editor" and (info_path.exists() or sampling):
-            info = json.loads(info_path.read_text()) if info_path.exists() else {}
-            if sampling:
-                info["sampling"] = {**info.get("sampling", {}), **sampling}
+        info = read_model_info(str(editor_dir)) if name == "toy-editor" else {}
+        if sampling and name == "toy-editor":
+            info["sampling"] = {**info.get("sampling", {}), **sampling}
+        if info:
             write_json_atomic(tmp / "hive.json", info)
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
