@@ -388,7 +388,7 @@ def cmd_reward_experiment(args: argparse.Namespace) -> int:
                                 test_requests=args.test_requests, variants=args.variants, annotators=args.annotators,
                                 curve=curve, config=_reward_config(args), steps=args.sample_steps, batch=args.batch,
                                 sim_dir=Path(args.sim) if args.sim else None, resample=args.resample,
-                                repeats=args.repeats)
+                                repeats=args.repeats, noise_free_bound=args.noise_free_bound)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -648,6 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resample", action="store_true", help="sample the simulation again (e.g. the editor changed)")
     p.add_argument("--repeats", type=int, default=3,
                    help="reward models per curve size (other training subsets and seeds); the report gives the mean")
+    p.add_argument("--noise-free-bound", action="store_true",
+                   help="also train on the noise-free order of the largest subset: what the model's features "
+                        "can learn at best from that many requests")
     reward_train_args(p)
     p.set_defaults(func=cmd_reward_experiment)
 

@@ -19,6 +19,7 @@ similarity used as a reward, and a random scorer):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -140,6 +141,15 @@ def split_by_request(rankings: list[Ranking], test_fraction: float = 0.2, seed: 
         n_test = min(max(n_test, 1), len(reqs) - 1)
     test = set(reqs[:n_test])
     return [r for r in rankings if r.request_id not in test], [r for r in rankings if r.request_id in test]
+
+
+def noise_free(r: Ranking) -> Ranking:
+    """The ranking a noiseless annotator gives the same variants: dense ranks of the true quality
+    (equal quality ties). Trained on, it bounds what the model's features can learn from rankings."""
+    if r.true_quality is None:
+        raise ValueError(f"ranking {r.ranking_id} has no true quality (not simulated)")
+    levels = sorted(set(r.true_quality), reverse=True)
+    return dataclasses.replace(r, ranks=[levels.index(q) + 1 for q in r.true_quality])
 
 
 def first_requests(rankings: list[Ranking], n: int, seed: int = 0) -> list[Ranking]:
@@ -836,14 +846,17 @@ def run_experiment(out: Path, model: str | None = None, stand_in: bool = False, 
                    test_requests: int = 100, variants: int = 4, annotators: int = 5, curve: list[int] | None = None,
                    config: RewardTrainConfig | None = None, steps: int = 20, batch: int = 8,
                    sim_dir: Path | None = None, resample: bool = False, repeats: int = 1,
-                   progress: bool = True) -> dict:
+                   noise_free_bound: bool = False, progress: bool = True) -> dict:
     """The must-show experiment in one call: simulate `requests + test_requests` toy requests
     (variants sampled by the editor `model`, ranked at the calibrated noise) into the store
     `sim_dir` (default `out/home`; reused when it already holds this simulation), hold out the
     last `test_requests` requests, train one reward model per learning-curve size on nested
     subsets of the rest, and write `out/report.json`, `out/report.md` and `out/learning_curve.png`.
     `sim_dir` may also be an exported dataset (`python -m hive export`) of such a simulation.
-    Each curve size is trained `repeats` times (other subsets and initialisations)."""
+    Each curve size is trained `repeats` times (other subsets and initialisations). With
+    `noise_free_bound`, one more model learns the largest subset's noise-free order instead of the
+    annotators' (report key `noise_free_labels`): the most these features can learn from
+    that many requests, which tells "more or cleaner rankings" from "a better model" apart."""
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
     config = config or RewardTrainConfig()
@@ -854,7 +867,7 @@ def run_experiment(out: Path, model: str | None = None, stand_in: bool = False, 
             rankings = rankings_from_db(url, home)
             meta = {"settings": {"source": str(sim_dir)}, "report": _simulation_summary(rankings)}
             return _experiment(out, rankings, meta, requests, test_requests, variants, curve, config, progress,
-                               repeats)
+                               repeats, noise_free_bound)
     meta = prepare_simulation(sim_dir, model, stand_in, requests + test_requests, variants, annotators, steps, batch,
                               resample, progress)
     url = f"sqlite:///{sim_dir / 'hive.db'}"
@@ -864,7 +877,8 @@ def run_experiment(out: Path, model: str | None = None, stand_in: bool = False, 
         from db.engine import dispose_engine
 
         dispose_engine(url)
-    return _experiment(out, rankings, meta, requests, test_requests, variants, curve, config, progress, repeats)
+    return _experiment(out, rankings, meta, requests, test_requests, variants, curve, config, progress, repeats,
+                       noise_free_bound)
 
 
 def _simulation_summary(rankings: list[Ranking]) -> dict:
@@ -882,7 +896,8 @@ CURVE_KEYS = ("heldout_pair_accuracy", "heldout_pair_accuracy_with_ties", "true_
 
 
 def _experiment(out: Path, rankings: list[Ranking], meta: dict, requests: int, test_requests: int, variants: int,
-                curve: list[int], config: RewardTrainConfig, progress: bool, repeats: int = 1) -> dict:
+                curve: list[int], config: RewardTrainConfig, progress: bool, repeats: int = 1,
+                noise_free_bound: bool = False) -> dict:
     """One reward model per (curve size, repeat): repeat k draws its own nested training subset
     and initialisation (seed + k); a point reports the mean over repeats and each run."""
     train_all, test = split_experiment(rankings, test_requests)
@@ -910,15 +925,23 @@ def _experiment(out: Path, rankings: list[Ranking], meta: dict, requests: int, t
                 point[key + "_max"] = float(max(vals)) if vals else None
         point.update(train_rankings=runs[0]["train_rankings"], test_true_pairs=runs[0]["test_true_pairs"], runs=runs)
         points.append(point)
+    bound = None
+    if noise_free_bound:
+        sub = [noise_free(r) for r in first_requests(train_all, max(curve), config.seed)]
+        run = out / f"n{max(curve)}-noise-free"
+        shutil.rmtree(run, ignore_errors=True)
+        rep = train_reward(sub + test, run, config, split=(sub, test), progress=progress)
+        bound = {"requests": max(curve), "true_pair_accuracy": rep["true_pair_accuracy"]}
     report = _json_safe({"simulation": meta["report"], "simulation_settings": meta["settings"], "curve": points,
+                         "noise_free_labels": bound,
                          "config": asdict(config), "test_requests": test_requests, "variants": variants})
     write_json_atomic(out / "report.json", report)
-    _plot_curve(points, out / "learning_curve.png")
+    _plot_curve(points, out / "learning_curve.png", bound)
     (out / "report.md").write_text(_markdown(report))
     return report
 
 
-def _plot_curve(points: list[dict], path: Path) -> None:
+def _plot_curve(points: list[dict], path: Path, bound: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -944,6 +967,9 @@ def _plot_curve(points: list[dict], path: Path) -> None:
                                        (0, (3, 1, 1, 1)), "C5"),
                                       ("random_accuracy", "random scorer", (0, (5, 5)), "C7")):
         ax.plot(xs, ys(key), linestyle=style, color=colour, label=label)
+    if bound and bound.get("true_pair_accuracy") is not None:
+        ax.plot([bound["requests"]], [bound["true_pair_accuracy"]], "*", color="C0", markersize=12,
+                label="reward model, noise-free labels")
     ax.set_xlabel("training requests (one ranking each)")
     ax.set_ylabel("held-out pair accuracy vs noise-free order")
     ax.legend(fontsize=7)
@@ -981,5 +1007,10 @@ def _markdown(report: dict) -> str:
     pairs = report["curve"][0].get("test_true_pairs") if report["curve"] else None
     lines.append(f"\n{pairs} held-out pairs of distinct true quality (one standard error of an accuracy near "
                  f"0.75: about {0.433 / max(pairs or 1, 1) ** 0.5:.3f}).\n")
+    bound = report.get("noise_free_labels")
+    if bound:
+        lines.append(f"Trained on the noise-free order of the same {bound['requests']} requests instead of the "
+                     f"annotators' rankings, the reward model reaches {f(bound['true_pair_accuracy'])}: the most its "
+                     "features can learn from that many requests.\n")
     lines.append("![learning curve](learning_curve.png)\n")
     return "\n".join(lines)

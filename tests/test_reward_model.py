@@ -13,7 +13,8 @@ from PIL import Image
 from hive import toy
 from hive.reward import RewardModel
 from hive.train_reward import (Ranking, RewardTrainConfig, bradley_terry_loss, pair_accuracy, plackett_luce_loss,
-                               single_annotator_accuracy, split_by_request, train_reward, true_order_accuracy)
+                               noise_free, single_annotator_accuracy, split_by_request, train_reward,
+                               true_order_accuracy)
 
 
 def build_tiny_clip(dest: Path, vit_l_shaped: bool = False) -> Path:
@@ -113,6 +114,15 @@ def test_accuracies_against_labels_and_truth():
     assert true_order_accuracy([r], perfect)["accuracy"] == 1.0
     assert true_order_accuracy([r], [np.array([1.0, 3.0, 2.0])])["accuracy"] == 0.0
     assert single_annotator_accuracy([r])["accuracy"] == pytest.approx(2.5 / 3)
+
+
+def test_noise_free_ranking_follows_the_true_quality_with_ties():
+    r = _ranking([3, 1, 2, 4], truth=[0.9, 0.2, 0.5, 0.9])  # a noisy annotator's order
+    clean = noise_free(r)
+    assert clean.ranks == [1, 3, 2, 1] and r.ranks == [3, 1, 2, 4]  # the original is left alone
+    assert single_annotator_accuracy([clean])["accuracy"] == 1.0
+    with pytest.raises(ValueError, match="no true quality"):
+        noise_free(_ranking([1, 2]))
 
 
 def _toy_images(n: int, size: int = 32):

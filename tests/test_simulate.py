@@ -101,8 +101,10 @@ def test_reward_experiment_end_to_end_tiny(tiny_pipeline, tiny_clip, tmp_path, c
     rep = _run(["reward-experiment", "--out", str(out), "--requests", "4", "--test-requests", "2",
                 "--variants", "3", "--annotators", "2", "--curve", "2,4", "--model", str(tiny_pipeline),
                 "--sample-steps", "2", "--backbone", str(tiny_clip), "--steps", "2", "--batch-size", "2",
-                "--checkpoint-every", "0", "--json"], capsys)
+                "--checkpoint-every", "0", "--noise-free-bound", "--json"], capsys)
     assert [p["requests"] for p in rep["curve"]] == [2, 4]
+    assert rep["noise_free_labels"]["requests"] == 4 and (out / "n4-noise-free/model/config.json").exists()
+    assert "noise-free order of the same 4 requests" in (out / "report.md").read_text()
     assert all(p["single_annotator_accuracy"] is not None or p["true_pair_accuracy"] is None for p in rep["curve"])
     for name in ("report.json", "report.md", "learning_curve.png", "n2/model/config.json", "n4/model/config.json"):
         assert (out / name).exists(), name
