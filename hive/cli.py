@@ -52,7 +52,8 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
     from hive.train_clip import train_clip
 
     t = time.time()
-    path = train_clip(Path(args.out), Path(args.tokenizer), steps=args.steps, batch_size=args.batch_size)
+    path = train_clip(Path(args.out), Path(args.tokenizer), steps=args.steps, batch_size=args.batch_size,
+                      lr=args.lr, twins=not args.no_twins, base=Path(args.base) if args.base else None)
     _report_training(args, path, t)
     return 0
 
@@ -450,6 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="tokenizer folder (from `train tokenizer`)")
     p.add_argument("--steps", type=int, default=700)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--base", help="continue from this CLIPModel folder (default: a fresh toy CLIP)")
+    p.add_argument("--no-twins", action="store_true",
+                   help="random scenes only (the first recipe); by default each scene comes with twins that "
+                        "differ in one object's position, shape or size")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train_clip)
     p = train.add_parser("editor", help="SFT-train an InstructPix2Pix UNet (resumes from OUT/checkpoints)")

@@ -6,6 +6,7 @@ the toy reward model and of the toy CLIP metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -37,22 +38,79 @@ def to_pixel_values(images: list, size: int = TOY_RESOLUTION) -> torch.Tensor:
     return (x - mean) / std
 
 
-def caption_batch(step: int, batch_size: int) -> tuple[list, list[str]]:
-    """Scenes with captions, plus edited scenes described by their captions too."""
-    pairs = list(toy.iter_captions(seed=step, n=batch_size))
-    return [p[0] for p in pairs], [p[1] for p in pairs]
+def twin_scenes(scene: toy.Scene, rng: np.random.Generator) -> list[toy.Scene]:
+    """The scene with one object moved, one reshaped and one resized (when the scene allows).
+
+    With random scenes alone, colours tell almost every caption in a batch apart, so the first toy
+    CLIP learned colours and next to nothing of positions and shapes: its text tower gave "add a
+    purple square at the top right" and "... at the bottom left" token states 4% apart (colour
+    words: 110%), and the editor on it never learned to add or move. Twins whose captions differ
+    in one position or shape word make the contrastive loss read those words."""
+    twins = []
+    i = int(rng.integers(len(scene.objects)))
+    o = scene.objects[i]
+    empty = scene.empty_cells()
+    if empty:
+        twins.append(scene.replace(i, dataclasses.replace(o, cell=empty[int(rng.integers(len(empty)))])))
+    shapes = [s for s in toy.SHAPES if s != o.shape]
+    twins.append(scene.replace(i, dataclasses.replace(o, shape=shapes[int(rng.integers(len(shapes)))])))
+    twins.append(scene.replace(i, dataclasses.replace(o, size="large" if o.size == "small" else "small")))
+    return twins
+
+
+def caption_batch(step: int, batch_size: int, twins: bool = True) -> tuple[list, list[str]]:
+    """Toy scenes and their captions; with `twins`, each scene comes with its `twin_scenes`
+    (groups of up to four in the batch), so that the batch's hard negatives differ in one word."""
+    if not twins:
+        pairs = list(toy.iter_captions(seed=step, n=batch_size))
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+    rng = np.random.default_rng([step, 104729, 2])
+    scenes: list[toy.Scene] = []
+    while len(scenes) < batch_size:
+        scene = toy.random_scene(rng)
+        scenes.extend([scene, *twin_scenes(scene, rng)][:batch_size - len(scenes)])
+    return [sc.render() for sc in scenes], [sc.caption() for sc in scenes]
+
+
+WORD_SWAPS = {  # one instruction, and the same with one word (class) swapped
+    "position": ("add a large purple square at the top right", "add a large purple square at the bottom left"),
+    "shape": ("add a large purple square at the top right", "add a large purple circle at the top right"),
+    "colour": ("add a large purple square at the top right", "add a large red square at the top right"),
+    "size": ("add a large purple square at the top right", "add a small purple square at the top right"),
+}
+
+
+def word_sensitivity(text_model, tokenizer) -> dict[str, float]:
+    """How far the text tower's token states (what the editor's UNet reads) move when one word of
+    an instruction changes: ||h(a) - h(b)|| / ||h(a)|| per word class of `WORD_SWAPS`. A class
+    near 0 is one the editor cannot be told apart, whatever it is trained on."""
+    out = {}
+    with torch.no_grad():
+        for name, (a, b) in WORD_SWAPS.items():
+            ids = tokenizer([a, b], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt")
+            h = text_model(input_ids=ids.input_ids.to(text_model.device)).last_hidden_state.float()
+            out[name] = round(float((h[0] - h[1]).norm() / h[0].norm()), 4)
+    return out
 
 
 def train_clip(out: Path, tokenizer_dir: Path, steps: int = 2000, batch_size: int = 64, lr: float = 5e-4,
-               checkpoint_every: int = 500) -> Path:
+               checkpoint_every: int = 500, twins: bool = True, base: Path | None = None) -> Path:
+    """Contrastive training from scratch, or from the CLIPModel folder `base` (e.g. to teach the
+    shipped one positions and shapes with `twins`)."""
+    from transformers import CLIPModel
+
     accelerator = make_accelerator()
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    model = toy_clip(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    if base is not None:
+        model = CLIPModel.from_pretrained(base, dtype=torch.float32)
+    else:
+        model = toy_clip(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     model, optimizer = accelerator.prepare(model, optimizer)
     bar, log = resume_with_progress(accelerator, out, steps, "train clip")
     for step in bar:
-        images, captions = caption_batch(step, batch_size)
+        images, captions = caption_batch(step, batch_size, twins)
         text = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                          truncation=True, return_tensors="pt")
         outputs = model(input_ids=text.input_ids.to(accelerator.device),
@@ -73,6 +131,8 @@ def train_clip(out: Path, tokenizer_dir: Path, steps: int = 2000, batch_size: in
         model.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")
         image_processor().save_pretrained(out / "model")
+        sensitivity = word_sensitivity(model.text_model, tokenizer)
         (out / "model" / "metrics.json").write_text(json.dumps({"final_loss": outputs.loss.item(),
-                                                                "batch_retrieval_acc": acc.item(), "steps": steps}))
+                                                                "batch_retrieval_acc": acc.item(), "steps": steps,
+                                                                "twins": twins, "word_sensitivity": sensitivity}))
     return out / "model"

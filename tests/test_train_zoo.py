@@ -10,7 +10,8 @@ from diffusers import AutoencoderKL
 from transformers import CLIPModel, CLIPTokenizer
 
 from hive.tokenizer import write_tokenizer
-from hive.train_clip import train_clip
+from hive import toy
+from hive.train_clip import WORD_SWAPS, caption_batch, train_clip, twin_scenes
 from hive.train_vae import object_weight, random_crops, train_vae
 
 
@@ -40,6 +41,30 @@ def test_clip_trainer_saves_model_tokenizer_and_processor(tmp_path):
     tokenizer = CLIPTokenizer.from_pretrained(path)
     assert model.config.text_config.vocab_size == len(tokenizer)
     assert (path / "preprocessor_config.json").exists()
+    metrics = json.loads((path / "metrics.json").read_text())
+    assert metrics["twins"] is True and set(metrics["word_sensitivity"]) == set(WORD_SWAPS)
+    assert all(v > 0 for v in metrics["word_sensitivity"].values())
+    # continuing from a trained folder starts from its weights, not from a fresh model
+    again = train_clip(tmp_path / "clip2", tok, steps=1, batch_size=4, lr=0.0, base=path)
+    assert torch.equal(CLIPModel.from_pretrained(again).text_projection.weight, model.text_projection.weight)
+
+
+def test_twin_scenes_differ_from_the_scene_in_one_attribute_of_one_object():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        scene = toy.random_scene(rng)
+        twins = twin_scenes(scene, rng)
+        assert len(twins) == 3  # moved, reshaped, resized (toy scenes leave empty cells)
+        for twin in twins:
+            assert twin.background == scene.background and twin.caption() != scene.caption()
+            changed = [(a, b) for a, b in zip(scene.objects, twin.objects) if a != b]
+            assert len(changed) == 1
+            a, b = changed[0]
+            assert sum(getattr(a, f) != getattr(b, f) for f in ("cell", "shape", "size", "colour")) == 1
+    images, captions = caption_batch(step=3, batch_size=10)
+    assert len(images) == len(captions) == 10 and captions == caption_batch(step=3, batch_size=10)[1]
 
 
 def test_decoder_only_training_keeps_the_latent_space(tmp_path):
