@@ -61,11 +61,15 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
 def cmd_train_editor(args: argparse.Namespace) -> int:
     from hive.data import FolderTriplets, ToyTriplets
     from hive.train_sft import SFTConfig, train_sft
-    from hive.zoo import assemble_base
+    from hive.zoo import assemble_base, swap_text_encoder
 
     out = Path(args.out)
     base = args.base
-    if base is None:
+    if base is not None and args.clip:  # the base's UNet on another CLIP's text tower
+        if not (out / "base" / "model_index.json").exists():
+            swap_text_encoder(base, Path(args.clip), out / "base")
+        base = out / "base"
+    elif base is None:
         if not (args.vae and args.clip):
             print("error: give --base PIPELINE, or --vae and --clip to start a fresh toy UNet", file=sys.stderr)
             return 2
@@ -462,7 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder (checkpoints, loss.jsonl, pipeline/)")
     p.add_argument("--base", help="pipeline folder or hub id to start from")
     p.add_argument("--vae", help="with --clip: start a fresh toy UNet on this VAE folder")
-    p.add_argument("--clip", help="CLIP folder whose text tower and tokenizer the editor uses")
+    p.add_argument("--clip", help="CLIP folder whose text tower and tokenizer the editor uses (with --base: "
+                   "replaces the base's text encoder)")
     p.add_argument("--data", help="dataset folder with metadata.jsonl (default: endless fresh toy edits)")
     p.add_argument("--toy-noise", type=float, default=0.0, help="corruption rate of the toy stream")
     p.add_argument("--resolution", type=int, default=64)

@@ -114,6 +114,23 @@ def assemble_base(vae_dir: Path, clip_dir: Path, dest: Path, unet: UNet2DConditi
     return dest
 
 
+def swap_text_encoder(pipeline_dir: str | Path, clip_dir: Path, dest: Path) -> Path:
+    """The pipeline folder with its text encoder and tokenizer taken from another CLIP (same
+    width): to continue training an editor on a better text tower without losing its UNet."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(pipeline_dir, dtype=torch.float32)
+    text_encoder = CLIPTextModel.from_pretrained(clip_dir, dtype=torch.float32)
+    if text_encoder.config.hidden_size != pipe.unet.config.cross_attention_dim:
+        raise ValueError(f"{clip_dir}'s text tower is {text_encoder.config.hidden_size} wide; the UNet of "
+                         f"{pipeline_dir} reads {pipe.unet.config.cross_attention_dim}")
+    pipe.text_encoder, pipe.tokenizer = text_encoder, CLIPTokenizer.from_pretrained(clip_dir)
+    pipe.save_pretrained(dest)
+    return dest
+
+
 def ship(editor_dir: Path, clip_dir: Path, models_dir: Path = MODELS_DIR, vae_dir: Path | None = None,
          sampling: dict[str, float] | None = None) -> dict[str, Path]:
     """Copy a trained editor pipeline and CLIP into `models/` with fp16 weights (half the bytes;

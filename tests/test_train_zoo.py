@@ -118,3 +118,26 @@ def test_ship_installs_the_editor_with_its_default_sampling(tiny_pipeline, tmp_p
     assert info["sampling"] == {"guidance": 3.0}
     assert Editor(written["toy-editor"], device="cpu").settings()[1] == 3.0
     assert CLIPModel.from_pretrained(written["toy-clip"]) is not None
+
+
+def test_swap_text_encoder_keeps_the_unet_and_takes_the_clip_text_tower(tiny_pipeline, tmp_path):
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+    from transformers import CLIPTextModel
+
+    from hive.zoo import swap_text_encoder
+    from tests.test_reward_model import build_tiny_clip
+
+    clip = build_tiny_clip(tmp_path / "clip")
+    model = CLIPModel.from_pretrained(clip)
+    with torch.no_grad():  # the tiny pipeline's text encoder has the same seed and shape: make them differ
+        model.text_model.embeddings.token_embedding.weight.mul_(2)
+    model.save_pretrained(clip)
+    dest = swap_text_encoder(tiny_pipeline, clip, tmp_path / "swapped")
+    old = StableDiffusionInstructPix2PixPipeline.from_pretrained(tiny_pipeline)
+    new = StableDiffusionInstructPix2PixPipeline.from_pretrained(dest)
+    tower = CLIPTextModel.from_pretrained(clip)
+    for name, p in new.text_encoder.state_dict().items():
+        assert torch.equal(p, tower.state_dict()[name]), name
+    assert not torch.equal(new.text_encoder.get_input_embeddings().weight, old.text_encoder.get_input_embeddings().weight)
+    for name, p in new.unet.state_dict().items():
+        assert torch.equal(p, old.unet.state_dict()[name]), name
