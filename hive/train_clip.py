@@ -58,18 +58,33 @@ def twin_scenes(scene: toy.Scene, rng: np.random.Generator) -> list[toy.Scene]:
     return twins
 
 
-def caption_batch(step: int, batch_size: int, twins: bool = True) -> tuple[list, list[str]]:
-    """Toy scenes and their captions; with `twins`, each scene comes with its `twin_scenes`
-    (groups of up to four in the batch), so that the batch's hard negatives differ in one word."""
+def caption_batch(step: int, batch_size: int, twins: bool = True) -> tuple[list, list[str], list[int]]:
+    """Toy scenes, their captions and each one's group. With `twins`, each scene comes with its
+    `twin_scenes` (groups of up to four in the batch), so that the batch's hard negatives differ in
+    one word; without, every scene is its own group."""
     if not twins:
         pairs = list(toy.iter_captions(seed=step, n=batch_size))
-        return [p[0] for p in pairs], [p[1] for p in pairs]
+        return [p[0] for p in pairs], [p[1] for p in pairs], list(range(len(pairs)))
     rng = np.random.default_rng([step, 104729, 2])
     scenes: list[toy.Scene] = []
+    groups: list[int] = []
     while len(scenes) < batch_size:
         scene = toy.random_scene(rng)
-        scenes.extend([scene, *twin_scenes(scene, rng)][:batch_size - len(scenes)])
-    return [sc.render() for sc in scenes], [sc.caption() for sc in scenes]
+        group = [scene, *twin_scenes(scene, rng)][:batch_size - len(scenes)]
+        groups += [groups[-1] + 1 if groups else 0] * len(group)
+        scenes.extend(group)
+    return [sc.render() for sc in scenes], [sc.caption() for sc in scenes], groups
+
+
+def twin_loss(logits_per_image: torch.Tensor, groups: list[int]) -> torch.Tensor:
+    """The contrastive loss inside each group of twins alone (both directions): in the batch-wide
+    loss the easy negatives of other groups drown the one-word differences out."""
+    g = torch.tensor(groups, device=logits_per_image.device)
+    same = g[:, None] == g[None, :]
+    masked = logits_per_image.masked_fill(~same, float("-inf"))
+    target = torch.arange(len(groups), device=logits_per_image.device)
+    ce = torch.nn.functional.cross_entropy
+    return (ce(masked, target) + ce(masked.T, target)) / 2
 
 
 WORD_SWAPS = {  # one instruction, and the same with one word (class) swapped
@@ -110,20 +125,21 @@ def train_clip(out: Path, tokenizer_dir: Path, steps: int = 2000, batch_size: in
     model, optimizer = accelerator.prepare(model, optimizer)
     bar, log = resume_with_progress(accelerator, out, steps, "train clip")
     for step in bar:
-        images, captions = caption_batch(step, batch_size, twins)
+        images, captions, groups = caption_batch(step, batch_size, twins)
         text = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                          truncation=True, return_tensors="pt")
         outputs = model(input_ids=text.input_ids.to(accelerator.device),
                         attention_mask=text.attention_mask.to(accelerator.device),
                         pixel_values=to_pixel_values(images).to(accelerator.device), return_loss=True)
-        accelerator.backward(outputs.loss)
+        loss = outputs.loss + (twin_loss(outputs.logits_per_image, groups) if twins else 0)
+        accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
         with torch.no_grad():
             acc = (outputs.logits_per_image.argmax(-1) == torch.arange(len(captions), device=accelerator.device)).float().mean()
-        bar.set_postfix(loss=f"{outputs.loss.item():.3f}", acc=f"{acc.item():.2f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc.item():.2f}")
         if (step + 1) % 50 == 0:
-            log.log(step + 1, loss=outputs.loss.item(), retrieval_acc=acc.item())
+            log.log(step + 1, loss=loss.item(), retrieval_acc=acc.item())
         if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
             save_checkpoint(accelerator, out, step + 1)
     model = accelerator.unwrap_model(model)
@@ -132,7 +148,7 @@ def train_clip(out: Path, tokenizer_dir: Path, steps: int = 2000, batch_size: in
         tokenizer.save_pretrained(out / "model")
         image_processor().save_pretrained(out / "model")
         sensitivity = word_sensitivity(model.text_model, tokenizer)
-        (out / "model" / "metrics.json").write_text(json.dumps({"final_loss": outputs.loss.item(),
+        (out / "model" / "metrics.json").write_text(json.dumps({"final_loss": loss.item(),
                                                                 "batch_retrieval_acc": acc.item(), "steps": steps,
                                                                 "twins": twins, "word_sensitivity": sensitivity}))
     return out / "model"

@@ -63,8 +63,22 @@ def test_twin_scenes_differ_from_the_scene_in_one_attribute_of_one_object():
             assert len(changed) == 1
             a, b = changed[0]
             assert sum(getattr(a, f) != getattr(b, f) for f in ("cell", "shape", "size", "colour")) == 1
-    images, captions = caption_batch(step=3, batch_size=10)
+    images, captions, groups = caption_batch(step=3, batch_size=10)
     assert len(images) == len(captions) == 10 and captions == caption_batch(step=3, batch_size=10)[1]
+    assert groups == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
+
+
+def test_twin_loss_only_compares_inside_a_group():
+    from hive.train_clip import twin_loss
+
+    logits = torch.eye(4) * 10
+    logits[0, 1] = logits[1, 0] = 15.0  # a confusion inside group 0
+    logits[2, 0] = logits[0, 2] = 50.0  # across groups: must not count
+    bad = twin_loss(logits, [0, 0, 1, 1])
+    logits[0, 1] = logits[1, 0] = 0.0
+    good = twin_loss(logits, [0, 0, 1, 1])
+    assert good < 0.1 < bad
+    assert twin_loss(torch.zeros(3, 3), [0, 1, 2]) == 0  # singletons: nothing to tell apart
 
 
 def test_decoder_only_training_keeps_the_latent_space(tmp_path):
