@@ -53,7 +53,7 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
 
     t = time.time()
     path = train_clip(Path(args.out), Path(args.tokenizer), steps=args.steps, batch_size=args.batch_size,
-                      lr=args.lr, twins=not args.no_twins, base=Path(args.base) if args.base else None)
+                      lr=args.lr, twins=args.twins, base=Path(args.base) if args.base else None)
     _report_training(args, path, t)
     return 0
 
@@ -457,9 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--base", help="continue from this CLIPModel folder (default: a fresh toy CLIP)")
-    p.add_argument("--no-twins", action="store_true",
-                   help="random scenes only (the first recipe); by default each scene comes with twins that "
-                        "differ in one object's position, shape or size")
+    p.add_argument("--twins", action="store_true",
+                   help="each scene comes with twins that differ in one object's position, shape or size, and "
+                        "a contrastive loss inside each group (hard negatives)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train_clip)
     p = train.add_parser("editor", help="SFT-train an InstructPix2Pix UNet (resumes from OUT/checkpoints)")

@@ -110,9 +110,10 @@ def word_sensitivity(text_model, tokenizer) -> dict[str, float]:
 
 
 def train_clip(out: Path, tokenizer_dir: Path, steps: int = 2000, batch_size: int = 64, lr: float = 5e-4,
-               checkpoint_every: int = 500, twins: bool = True, base: Path | None = None) -> Path:
-    """Contrastive training from scratch, or from the CLIPModel folder `base` (e.g. to teach the
-    shipped one positions and shapes with `twins`)."""
+               checkpoint_every: int = 500, twins: bool = False, base: Path | None = None) -> Path:
+    """Contrastive training from scratch, or from the CLIPModel folder `base`. `twins` adds the
+    hard negatives of `twin_scenes` and `twin_loss` (off by default: the shipped CLIP was made
+    without; docs/toy-zoo-training.md has what they did and did not teach it)."""
     from transformers import CLIPModel
 
     accelerator = make_accelerator()

@@ -36,7 +36,7 @@ def test_object_weight_boosts_objects_not_background():
 
 def test_clip_trainer_saves_model_tokenizer_and_processor(tmp_path):
     tok = write_tokenizer(tmp_path / "tok")
-    path = train_clip(tmp_path / "clip", tok, steps=2, batch_size=4)
+    path = train_clip(tmp_path / "clip", tok, steps=2, batch_size=4, twins=True)
     model = CLIPModel.from_pretrained(path)
     tokenizer = CLIPTokenizer.from_pretrained(path)
     assert model.config.text_config.vocab_size == len(tokenizer)
