@@ -43,8 +43,8 @@ def twin_scenes(scene: toy.Scene, rng: np.random.Generator) -> list[toy.Scene]:
 
     With random scenes alone, colours tell almost every caption in a batch apart, so the first toy
     CLIP learned colours and next to nothing of positions and shapes: its text tower gave "add a
-    purple square at the top right" and "... at the bottom left" token states 4% apart (colour
-    words: 110%), and the editor on it never learned to add or move. Twins whose captions differ
+    purple square at the top right" and "... at the bottom left" token states 3% apart (colour
+    words: 113%; `word_sensitivity`), and the editor on it never learned to add or move. Twins whose captions differ
     in one position or shape word make the contrastive loss read those words."""
     twins = []
     i = int(rng.integers(len(scene.objects)))
@@ -58,7 +58,7 @@ def twin_scenes(scene: toy.Scene, rng: np.random.Generator) -> list[toy.Scene]:
     return twins
 
 
-def caption_batch(step: int, batch_size: int, twins: bool = True) -> tuple[list, list[str], list[int]]:
+def caption_batch(step: int, batch_size: int, twins: bool = False) -> tuple[list, list[str], list[int]]:
     """Toy scenes, their captions and each one's group. With `twins`, each scene comes with its
     `twin_scenes` (groups of up to four in the batch), so that the batch's hard negatives differ in
     one word; without, every scene is its own group."""
@@ -68,11 +68,13 @@ def caption_batch(step: int, batch_size: int, twins: bool = True) -> tuple[list,
     rng = np.random.default_rng([step, 104729, 2])
     scenes: list[toy.Scene] = []
     groups: list[int] = []
+    group = 0
     while len(scenes) < batch_size:
         scene = toy.random_scene(rng)
-        group = [scene, *twin_scenes(scene, rng)][:batch_size - len(scenes)]
-        groups += [groups[-1] + 1 if groups else 0] * len(group)
-        scenes.extend(group)
+        members = [scene, *twin_scenes(scene, rng)][:batch_size - len(scenes)]
+        scenes += members
+        groups += [group] * len(members)
+        group += 1
     return [sc.render() for sc in scenes], [sc.caption() for sc in scenes], groups
 
 

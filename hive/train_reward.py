@@ -930,7 +930,7 @@ def _experiment(out: Path, rankings: list[Ranking], meta: dict, requests: int, t
         sub = [noise_free(r) for r in first_requests(train_all, max(curve), config.seed)]
         run = out / f"n{max(curve)}-noise-free"
         shutil.rmtree(run, ignore_errors=True)
-        rep = train_reward(sub + test, run, config, split=(sub, test), progress=progress)
+        rep = train_reward(rankings, run, config, split=(sub, test), progress=progress)
         bound = {"requests": max(curve), "true_pair_accuracy": rep["true_pair_accuracy"]}
     report = _json_safe({"simulation": meta["report"], "simulation_settings": meta["settings"], "curve": points,
                          "noise_free_labels": bound,

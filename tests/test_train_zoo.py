@@ -63,8 +63,8 @@ def test_twin_scenes_differ_from_the_scene_in_one_attribute_of_one_object():
             assert len(changed) == 1
             a, b = changed[0]
             assert sum(getattr(a, f) != getattr(b, f) for f in ("cell", "shape", "size", "colour")) == 1
-    images, captions, groups = caption_batch(step=3, batch_size=10)
-    assert len(images) == len(captions) == 10 and captions == caption_batch(step=3, batch_size=10)[1]
+    images, captions, groups = caption_batch(step=3, batch_size=10, twins=True)
+    assert len(images) == len(captions) == 10 and captions == caption_batch(step=3, batch_size=10, twins=True)[1]
     assert groups == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
 
 
