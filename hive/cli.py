@@ -85,7 +85,7 @@ def cmd_train_editor(args: argparse.Namespace) -> int:
                        ema_decay=None if args.no_ema else args.ema_decay, mixed_precision=args.mixed_precision,
                        checkpoint_every=args.checkpoint_every, gradient_checkpointing=args.gradient_checkpointing,
                        change_weight=args.change_weight, high_noise_bias=args.high_noise_bias,
-                       max_minutes=args.max_minutes,
+                       max_minutes=args.max_minutes, decay_steps=args.decay_steps,
                        min_snr_gamma=args.min_snr_gamma if args.min_snr_gamma > 0 else None,
                        channels_last=args.channels_last, compile=args.compile, dataloader_workers=args.workers)
     t = time.time()
@@ -324,7 +324,7 @@ def _reward_config(args: argparse.Namespace):
 
     # options left unset take RewardTrainConfig's defaults (the measured best, see docs/reward.md)
     names = ("backbone", "loss", "steps", "batch_size", "lr", "head_lr", "freeze_layers", "hidden", "head_type",
-             "patch_layers", "ensemble", "val_fraction", "patience", "eval_every", "dropout", "test_fraction", "seed",
+             "patch_layers", "text_token_layer", "ensemble", "val_fraction", "patience", "eval_every", "dropout", "test_fraction", "seed",
              "checkpoint_every", "mixed_precision", "residual")
     values = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if isinstance(values.get("patch_layers"), str):
@@ -484,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="DataLoader processes that build batches ahead")
     p.add_argument("--min-snr-gamma", type=float, default=5.0, help="min-SNR loss weighting; 0 turns it off")
     p.add_argument("--max-minutes", type=float, help="stop (checkpoint + pipeline) after this many minutes; rerun to continue")
+    p.add_argument("--decay-steps", type=int, default=0,
+                   help="cool the learning rate linearly to 0 over the last N of --steps (0: constant after warmup)")
     p.add_argument("--high-noise-bias", type=float, default=0.0,
                    help="draw more high-noise timesteps (0: uniform; the toy recipe uses 1)")
     p.add_argument("--change-weight", type=float, default=0.0,
@@ -606,6 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--head-type", choices=["change", "global"],
                        help="change: pooled change + patch-difference tokens + text cross-attention; global: pooled")
         p.add_argument("--patch-layers", help="vision hidden states compared patchwise, e.g. -1 or 0,-1")
+        p.add_argument("--text-token-layer", type=int,
+                       help="text hidden state the change head's cross-attention reads (-1: last; 0: embeddings)")
         p.add_argument("--hidden", type=int, help="head width")
         p.add_argument("--dropout", type=float)
         p.add_argument("--ensemble", type=int, help="heads averaged (each validates on its own fold)")

@@ -51,6 +51,9 @@ class RewardConfig:
     delta_scale: float = 10.0  # the head's input scale for feature differences
     patch_layers: list[int] = field(default_factory=lambda: [-1])  # vision hidden states compared patchwise
     attn_heads: int = 4
+    # which text hidden state the cross-attention reads: -1 the last; 0 the token + position
+    # embeddings (the toy CLIP's layers wash out position and shape words, its embeddings do not)
+    text_token_layer: int = -1
     token_dim: int = 32  # width of the change tokens and of the cross-attention
     residual: bool = True  # change head: also the token/attention/MLP branch beside the main term
     gate_l2: float = 0.3  # L2 penalty on the instruction's weights (G) of the main term
@@ -358,10 +361,13 @@ class RewardModel(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """`pooled`: projected, L2-normalised text features; `tokens` and `mask`: the text tower's
-        last hidden states, for the change head's cross-attention."""
-        out = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        hidden states at `text_token_layer`, for the change head's cross-attention."""
+        layer = self.config.text_token_layer
+        out = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask,
+                                   output_hidden_states=layer != -1, return_dict=True)
+        tokens = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
         return {"pooled": nn.functional.normalize(self.clip.text_projection(out.pooler_output), dim=-1),
-                "tokens": out.last_hidden_state, "mask": attention_mask}
+                "tokens": tokens, "mask": attention_mask}
 
     def head_forward(self, src: dict, edit: dict, text: dict, members: bool = False) -> torch.Tensor:
         """Raw scores from features (one row per edit): the mean over the ensemble's heads, or

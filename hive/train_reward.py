@@ -288,6 +288,7 @@ class RewardTrainConfig:
     hidden: int = 256
     head_type: str = "change"  # "change" (patch differences + cross-attention) or "global" (pooled only)
     patch_layers: list[int] = field(default_factory=lambda: [-1])
+    text_token_layer: int = -1  # text hidden state of the cross-attention (0: the embeddings)
     attn_heads: int = 4
     dropout: float = 0.1
     residual: bool = True  # change head: the token/attention/MLP branch beside the main term
@@ -506,7 +507,7 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
     torch.manual_seed(config.seed)
     model = RewardModel.from_backbone(backbone, hidden=config.hidden, freeze_layers=config.freeze_layers,
                                       head_type=config.head_type, patch_layers=list(config.patch_layers),
-                                      attn_heads=config.attn_heads, dropout=config.dropout, ensemble=config.ensemble,
+                                      text_token_layer=config.text_token_layer, attn_heads=config.attn_heads, dropout=config.dropout, ensemble=config.ensemble,
                                       residual=config.residual, gate_l2=config.gate_l2,
                                       residual_l2=config.residual_l2)
     cache = ImageCache()

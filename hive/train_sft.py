@@ -36,6 +36,9 @@ class SFTConfig:
     batch_size: int = 32
     lr: float = 3e-4
     warmup_steps: int = 200
+    # > 0: the learning rate falls linearly to 0 over the last decay_steps of `steps` (a
+    # warmup-stable-decay schedule): a long run at a constant rate can be continued, then cooled down.
+    decay_steps: int = 0
     min_snr_gamma: float | None = 5.0
     ema_decay: float | None = 0.999
     checkpoint_every: int = 250
@@ -60,6 +63,14 @@ class SFTConfig:
     # stop after this many minutes of training (checkpoint, then the pipeline as usual); run the
     # same command again to continue. For leases of fixed length (a GPU lent for minutes).
     max_minutes: float | None = None
+
+
+def lr_factor(step: int, config: SFTConfig) -> float:
+    """Linear warmup, constant, then (with decay_steps) linear cooldown to 0 at `steps`."""
+    warm = min(1.0, (step + 1) / max(1, config.warmup_steps))
+    if config.decay_steps <= 0:
+        return warm
+    return min(warm, max(0.0, (config.steps - step) / config.decay_steps))
 
 
 def expand_conv_in(unet: UNet2DConditionModel, in_channels: int | None = None) -> UNet2DConditionModel:
@@ -184,8 +195,7 @@ def train_sft(base: Path | str, data: TripletSource, out: Path, config: SFTConfi
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.01,
                                   fused=torch.cuda.is_available() if config.fused_optimizer is None
                                   else config.fused_optimizer)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     ema = None
     if config.ema_decay is not None:
         ema = EMAModel(unet.parameters(), decay=config.ema_decay, use_ema_warmup=True,

@@ -203,3 +203,17 @@ def test_training_learns_a_simple_preference(tiny_clip, tmp_path):
                             head_lr=3e-3, test_fraction=0.25, checkpoint_every=0)
     report = train_reward(rankings, tmp_path / "run", cfg, progress=False)
     assert report["true_pair_accuracy"] >= 0.75, report
+
+
+def test_text_token_layer_picks_the_hidden_state_the_cross_attention_reads(tiny_clip, tmp_path):
+    last = RewardModel.from_backbone(tiny_clip, hidden=16)
+    embedded = RewardModel.from_backbone(tiny_clip, hidden=16, text_token_layer=0)
+    t = last.tokenize(["add a red circle at the top left"])
+    with torch.no_grad():
+        reference = last.clip.text_model.embeddings(input_ids=t["input_ids"])
+        tokens0 = embedded.encode_text(t["input_ids"], t["attention_mask"])["tokens"]
+        tokens_last = last.encode_text(t["input_ids"], t["attention_mask"])["tokens"]
+    torch.testing.assert_close(tokens0, reference)
+    assert not torch.allclose(tokens_last, reference)
+    again = RewardModel.from_pretrained(embedded.save_pretrained(tmp_path / "reward"))
+    assert again.config.text_token_layer == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
@@ -118,3 +119,15 @@ def test_min_snr_weighting_stays_finite_on_a_zero_terminal_snr_schedule(tiny_pip
         loss = sft_loss(unet, vae, text_encoder, tokenizer, scheduler, batch, torch.Generator().manual_seed(0), 5.0,
                         high_noise_bias=1e6)  # t = T * u ** 1e-6: every t is the last one, snr = 0
         assert torch.isfinite(loss)
+
+
+def test_lr_decay_cools_linearly_to_zero_over_the_last_steps():
+    from hive.train_sft import lr_factor
+
+    flat = SFTConfig(steps=100, warmup_steps=10)
+    assert lr_factor(0, flat) == pytest.approx(0.1) and lr_factor(99, flat) == 1.0
+    cooled = SFTConfig(steps=100, warmup_steps=10, decay_steps=40)
+    assert lr_factor(59, cooled) == 1.0  # still flat before the cooldown
+    assert lr_factor(80, cooled) == pytest.approx(0.5)
+    assert lr_factor(100, cooled) == 0.0
+    assert lr_factor(5, cooled) == pytest.approx(0.6)  # warmup still rules early on
