@@ -7,7 +7,8 @@
 # What `run` does inside GPU_TRAIN_BUDGET_S (default 520 s):
 #   1. continues the SFT training of the shipped editor (models/toy-editor: its VAE, text encoder,
 #      scheduler and UNet) on fresh toy edits, batch 256, bf16, DataLoader workers, for the minutes
-#      the budget leaves (the trainer's --max-minutes: it checkpoints and writes the pipeline);
+#      the budget leaves (the trainer's --max-minutes: it checkpoints and writes the pipeline):
+#      70% of them at a constant rate, then a linear cooldown (--decay-steps) sized by the rate;
 #   2. judges 300 fresh edits at the default sampling settings (`python -m hive evaluate`);
 #   3. packs the trained pipeline, fp16, into $OUT/toy-editor.tar (one file: the tool returns at most 8).
 # Back here: `tar -xf .../toy-editor.tar -C /tmp && python -m hive train ship --editor /tmp/toy-editor
@@ -36,12 +37,26 @@ run() {
     minutes=$("$py" -c "print(max(0.5, ($budget - ($SECONDS - $start) - 120) / 60))")
     local batch=256 precision=bf16
     [[ $device == cpu ]] && batch=8 precision=no
-    echo "== train editor on $device for $minutes min (batch $batch, $workers workers)"
-    "$py" -m hive train editor --base models/toy-editor --out "$work/editor" --steps 1000000 \
-        --batch-size $batch --lr 1e-3 --mixed-precision $precision --workers "$workers" \
-        --change-weight 4 --high-noise-bias 1 --min-snr-gamma 0 --checkpoint-every 1000 \
-        --max-minutes "$minutes" > "$out/train.log" 2>&1
-    echo "   rc=$?, $(( SECONDS - start ))s used"; tail -c 600 "$out/train.log"; echo
+    # two phases (docs/toy-zoo-training.md, session 5): 70% of the time at a constant rate with
+    # the high-noise bias, then a linear cooldown to 0 over the steps the measured rate leaves
+    local hot cool_bias=${GPU_TRAIN_COOL_BIAS:-1}
+    hot=$("$py" -c "print(max(0.3, 0.7 * $minutes))")
+    local common=(--base models/toy-editor --out "$work/editor" --batch-size $batch --lr 1e-3
+                  --mixed-precision $precision --workers "$workers" --change-weight 4 --min-snr-gamma 0
+                  --checkpoint-every 200)
+    echo "== train editor on $device: $hot min at a constant rate (batch $batch, $workers workers)"
+    local t0=$SECONDS
+    "$py" -m hive train editor "${common[@]}" --steps 1000000 --high-noise-bias 1 \
+        --max-minutes "$hot" > "$out/train.log" 2>&1
+    echo "   rc=$?, $(( SECONDS - start ))s used"; tail -c 400 "$out/train.log"; echo
+    local reached end left
+    reached=$("$py" -c "import json; print(json.loads(open('$work/editor/loss.jsonl').readlines()[-1])['step'])")
+    left=$("$py" -c "print(max(0.3, ($budget - ($SECONDS - $start) - 120) / 60))")
+    end=$("$py" -c "print(int($reached + 0.85 * $reached / max(1, $SECONDS - $t0) * $left * 60))")
+    echo "== cooldown: steps $reached -> $end in $left min (high-noise bias $cool_bias)"
+    "$py" -m hive train editor "${common[@]}" --steps "$end" --decay-steps $(( end - reached )) \
+        --high-noise-bias "$cool_bias" --max-minutes "$left" >> "$out/train.log" 2>&1
+    echo "   rc=$?, $(( SECONDS - start ))s used"; tail -c 400 "$out/train.log"; echo
     cp "$work/editor/loss.jsonl" "$out/loss.jsonl" 2>/dev/null
     echo "== evaluate 300 fresh edits"
     "$py" -m hive evaluate --model "$work/editor/pipeline" --n "${GPU_TRAIN_EVAL_N:-300}" --json > "$out/evaluate.log" 2>&1
