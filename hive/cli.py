@@ -324,8 +324,8 @@ def _reward_config(args: argparse.Namespace):
 
     # options left unset take RewardTrainConfig's defaults (the measured best, see docs/reward.md)
     names = ("backbone", "loss", "steps", "batch_size", "lr", "head_lr", "freeze_layers", "hidden", "head_type",
-             "patch_layers", "text_token_layer", "ensemble", "val_fraction", "patience", "eval_every", "dropout", "test_fraction", "seed",
-             "checkpoint_every", "mixed_precision", "residual")
+             "patch_layers", "text_token_layer", "ensemble", "val_fraction", "patience", "eval_every", "dropout",
+             "test_fraction", "seed", "checkpoint_every", "mixed_precision", "residual")
     values = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if isinstance(values.get("patch_layers"), str):
         values["patch_layers"] = [int(x) for x in values["patch_layers"].split(",")]

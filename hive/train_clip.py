@@ -44,8 +44,8 @@ def twin_scenes(scene: toy.Scene, rng: np.random.Generator) -> list[toy.Scene]:
     With random scenes alone, colours tell almost every caption in a batch apart, so the first toy
     CLIP learned colours and next to nothing of positions and shapes: its text tower gave "add a
     purple square at the top right" and "... at the bottom left" token states 3% apart (colour
-    words: 113%; `word_sensitivity`), and the editor on it never learned to add or move. Twins whose captions differ
-    in one position or shape word make the contrastive loss read those words."""
+    words: 113%; `word_sensitivity`), and the editor on it never learned to add or move. Twins
+    whose captions differ in one position or shape word make the contrastive loss read those words."""
     twins = []
     i = int(rng.integers(len(scene.objects)))
     o = scene.objects[i]

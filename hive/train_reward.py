@@ -19,6 +19,7 @@ similarity used as a reward, and a random scorer):
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -34,7 +35,7 @@ import torch
 from PIL import Image
 
 from hive.files import write_json_atomic
-from hive.reward import RewardModel, clip_directional
+from hive.reward import RewardConfig, RewardModel, clip_directional
 
 
 # ---------------------------------------------------------------- data
@@ -308,6 +309,13 @@ class RewardTrainConfig:
     extra: dict = field(default_factory=dict)
 
 
+def head_settings(config: RewardTrainConfig) -> dict:
+    """The model settings a training config carries: every `RewardConfig` field it shares (the
+    head's shape, the backbone's freezing), so a new head option is declared once in each config."""
+    shared = {f.name for f in dataclasses.fields(RewardConfig)} & {f.name for f in dataclasses.fields(config)}
+    return {name: copy.deepcopy(getattr(config, name)) for name in sorted(shared - {"backbone", "extra"})}
+
+
 def _ranking_batch(model: RewardModel, batch: list[Ranking], cache: ImageCache, device) -> tuple:
     sources = model.pixel_values([cache(r.source_path) for r in batch]).to(device)
     edited = model.pixel_values([cache(p) for r in batch for p in r.variant_paths]).to(device)
@@ -505,11 +513,7 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
         raise FileNotFoundError(f"the toy CLIP ({TOY_CLIP}) is not built yet: pass --backbone CLIP_FOLDER_OR_HUB_ID")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    model = RewardModel.from_backbone(backbone, hidden=config.hidden, freeze_layers=config.freeze_layers,
-                                      head_type=config.head_type, patch_layers=list(config.patch_layers),
-                                      text_token_layer=config.text_token_layer, attn_heads=config.attn_heads, dropout=config.dropout, ensemble=config.ensemble,
-                                      residual=config.residual, gate_l2=config.gate_l2,
-                                      residual_l2=config.residual_l2)
+    model = RewardModel.from_backbone(backbone, **head_settings(config))
     cache = ImageCache()
     if any(p.requires_grad for p in model.clip.parameters()):
         model, loss_value, stopped = _train_end_to_end(model, train, out, config, cache, progress)

@@ -50,7 +50,9 @@ run() {
         --max-minutes "$hot" > "$out/train.log" 2>&1
     echo "   rc=$?, $(( SECONDS - start ))s used"; tail -c 400 "$out/train.log"; echo
     local reached end left
-    reached=$("$py" -c "import json; print(json.loads(open('$work/editor/loss.jsonl').readlines()[-1])['step'])")
+    # the step the cooldown resumes from: the newest checkpoint (the time budget stops at one)
+    reached=$("$py" -c "from pathlib import Path; from hive.training import checkpoint_dirs; \
+print(checkpoint_dirs(Path('$work/editor'))[-1].name.split('-')[1])")
     left=$("$py" -c "print(max(0.3, ($budget - ($SECONDS - $start) - 120) / 60))")
     end=$("$py" -c "print(int($reached + 0.85 * $reached / max(1, $SECONDS - $t0) * $left * 60))")
     echo "== cooldown: steps $reached -> $end in $left min (high-noise bias $cool_bias)"
