@@ -9,8 +9,9 @@
 #      scheduler and UNet) on fresh toy edits, batch 256, bf16, DataLoader workers, for the minutes
 #      the budget leaves (the trainer's --max-minutes: it checkpoints and writes the pipeline):
 #      70% of them at a constant rate, then a linear cooldown (--decay-steps) sized by the rate;
-#   2. judges 300 fresh edits at the default sampling settings (`python -m hive evaluate`);
-#   3. packs the trained pipeline, fp16, into $OUT/toy-editor.tar (one file: the tool returns at most 8).
+#      the pipeline at the end of the constant phase goes to $OUT/toy-editor-hot.tar, a fallback;
+#   2. packs the trained pipeline, fp16, into $OUT/toy-editor.tar (one file: the tool returns at most 8);
+#   3. judges 300 fresh edits with it at the default sampling settings (`python -m hive evaluate`).
 # Back here: `tar -xf .../toy-editor.tar -C /tmp && python -m hive train ship --editor /tmp/toy-editor
 #   --clip models/toy-clip`, then `python -m hive evaluate --n 300` on the CPU and commit models/.
 # Dry run on a CPU (checks the script, not the speed):
@@ -28,6 +29,12 @@ run() {
         "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
             .whl/diffusers-*.whl || { echo "no diffusers wheel: run 'scripts/gpu_check.sh prepare' here first"; exit 3; }
         export PYTHONPATH=/tmp/site:$PWD
+        # the machine's own transformers first; the carried one only if diffusers fails with it
+        if ! "$py" -c "from diffusers import StableDiffusionInstructPix2PixPipeline" > "$out/imports.log" 2>&1; then
+            echo "the machine's transformers does not work with this diffusers; installing the carried one"
+            "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+                .whl/transformers-*.whl || exit 3
+        fi
     fi
     local device workers
     device=$("$py" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
@@ -49,6 +56,10 @@ run() {
     "$py" -m hive train editor "${common[@]}" --steps 1000000 --high-noise-bias 1 \
         --max-minutes "$hot" > "$out/train.log" 2>&1
     echo "   rc=$?, $(( SECONDS - start ))s used"; tail -c 400 "$out/train.log"; echo
+    # a fallback that comes back even if the lease ends during the cooldown
+    mkdir -p "$work/hot"
+    "$py" -m hive train ship --editor "$work/editor/pipeline" --clip models/toy-clip --models "$work/hot" > /dev/null \
+        && tar -cf "$out/toy-editor-hot.tar" -C "$work/hot" toy-editor
     local reached end left
     # the step the cooldown resumes from: the newest checkpoint (the time budget stops at one)
     reached=$("$py" -c "from pathlib import Path; from hive.training import checkpoint_dirs; \
@@ -60,14 +71,15 @@ print(checkpoint_dirs(Path('$work/editor'))[-1].name.split('-')[1])")
         --high-noise-bias "$cool_bias" --max-minutes "$left" >> "$out/train.log" 2>&1
     echo "   rc=$?, $(( SECONDS - start ))s used"; tail -c 400 "$out/train.log"; echo
     cp "$work/editor/loss.jsonl" "$out/loss.jsonl" 2>/dev/null
-    echo "== evaluate 300 fresh edits"
-    "$py" -m hive evaluate --model "$work/editor/pipeline" --n "${GPU_TRAIN_EVAL_N:-300}" --json > "$out/evaluate.log" 2>&1
-    tail -n 1 "$out/evaluate.log" > "$out/evaluate.json"
-    cat "$out/evaluate.json"
-    # fp16, as shipped (the fp32 UNet alone is over the tool's 16 MB a file)
+    # fp16, as shipped (the fp32 UNet alone is over the tool's 16 MB a file), packed before the
+    # evaluation so that it comes back even if the evaluation runs late
     mkdir -p "$work/ship"
     "$py" -m hive train ship --editor "$work/editor/pipeline" --clip models/toy-clip --models "$work/ship" > /dev/null
     tar -cf "$out/toy-editor.tar" -C "$work/ship" toy-editor
+    echo "== evaluate 300 fresh edits"
+    "$py" -m hive evaluate --model "$work/ship/toy-editor" --n "${GPU_TRAIN_EVAL_N:-300}" --json > "$out/evaluate.log" 2>&1
+    tail -n 1 "$out/evaluate.log" > "$out/evaluate.json"
+    cat "$out/evaluate.json"
     ls -la "$out"; echo "done in $(( SECONDS - start ))s"
 }
 
