@@ -2,10 +2,13 @@
 
 A simulated annotator sees the noise-free quality q of each variant (from `toy.judge`), adds
 Gaussian noise of scale `noise`, and ranks by the noisy score; variants whose noisy scores are
-within `tie_margin` share a rank. The noise is calibrated so that one annotator agrees with the
-noise-free order on about `target` of the pairs (people agree with each other on roughly 65-80%
-of pairs in published preference data), so the reward model meets the same problem people pose:
-each ranking is a noisy view of a true order.
+within `tie_margin` share a rank. The noise-free order has the same resolution: two variants
+whose qualities differ by at most TRUE_ORDER_RESOLUTION are equally good to a person (a faint
+difference in a few pixels is no preference), so only pairs further apart count in any agreement.
+The noise is calibrated so that one annotator agrees with the noise-free order on about `target`
+of those pairs (people agree with each other on roughly 65-80% of pairs in published preference
+data), so the reward model meets the same problem people pose: each ranking is a noisy view of a
+true order.
 
 Rankings are written through `db/` into the same tables as people's, by users marked simulated;
 the noise-free quality is kept in each variant's params (`sim_quality`) so evaluation can score
@@ -25,6 +28,10 @@ from hive import toy
 
 DEFAULT_TARGET_AGREEMENT = 0.72
 DEFAULT_TIE_MARGIN = 0.02
+# The noise-free order ties qualities this close. Without it, a 65%-successful editor's variants
+# are mostly all-good with qualities a few thousandths apart, and a noiseless annotator (who ties
+# them) "agrees" with that order on only ~60% of pairs, so no noise level reaches the 65-80% band.
+TRUE_ORDER_RESOLUTION = 0.02
 SIM_SEED_BASE = 500_000_000  # away from training (hive.data) and evaluation (hive.evaluate) seeds
 REQUESTER = "sim-requester"
 
@@ -32,6 +39,13 @@ REQUESTER = "sim-requester"
 def quality(j: toy.Judgement) -> float:
     """Noise-free quality in [0, 1]: instruction following and preservation count alike."""
     return 0.5 * float(j.following) + 0.5 * float(j.preservation)
+
+
+def true_preference(qa: float, qb: float) -> int:
+    """+1 if quality `qa` is truly better than `qb`, -1 if worse, 0 if a person cannot tell."""
+    if abs(qa - qb) <= TRUE_ORDER_RESOLUTION:
+        return 0
+    return 1 if qa > qb else -1
 
 
 def noisy_ranks(q: np.ndarray, noise: float, rng: np.random.Generator,
@@ -49,17 +63,19 @@ def noisy_ranks(q: np.ndarray, noise: float, rng: np.random.Generator,
 
 
 def pair_agreement(q: np.ndarray, ranks: list[int]) -> tuple[float, int]:
-    """Agreement of one ranking with the noise-free order: over pairs with distinct true quality,
-    1 for the right order, 0.5 for a tie, 0 for the wrong order. Returns (sum, n pairs)."""
+    """Agreement of one ranking with the noise-free order, over the pairs that order does not tie
+    (`true_preference`): 1 for the right order, 0.5 for a tie, 0 for the wrong order.
+    Returns (sum, n pairs)."""
     total, n = 0.0, 0
     for a in range(len(q)):
         for b in range(a + 1, len(q)):
-            if q[a] == q[b]:
+            truth = true_preference(q[a], q[b])
+            if truth == 0:
                 continue
             n += 1
             if ranks[a] == ranks[b]:
                 total += 0.5
-            elif (q[a] > q[b]) == (ranks[a] < ranks[b]):
+            elif (truth > 0) == (ranks[a] < ranks[b]):
                 total += 1.0
     return total, n
 
@@ -80,8 +96,9 @@ def calibrate_noise(qualities: list[np.ndarray], target: float = DEFAULT_TARGET_
                     tie_margin: float = DEFAULT_TIE_MARGIN, seed: int = 0) -> float:
     """The noise scale at which one annotator agrees with the true order on `target` of the pairs
     (bisection; agreement falls as noise grows, with common random numbers for smoothness)."""
-    if not any(len(set(q.tolist())) > 1 for q in qualities):
-        raise ValueError("cannot calibrate: no set of variants has two different qualities")
+    if not any(true_preference(a, b) for q in qualities for a in q for b in q):
+        raise ValueError(f"cannot calibrate: no two variants of a request differ in quality by more than "
+                         f"{TRUE_ORDER_RESOLUTION}")
     lo, hi = 1e-4, 10.0
     for _ in range(30):
         mid = (lo * hi) ** 0.5

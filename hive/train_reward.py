@@ -36,6 +36,7 @@ from PIL import Image
 
 from hive.files import write_json_atomic
 from hive.reward import RewardConfig, RewardModel, clip_directional
+from hive.simulate import TRUE_ORDER_RESOLUTION, noisy_ranks, true_preference
 
 
 # ---------------------------------------------------------------- data
@@ -145,12 +146,13 @@ def split_by_request(rankings: list[Ranking], test_fraction: float = 0.2, seed: 
 
 
 def noise_free(r: Ranking) -> Ranking:
-    """The ranking a noiseless annotator gives the same variants: dense ranks of the true quality
-    (equal quality ties). Trained on, it bounds what the model's features can learn from rankings."""
+    """The ranking a noiseless annotator gives the same variants: dense ranks of the true quality,
+    qualities within TRUE_ORDER_RESOLUTION tied. Trained on, it bounds what the model's features
+    can learn from rankings."""
     if r.true_quality is None:
         raise ValueError(f"ranking {r.ranking_id} has no true quality (not simulated)")
-    levels = sorted(set(r.true_quality), reverse=True)
-    return dataclasses.replace(r, ranks=[levels.index(q) + 1 for q in r.true_quality])
+    return dataclasses.replace(r, ranks=noisy_ranks(np.array(r.true_quality), 0.0, np.random.default_rng(0),
+                                                    TRUE_ORDER_RESOLUTION))
 
 
 def first_requests(rankings: list[Ranking], n: int, seed: int = 0) -> list[Ranking]:
@@ -239,7 +241,7 @@ def best_tie_threshold(rankings: list[Ranking], scores: list[np.ndarray]) -> flo
 
 def true_order_accuracy(rankings: list[Ranking], scores: list[np.ndarray]) -> dict[str, float | int | None]:
     """Against the noise-free order, once per request (its variants are the same in every ranking):
-    pairs with distinct true quality; an equal score counts half."""
+    the pairs it does not tie (`hive.simulate.true_preference`); an equal score counts half."""
     seen: set[int] = set()
     right = n = 0.0
     for r, s in zip(rankings, scores):
@@ -249,11 +251,12 @@ def true_order_accuracy(rankings: list[Ranking], scores: list[np.ndarray]) -> di
         q = r.true_quality
         for i in range(len(q)):
             for j in range(i + 1, len(q)):
-                if q[i] == q[j]:
+                truth = true_preference(q[i], q[j])
+                if truth == 0:
                     continue
                 n += 1
                 d = s[i] - s[j]
-                right += 0.5 if d == 0 else float((d > 0) == (q[i] > q[j]))
+                right += 0.5 if d == 0 else float((d > 0) == (truth > 0))
     return {"accuracy": right / n if n else None, "pairs": int(n)}
 
 
@@ -266,12 +269,13 @@ def single_annotator_accuracy(rankings: list[Ranking]) -> dict[str, float | int 
         q = r.true_quality
         for i in range(len(q)):
             for j in range(i + 1, len(q)):
-                if q[i] == q[j] or (r.ranks[i] is None and r.ranks[j] is None):
+                truth = true_preference(q[i], q[j])
+                if truth == 0 or (r.ranks[i] is None and r.ranks[j] is None):
                     continue
                 n += 1
                 ri = math.inf if r.ranks[i] is None else r.ranks[i]
                 rj = math.inf if r.ranks[j] is None else r.ranks[j]
-                right += 0.5 if ri == rj else float((ri < rj) == (q[i] > q[j]))
+                right += 0.5 if ri == rj else float((ri < rj) == (truth > 0))
     return {"accuracy": right / n if n else None, "pairs": int(n)}
 
 
@@ -991,7 +995,8 @@ def _markdown(report: dict) -> str:
              f"{sim['requests'] - report['test_requests']} training + {report['test_requests']} held-out requests x "
              f"{sim['variants']} variants; noise {noise} (one annotator agrees with the noise-free order on "
              f"{sim['single_annotator_agreement']:.1%} of the pairs it ranked).\n",
-             "Accuracy on the held-out requests against the noise-free order, pairs of distinct true quality "
+             "Accuracy on the held-out requests against the noise-free order, on the pairs it does not tie "
+             f"(qualities more than {TRUE_ORDER_RESOLUTION} apart) "
              "(CLIP direction with captions uses the target caption, which a reward model never sees; "
              "the untrained heuristics need no rankings):\n",
              "| train requests | reward model (mean, min-max) | one annotator | CLIP direction (captions) | "
@@ -1010,7 +1015,7 @@ def _markdown(report: dict) -> str:
                      f"{f(p.get('kept_pixels_accuracy'))} | {f(p.get('clip_image_similarity_accuracy'))} | "
                      f"{f(p['random_accuracy'])} | {f(p['heldout_pair_accuracy'])} |")
     pairs = report["curve"][0].get("test_true_pairs") if report["curve"] else None
-    lines.append(f"\n{pairs} held-out pairs of distinct true quality (one standard error of an accuracy near "
+    lines.append(f"\n{pairs} held-out pairs the noise-free order does not tie (one standard error of an accuracy near "
                  f"0.75: about {0.433 / max(pairs or 1, 1) ** 0.5:.3f}).\n")
     bound = report.get("noise_free_labels")
     if bound:

@@ -11,7 +11,14 @@ import pytest
 from db.engine import session_scope
 from db.models import ModelVersion, User, Variant
 from db.queries import pairwise_preferences
-from hive.simulate import calibrate_noise, expected_agreement, noisy_ranks, pair_agreement, simulate
+from hive.simulate import (
+    calibrate_noise,
+    expected_agreement,
+    noisy_ranks,
+    pair_agreement,
+    simulate,
+    true_preference,
+)
 from tests.db_fixtures import HiveEnv, hive, hive_factory  # noqa: F401  (fixtures)
 from tests.test_reward_model import build_tiny_clip
 
@@ -32,6 +39,24 @@ def test_calibration_hits_the_target_agreement():
     assert expected_agreement(qualities, noise / 3) > 0.8 > expected_agreement(qualities, noise) > expected_agreement(qualities, noise * 3)
     with pytest.raises(ValueError, match="cannot calibrate"):
         calibrate_noise([np.ones(4)])
+    with pytest.raises(ValueError, match="cannot calibrate"):  # differences a person cannot see
+        calibrate_noise([np.array([0.99, 0.995, 1.0, 0.985])])
+
+
+def test_the_noise_free_order_ties_qualities_a_person_cannot_tell_apart():
+    # a good editor's variants: three all-good ones a few thousandths apart and one failure
+    q = np.array([0.999, 0.994, 0.997, 0.6])
+    assert true_preference(0.999, 0.994) == 0 and true_preference(0.999, 0.6) == 1 == -true_preference(0.6, 0.9)
+    # a noiseless annotator ties the three good ones and agrees on every pair that counts
+    ranks = noisy_ranks(q, 0.0, np.random.default_rng(0))
+    assert ranks == [1, 1, 1, 2]
+    assert pair_agreement(q, ranks) == (3.0, 3)
+    # so calibration on such sets reaches the band (it could not when near-ties counted)
+    rng = np.random.default_rng(2)
+    qualities = [np.concatenate([1 - 0.01 * rng.random(3), rng.random(1) * 0.8]) for _ in range(60)]
+    assert expected_agreement(qualities, 0.0) == 1.0
+    noise = calibrate_noise(qualities, target=0.72)
+    assert expected_agreement(qualities, noise, seed=5) == pytest.approx(0.72, abs=0.03)
 
 
 def test_simulate_writes_simulated_rankings(tiny_editor, hive: HiveEnv):
