@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import time
 from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -28,10 +29,10 @@ from hive import toy
 
 DEFAULT_TARGET_AGREEMENT = 0.72
 DEFAULT_TIE_MARGIN = 0.02
-# The noise-free order ties qualities this close. Without it, a 65%-successful editor's variants
-# are mostly all-good with qualities a few thousandths apart, and a noiseless annotator (who ties
-# them) "agrees" with that order on only ~60% of pairs, so no noise level reaches the 65-80% band.
-TRUE_ORDER_RESOLUTION = 0.02
+# The noise-free order ties what a noiseless annotator ties. Without it, a 65%-successful editor's
+# variants are mostly all-good with qualities a few thousandths apart, and a noiseless annotator
+# "agrees" with that order on only ~60% of pairs, so no noise level reaches the 65-80% band.
+TRUE_ORDER_RESOLUTION = DEFAULT_TIE_MARGIN
 SIM_SEED_BASE = 500_000_000  # away from training (hive.data) and evaluation (hive.evaluate) seeds
 REQUESTER = "sim-requester"
 
@@ -46,6 +47,28 @@ def true_preference(qa: float, qb: float) -> int:
     if abs(qa - qb) <= TRUE_ORDER_RESOLUTION:
         return 0
     return 1 if qa > qb else -1
+
+
+def truly_ordered_pairs(q: Sequence[float]) -> Iterator[tuple[int, int, int]]:
+    """(a, b, true_preference) for every pair a < b of `q` that the noise-free order does not tie:
+    the pairs every agreement with that order counts."""
+    for a in range(len(q)):
+        for b in range(a + 1, len(q)):
+            truth = true_preference(q[a], q[b])
+            if truth:
+                yield a, b, truth
+
+
+def score_agreement(q: Sequence[float], scores: Sequence[float]) -> tuple[float, int]:
+    """Agreement of `scores` (higher is better) with the noise-free order of `q`: over
+    `truly_ordered_pairs`, 1 for the right order, 0.5 for equal scores, 0 for the wrong order.
+    Returns (sum, n pairs)."""
+    total, n = 0.0, 0
+    for a, b, truth in truly_ordered_pairs(q):
+        n += 1
+        d = scores[a] - scores[b]
+        total += 0.5 if d == 0 else float((d > 0) == (truth > 0))
+    return total, n
 
 
 def noisy_ranks(q: np.ndarray, noise: float, rng: np.random.Generator,
@@ -63,21 +86,9 @@ def noisy_ranks(q: np.ndarray, noise: float, rng: np.random.Generator,
 
 
 def pair_agreement(q: np.ndarray, ranks: list[int]) -> tuple[float, int]:
-    """Agreement of one ranking with the noise-free order, over the pairs that order does not tie
-    (`true_preference`): 1 for the right order, 0.5 for a tie, 0 for the wrong order.
-    Returns (sum, n pairs)."""
-    total, n = 0.0, 0
-    for a in range(len(q)):
-        for b in range(a + 1, len(q)):
-            truth = true_preference(q[a], q[b])
-            if truth == 0:
-                continue
-            n += 1
-            if ranks[a] == ranks[b]:
-                total += 0.5
-            elif (truth > 0) == (ranks[a] < ranks[b]):
-                total += 1.0
-    return total, n
+    """Agreement of one ranking (1 = best) with the noise-free order (`score_agreement`; a tie
+    counts half). Returns (sum, n pairs)."""
+    return score_agreement(q, [-r for r in ranks])
 
 
 def expected_agreement(qualities: list[np.ndarray], noise: float, tie_margin: float = DEFAULT_TIE_MARGIN,
@@ -96,7 +107,7 @@ def calibrate_noise(qualities: list[np.ndarray], target: float = DEFAULT_TARGET_
                     tie_margin: float = DEFAULT_TIE_MARGIN, seed: int = 0) -> float:
     """The noise scale at which one annotator agrees with the true order on `target` of the pairs
     (bisection; agreement falls as noise grows, with common random numbers for smoothness)."""
-    if not any(true_preference(a, b) for q in qualities for a in q for b in q):
+    if not any(next(truly_ordered_pairs(q), None) for q in qualities):
         raise ValueError(f"cannot calibrate: no two variants of a request differ in quality by more than "
                          f"{TRUE_ORDER_RESOLUTION}")
     lo, hi = 1e-4, 10.0

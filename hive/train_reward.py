@@ -36,7 +36,7 @@ from PIL import Image
 
 from hive.files import write_json_atomic
 from hive.reward import RewardConfig, RewardModel, clip_directional
-from hive.simulate import TRUE_ORDER_RESOLUTION, noisy_ranks, true_preference
+from hive.simulate import TRUE_ORDER_RESOLUTION, noisy_ranks, score_agreement, truly_ordered_pairs
 
 
 # ---------------------------------------------------------------- data
@@ -241,22 +241,15 @@ def best_tie_threshold(rankings: list[Ranking], scores: list[np.ndarray]) -> flo
 
 def true_order_accuracy(rankings: list[Ranking], scores: list[np.ndarray]) -> dict[str, float | int | None]:
     """Against the noise-free order, once per request (its variants are the same in every ranking):
-    the pairs it does not tie (`hive.simulate.true_preference`); an equal score counts half."""
+    `hive.simulate.score_agreement` (the pairs it does not tie; an equal score counts half)."""
     seen: set[int] = set()
     right = n = 0.0
     for r, s in zip(rankings, scores):
         if r.true_quality is None or r.request_id in seen:
             continue
         seen.add(r.request_id)
-        q = r.true_quality
-        for i in range(len(q)):
-            for j in range(i + 1, len(q)):
-                truth = true_preference(q[i], q[j])
-                if truth == 0:
-                    continue
-                n += 1
-                d = s[i] - s[j]
-                right += 0.5 if d == 0 else float((d > 0) == (truth > 0))
+        t, k = score_agreement(r.true_quality, s)
+        right, n = right + t, n + k
     return {"accuracy": right / n if n else None, "pairs": int(n)}
 
 
@@ -266,16 +259,13 @@ def single_annotator_accuracy(rankings: list[Ranking]) -> dict[str, float | int 
     for r in rankings:
         if r.true_quality is None:
             continue
-        q = r.true_quality
-        for i in range(len(q)):
-            for j in range(i + 1, len(q)):
-                truth = true_preference(q[i], q[j])
-                if truth == 0 or (r.ranks[i] is None and r.ranks[j] is None):
-                    continue
-                n += 1
-                ri = math.inf if r.ranks[i] is None else r.ranks[i]
-                rj = math.inf if r.ranks[j] is None else r.ranks[j]
-                right += 0.5 if ri == rj else float((ri < rj) == (truth > 0))
+        for i, j, truth in truly_ordered_pairs(r.true_quality):
+            if r.ranks[i] is None and r.ranks[j] is None:
+                continue
+            n += 1
+            ri = math.inf if r.ranks[i] is None else r.ranks[i]
+            rj = math.inf if r.ranks[j] is None else r.ranks[j]
+            right += 0.5 if ri == rj else float((ri < rj) == (truth > 0))
     return {"accuracy": right / n if n else None, "pairs": int(n)}
 
 
@@ -1015,8 +1005,8 @@ def _markdown(report: dict) -> str:
                      f"{f(p.get('kept_pixels_accuracy'))} | {f(p.get('clip_image_similarity_accuracy'))} | "
                      f"{f(p['random_accuracy'])} | {f(p['heldout_pair_accuracy'])} |")
     pairs = report["curve"][0].get("test_true_pairs") if report["curve"] else None
-    lines.append(f"\n{pairs} held-out pairs the noise-free order does not tie (one standard error of an accuracy near "
-                 f"0.75: about {0.433 / max(pairs or 1, 1) ** 0.5:.3f}).\n")
+    lines.append(f"\n{pairs} held-out pairs the noise-free order does not tie (one standard error of an "
+                 f"accuracy near 0.75: about {0.433 / max(pairs or 1, 1) ** 0.5:.3f}).\n")
     bound = report.get("noise_free_labels")
     if bound:
         lines.append(f"Trained on the noise-free order of the same {bound['requests']} requests instead of the "

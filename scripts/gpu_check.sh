@@ -34,6 +34,19 @@ prepare() {
     echo "now call the device tool: run(command='scripts/gpu_check.sh run', carry=['.whl'], timeout_s=590)"
 }
 
+wheels() {  # wheels PYTHON LOG: the carried wheels into /tmp/site (callers put it on PYTHONPATH):
+    # diffusers always; transformers only if the machine's own does not import with it
+    local py=$1 log=$2
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/diffusers-*.whl || { echo "no diffusers wheel: run 'scripts/gpu_check.sh prepare' here first"; return 3; }
+    if ! PYTHONPATH=/tmp/site:$PWD "$py" -c "from diffusers import StableDiffusionInstructPix2PixPipeline" >> "$log" 2>&1
+    then
+        echo "the machine's transformers does not work with this diffusers; installing the carried one"
+        "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/transformers-*.whl || return 3
+    fi
+}
+
 run() {
     local budget=${GPU_CHECK_BUDGET_S:-540}
     local start=$SECONDS
@@ -50,17 +63,10 @@ run() {
     } > "$out/machine.txt" 2>&1
     cat "$out/machine.txt"
 
-    # wheels: diffusers always; transformers only if the machine's own does not import with it
     export PYTHONPATH=$PWD
     if [[ -z "${GPU_CHECK_NO_WHEELS:-}" ]]; then
-        "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-            .whl/diffusers-*.whl || { echo "no diffusers wheel: run 'scripts/gpu_check.sh prepare' here first"; exit 3; }
+        wheels "$py" "$out/machine.txt" || exit 3
         export PYTHONPATH=/tmp/site:$PWD
-        if ! "$py" -c "from diffusers import StableDiffusionInstructPix2PixPipeline" >> "$out/machine.txt" 2>&1; then
-            echo "the machine's transformers does not work with this diffusers; installing the carried one"
-            "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-                .whl/transformers-*.whl
-        fi
     fi
     "$py" -c "import diffusers, transformers; print('diffusers', diffusers.__version__, 'transformers', transformers.__version__)" \
         | tee -a "$out/machine.txt"
@@ -122,6 +128,7 @@ PY
 case "${1:-}" in
     prepare) prepare ;;
     run) run ;;
+    wheels) wheels "${2:-python3}" "${3:-/dev/null}" ;;
     collect) collect "${2:-}" ;;
-    *) echo "usage: $0 prepare|run|collect DIR"; exit 2 ;;
+    *) echo "usage: $0 prepare|run|collect DIR|wheels PYTHON LOG"; exit 2 ;;
 esac

@@ -20,28 +20,31 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+pack() {  # pack PIPELINE NAME: the pipeline, fp16 as shipped, into $out/NAME.tar (the fp32 UNet alone
+    # is over the tool's 16 MB a file)
+    rm -rf "$work/$2" && mkdir -p "$work/$2"
+    "$py" -m hive train ship --editor "$1" --clip models/toy-clip --models "$work/$2" > /dev/null \
+        && tar -cf "$out/$2.tar" -C "$work/$2" toy-editor
+}
+
 run() {
     local budget=${GPU_TRAIN_BUDGET_S:-520} start=$SECONDS
     local out=${OUT:-/tmp/gpu_train_out} py=${GPU_TRAIN_PYTHON:-python3} work=/tmp/hive-gpu-train
     mkdir -p "$out" "$work"
     export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD
     if [[ -z "${GPU_TRAIN_NO_WHEELS:-}" ]]; then
-        "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-            .whl/diffusers-*.whl || { echo "no diffusers wheel: run 'scripts/gpu_check.sh prepare' here first"; exit 3; }
+        scripts/gpu_check.sh wheels "$py" "$out/imports.log" || exit 3
         export PYTHONPATH=/tmp/site:$PWD
-        # the machine's own transformers first; the carried one only if diffusers fails with it
-        if ! "$py" -c "from diffusers import StableDiffusionInstructPix2PixPipeline" > "$out/imports.log" 2>&1; then
-            echo "the machine's transformers does not work with this diffusers; installing the carried one"
-            "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-                .whl/transformers-*.whl || exit 3
-        fi
     fi
     local device workers
     device=$("$py" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
     workers=$(( $(nproc) > 2 ? $(nproc) - 2 : 0 ))
     # what is left after training: evaluation (~1 min on a GPU) and packing
+    minutes_left() {  # what the budget leaves after 120 s for evaluating and packing, at least $1 min
+        "$py" -c "print(max($1, ($budget - ($SECONDS - $start) - 120) / 60))"
+    }
     local minutes
-    minutes=$("$py" -c "print(max(0.5, ($budget - ($SECONDS - $start) - 120) / 60))")
+    minutes=$(minutes_left 0.5)
     local batch=256 precision=bf16
     [[ $device == cpu ]] && batch=8 precision=no
     # two phases (docs/toy-zoo-training.md, session 5): 70% of the time at a constant rate with
@@ -56,28 +59,21 @@ run() {
     "$py" -m hive train editor "${common[@]}" --steps 1000000 --high-noise-bias 1 \
         --max-minutes "$hot" > "$out/train.log" 2>&1
     echo "   rc=$?, $(( SECONDS - start ))s used"; tail -c 400 "$out/train.log"; echo
-    # a fallback that comes back even if the lease ends during the cooldown
-    mkdir -p "$work/hot"
-    "$py" -m hive train ship --editor "$work/editor/pipeline" --clip models/toy-clip --models "$work/hot" > /dev/null \
-        && tar -cf "$out/toy-editor-hot.tar" -C "$work/hot" toy-editor
+    pack "$work/editor/pipeline" toy-editor-hot  # a fallback, should the lease end during the cooldown
     local reached end left
     # the step the cooldown resumes from: the newest checkpoint (the time budget stops at one)
     reached=$("$py" -c "from pathlib import Path; from hive.training import checkpoint_dirs; \
 print(checkpoint_dirs(Path('$work/editor'))[-1].name.split('-')[1])")
-    left=$("$py" -c "print(max(0.3, ($budget - ($SECONDS - $start) - 120) / 60))")
+    left=$(minutes_left 0.3)
     end=$("$py" -c "print(int($reached + 0.85 * $reached / max(1, $SECONDS - $t0) * $left * 60))")
     echo "== cooldown: steps $reached -> $end in $left min (high-noise bias $cool_bias)"
     "$py" -m hive train editor "${common[@]}" --steps "$end" --decay-steps $(( end - reached )) \
         --high-noise-bias "$cool_bias" --max-minutes "$left" >> "$out/train.log" 2>&1
     echo "   rc=$?, $(( SECONDS - start ))s used"; tail -c 400 "$out/train.log"; echo
     cp "$work/editor/loss.jsonl" "$out/loss.jsonl" 2>/dev/null
-    # fp16, as shipped (the fp32 UNet alone is over the tool's 16 MB a file), packed before the
-    # evaluation so that it comes back even if the evaluation runs late
-    mkdir -p "$work/ship"
-    "$py" -m hive train ship --editor "$work/editor/pipeline" --clip models/toy-clip --models "$work/ship" > /dev/null
-    tar -cf "$out/toy-editor.tar" -C "$work/ship" toy-editor
+    pack "$work/editor/pipeline" toy-editor  # before the evaluation, so it comes back even if that runs late
     echo "== evaluate 300 fresh edits"
-    "$py" -m hive evaluate --model "$work/ship/toy-editor" --n "${GPU_TRAIN_EVAL_N:-300}" --json > "$out/evaluate.log" 2>&1
+    "$py" -m hive evaluate --model "$work/toy-editor/toy-editor" --n "${GPU_TRAIN_EVAL_N:-300}" --json > "$out/evaluate.log" 2>&1
     tail -n 1 "$out/evaluate.log" > "$out/evaluate.json"
     cat "$out/evaluate.json"
     ls -la "$out"; echo "done in $(( SECONDS - start ))s"
