@@ -53,7 +53,8 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
 
     t = time.time()
     path = train_clip(Path(args.out), Path(args.tokenizer), steps=args.steps, batch_size=args.batch_size,
-                      lr=args.lr, twins=args.twins, base=Path(args.base) if args.base else None)
+                      lr=args.lr, twins=args.twins, checkpoint_every=args.checkpoint_every, base=Path(args.base) if args.base else None,
+                      edits=args.edits, decay_steps=args.decay_steps)
     _report_training(args, path, t)
     return 0
 
@@ -460,6 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--twins", action="store_true",
                    help="each scene comes with twins that differ in one object's position, shape or size, and "
                         "a contrastive loss inside each group (hard negatives)")
+    p.add_argument("--edits", action="store_true",
+                   help="train on groups of clean toy edits of one scene: captions of the edited images plus "
+                        "CLIP directional similarity against the instructions (a reward backbone that sees changes)")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--decay-steps", type=int, default=0,
+                   help="the learning rate falls linearly to 0 over the last N steps (0: constant)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train_clip)
     p = train.add_parser("editor", help="SFT-train an InstructPix2Pix UNet (resumes from OUT/checkpoints)")

@@ -25,7 +25,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from hive.data import TripletBatch, TripletSource
 from hive.fastpath import prepare_unet_for_training, step_loader
-from hive.training import make_accelerator, resume_with_progress, save_checkpoint
+from hive.training import cooldown, make_accelerator, resume_with_progress, save_checkpoint
 
 DROP_PROB = 0.05
 
@@ -68,9 +68,7 @@ class SFTConfig:
 def lr_factor(step: int, config: SFTConfig) -> float:
     """Linear warmup, constant, then (with decay_steps) linear cooldown to 0 at `steps`."""
     warm = min(1.0, (step + 1) / max(1, config.warmup_steps))
-    if config.decay_steps <= 0:
-        return warm
-    return min(warm, max(0.0, (config.steps - step) / config.decay_steps))
+    return min(warm, cooldown(step, config.steps, config.decay_steps))
 
 
 def expand_conv_in(unet: UNet2DConditionModel, in_channels: int | None = None) -> UNet2DConditionModel:

@@ -31,6 +31,14 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: int(p.name.split("-")[1]))
 
 
+def cooldown(step: int, steps: int, decay_steps: int) -> float:
+    """Learning-rate factor: 1, then falling linearly to 0 over the last `decay_steps` of `steps`
+    (0: always 1). A function of the step alone, so a resumed or re-planned run follows it."""
+    if decay_steps <= 0:
+        return 1.0
+    return min(1.0, max(0.0, (steps - step) / decay_steps))
+
+
 def save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int = 2) -> Path:
     """Save the full training state (models, optimizer, RNG) at `step`; keep the last `keep`."""
     root = out / "checkpoints"

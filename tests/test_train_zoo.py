@@ -11,7 +11,7 @@ from transformers import CLIPModel, CLIPTokenizer
 
 from hive.tokenizer import write_tokenizer
 from hive import toy
-from hive.train_clip import WORD_SWAPS, caption_batch, train_clip, twin_scenes
+from hive.train_clip import WORD_SWAPS, caption_batch, direction_loss, edit_groups, train_clip, twin_scenes
 from hive.train_vae import object_weight, random_crops, train_vae
 
 
@@ -79,6 +79,37 @@ def test_twin_loss_only_compares_inside_a_group():
     good = twin_loss(logits, [0, 0, 1, 1])
     assert good < 0.1 < bad
     assert twin_loss(torch.zeros(3, 3), [0, 1, 2]) == 0  # singletons: nothing to tell apart
+
+
+def test_edit_groups_share_a_source_and_hold_distinct_clean_edits():
+    sources, edited, instructions, captions, groups = edit_groups(step=5, batch_size=20)
+    assert len(sources) == len(edited) == len(instructions) == len(captions) == len(groups) == 20
+    assert instructions == edit_groups(step=5, batch_size=20)[2]  # deterministic per step
+    for g in set(groups):
+        rows = [i for i, x in enumerate(groups) if x == g]
+        assert len(rows) >= 2 or rows[-1] == 19  # only the batch's last group may be cut short
+        assert all(sources[i].tobytes() == sources[rows[0]].tobytes() for i in rows)
+        assert len({instructions[i] for i in rows}) == len(rows) and len({captions[i] for i in rows}) == len(rows)
+        assert all(edited[i].tobytes() != sources[i].tobytes() for i in rows)
+
+
+def test_direction_loss_rewards_changes_that_point_at_their_instruction():
+    torch.manual_seed(0)
+    src = torch.randn(4, 8)
+    text = torch.randn(4, 8)
+    aligned = direction_loss(src, src + 3 * torch.nn.functional.normalize(text, dim=-1) * src.norm(dim=-1, keepdim=True),
+                             text, [0, 0, 1, 1])
+    shuffled = direction_loss(src, src + 3 * torch.nn.functional.normalize(text[[1, 0, 3, 2]], dim=-1)
+                              * src.norm(dim=-1, keepdim=True), text, [0, 0, 1, 1])
+    assert aligned < shuffled
+
+
+def test_clip_trainer_on_edit_groups(tmp_path):
+    tok = write_tokenizer(tmp_path / "tok")
+    path = train_clip(tmp_path / "clip", tok, steps=2, batch_size=6, edits=True)
+    metrics = json.loads((path / "metrics.json").read_text())
+    assert metrics["edits"] is True and metrics["steps"] == 2
+    assert CLIPModel.from_pretrained(path).config.projection_dim == 128
 
 
 def test_decoder_only_training_keeps_the_latent_space(tmp_path):
