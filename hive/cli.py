@@ -326,7 +326,7 @@ def _reward_config(args: argparse.Namespace):
     # options left unset take RewardTrainConfig's defaults (the measured best, see docs/reward.md)
     names = ("backbone", "loss", "steps", "batch_size", "lr", "head_lr", "freeze_layers", "hidden", "head_type",
              "patch_layers", "text_token_layer", "ensemble", "val_fraction", "patience", "eval_every", "dropout",
-             "test_fraction", "seed", "checkpoint_every", "mixed_precision", "residual")
+             "test_fraction", "seed", "checkpoint_every", "mixed_precision", "residual", "direction_prior")
     values = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if isinstance(values.get("patch_layers"), str):
         values["patch_layers"] = [int(x) for x in values["patch_layers"].split(",")]
@@ -600,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_simulate)
 
     def reward_train_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--backbone", default=None, help="CLIP folder or hub id (default: the toy CLIP; "
+        p.add_argument("--backbone", default=None, help="CLIP folder or hub id (default: models/toy-clip-edits, the toy CLIP trained on edits; "
                        "openai/clip-vit-large-patch14 for real photos)")
         p.add_argument("--loss", choices=["bt", "pl"], default="bt",
                        help="bt: Bradley-Terry over all pairs of a ranking (ties 0.5); pl: Plackett-Luce")
@@ -623,6 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
                        help="change head: also read the CLIP patch and pooled features (tokens, cross-attention, "
                             "MLP) beside the main term")
+        p.add_argument("--direction-prior", type=float,
+                       help="change head: a term for the backbone's CLIP directional similarity to the instruction, "
+                            "with this starting weight (default 1; 0: none)")
         p.add_argument("--val-fraction", type=float, help="train requests held out for early stopping (0: none)")
         p.add_argument("--patience", type=int, help="validations without improvement before stopping")
         p.add_argument("--eval-every", type=int, help="steps between validations (0: one epoch)")

@@ -57,6 +57,9 @@ class RewardConfig:
     token_dim: int = 32  # width of the change tokens and of the cross-attention
     residual: bool = True  # change head: also the token/attention/MLP branch beside the main term
     gate_l2: float = 0.3  # L2 penalty on the instruction's weights (G) of the main term
+    # change head: the starting weight of a term for the backbone's directional similarity
+    # cos(E(edit) - E(source), T(instruction)), standardised; 0: no such term
+    direction_prior: float = 0.0
     residual_l2: float = 1e-3  # L2 penalty on the residual branch's weights
     ensemble: int = 1  # heads whose scores are averaged
     score_mean: float = 0.0
@@ -119,6 +122,11 @@ class ChangeHead(nn.Module):
     rankings needs (measured in docs/reward.md).
 
     What makes an edit good is local: the named thing changed as asked and nothing else did.
+    - direction prior (`direction_prior` > 0): the backbone's CLIP directional similarity
+      against the instruction, standardised, times a learned weight that starts at
+      `direction_prior`: with a backbone trained on edits (`train clip --edits`) that score orders
+      variants before any ranking is seen, and the rankings then correct it instead of having to
+      find it among all the features;
     - main term: the share of the image's pixels that kept their colour (`KEEP_TOLERANCE`),
       standardised, times a weight that the instruction sets (w + G t, t the standardised text
       features, G under an L2 penalty): the same amount of change is good for "make the
@@ -146,6 +154,10 @@ class ChangeHead(nn.Module):
         self.w = nn.Parameter(torch.zeros(1))
         self.gate = nn.Linear(proj_dim, 1, bias=False)
         nn.init.zeros_(self.gate.weight)
+        self.direction_prior = config.direction_prior
+        if self.direction_prior:
+            self.cos_norm = nn.BatchNorm1d(1, affine=False)
+            self.a = nn.Parameter(torch.tensor([float(config.direction_prior)]))
         self.residual = config.residual
         if not self.residual:
             return
@@ -179,6 +191,10 @@ class ChangeHead(nn.Module):
         kept = pix[..., PIXEL_EDGES.index(KEEP_TOLERANCE)].mean(1, keepdim=True)
         t = self.text_norm(text["pooled"])
         out = self.kept_norm(kept)[:, 0] * (self.w + self.gate(t)[:, 0])
+        if self.direction_prior:
+            delta = edit["pooled"] - src["pooled"]
+            cos = (nn.functional.normalize(delta, dim=-1) * text["pooled"]).sum(-1, keepdim=True)
+            out = out + self.a * self.cos_norm(cos)[:, 0]
         if not self.residual:
             return out
         diff = edit["patches"] - src["patches"]

@@ -272,7 +272,7 @@ def single_annotator_accuracy(rankings: list[Ranking]) -> dict[str, float | int 
 # ---------------------------------------------------------------- training
 @dataclass
 class RewardTrainConfig:
-    backbone: str | None = None  # CLIP folder or hub id (default: the toy CLIP)
+    backbone: str | None = None  # CLIP folder or hub id (default: models/toy-clip-edits)
     loss: str = "bt"  # "bt" (Bradley-Terry over all pairs) or "pl" (Plackett-Luce)
     steps: int = 3000  # at most, per ensemble member; early stopping usually ends sooner
     batch_size: int = 16  # rankings per step
@@ -289,6 +289,7 @@ class RewardTrainConfig:
     residual: bool = True  # change head: the token/attention/MLP branch beside the main term
     gate_l2: float = 0.3
     residual_l2: float = 1e-3
+    direction_prior: float = 1.0  # change head: starting weight of the CLIP-direction term (0: none)
     ensemble: int = 5  # heads averaged; with val_fraction > 0 each holds out its own fold of train requests
     val_fraction: float = 0.2  # train requests held out for early stopping (0: none, train all steps)
     eval_every: int = 20  # steps between validations (0: one pass over the fitted rankings)
@@ -488,7 +489,7 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
     (`FeatureCache`), one ensemble member after another, each with early stopping on its own
     validation fold. Otherwise the towers' upper layers train too, under accelerate with
     checkpoints (a rerun resumes from `out/checkpoints`)."""
-    from hive.zoo import TOY_CLIP
+    from hive.zoo import TOY_EDIT_CLIP
 
     if config.loss not in ("bt", "pl"):
         raise ValueError(f"unknown loss {config.loss!r}: 'bt' (Bradley-Terry) or 'pl' (Plackett-Luce)")
@@ -502,9 +503,9 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
         raise ValueError("no held-out rankings: need rankings of at least two requests")
     leak = {r.request_id for r in train} & {r.request_id for r in test}
     assert not leak, f"requests in both train and test: {sorted(leak)[:5]}"
-    backbone = config.backbone or str(TOY_CLIP)
-    if backbone == str(TOY_CLIP) and not TOY_CLIP.exists():
-        raise FileNotFoundError(f"the toy CLIP ({TOY_CLIP}) is not built yet: pass --backbone CLIP_FOLDER_OR_HUB_ID")
+    backbone = config.backbone or str(TOY_EDIT_CLIP)
+    if backbone == str(TOY_EDIT_CLIP) and not TOY_EDIT_CLIP.exists():
+        raise FileNotFoundError(f"the toy CLIP ({TOY_EDIT_CLIP}) is not built yet: pass --backbone CLIP_FOLDER_OR_HUB_ID")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     model = RewardModel.from_backbone(backbone, **head_settings(config))

@@ -17,6 +17,8 @@ from hive.tokenizer import MODEL_MAX_LENGTH
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_EDITOR = MODELS_DIR / "toy-editor"
 TOY_CLIP = MODELS_DIR / "toy-clip"
+# the toy CLIP trained further on groups of edits (`train clip --edits`): the reward model's backbone
+TOY_EDIT_CLIP = MODELS_DIR / "toy-clip-edits"
 TOY_VAE = MODELS_DIR / "toy-vae"
 TOY_TOKENIZER = MODELS_DIR / "toy-tokenizer"
 TOY_RESOLUTION = 64

@@ -217,3 +217,42 @@ def test_text_token_layer_picks_the_hidden_state_the_cross_attention_reads(tiny_
     assert not torch.allclose(tokens_last, reference)
     again = RewardModel.from_pretrained(embedded.save_pretrained(tmp_path / "reward"))
     assert again.config.text_token_layer == 0
+
+
+def test_direction_prior_starts_as_clip_directional_similarity_and_reloads(tiny_clip, tmp_path):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from hive.reward import clip_directional
+
+    torch.manual_seed(2)
+    model = RewardModel.from_backbone(tiny_clip, hidden=16, ensemble=1, direction_prior=1.0)
+    pairs = [_toy_images(k) for k in range(6)]
+    src, tgt, instr = [p[0] for p in pairs], [p[1] for p in pairs], [p[2] for p in pairs]
+    raw = model.score(src, tgt, instr, normalise=False)
+    cos = clip_directional(CLIPModel.from_pretrained(tiny_clip), CLIPTokenizer.from_pretrained(tiny_clip),
+                           src, tgt, instr)
+    # untrained, every other term is zero: the score is the directional similarity itself
+    np.testing.assert_allclose(raw, cos, rtol=1e-3, atol=1e-5)
+    without = RewardModel.from_backbone(tiny_clip, hidden=16, ensemble=1)
+    assert np.allclose(without.score(src, tgt, instr, normalise=False), 0.0)
+    again = RewardModel.from_pretrained(model.save_pretrained(tmp_path / "reward"))
+    np.testing.assert_allclose(again.score(src, tgt, instr, normalise=False), raw, rtol=1e-5, atol=1e-6)
+
+
+def test_shipped_reward_backbone_matches_edits_to_their_instructions():
+    """models/toy-clip-edits (train clip --edits) loads offline, and its directional similarity
+    picks each clean toy edit's own instruction over the other edits' instructions."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from hive.reward import clip_directional
+    from hive.zoo import TOY_EDIT_CLIP
+
+    clip, tok = CLIPModel.from_pretrained(TOY_EDIT_CLIP), CLIPTokenizer.from_pretrained(TOY_EDIT_CLIP)
+    examples = [toy.sample_example(910_000_000 + k) for k in range(12)]
+    right = 0
+    for i, ex in enumerate(examples):
+        others = [e.edit.instruction for j, e in enumerate(examples) if j != i]
+        n = len(others) + 1
+        cos = clip_directional(clip, tok, [ex.input_image] * n, [ex.clean_image] * n, [ex.edit.instruction] + others)
+        right += int(np.argmax(cos) == 0)
+    assert right >= 8, right  # chance: 1 in 12
