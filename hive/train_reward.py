@@ -588,6 +588,9 @@ def _train_heads(model: RewardModel, train: list[Ranking], out: Path, config: Re
         bar = tqdm(range(config.steps), desc=f"train reward head {m + 1}/{len(model.head)}",
                    disable=not (progress and accelerator.is_local_main_process))
         last = config.steps
+        if val:  # the untrained head is a candidate too: training must beat it (e.g. the direction prior)
+            head.eval()
+            stopper.should_stop(_validation_loss(model, val, scores_of, config.loss), head)
         for step in bar:
             head.train()
             idx, order = _next_batch(order, len(fit), config.batch_size, rng)
