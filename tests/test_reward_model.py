@@ -256,3 +256,25 @@ def test_shipped_reward_backbone_matches_edits_to_their_instructions():
         cos = clip_directional(clip, tok, [ex.input_image] * n, [ex.clean_image] * n, [ex.edit.instruction] + others)
         right += int(np.argmax(cos) == 0)
     assert right >= 8, right  # chance: 1 in 12
+
+
+def test_early_stopping_keeps_the_untrained_head_when_training_only_hurts(tiny_clip, tmp_path):
+    """A learning rate so large that every step only raises the validation loss of a head that
+    starts as the direction prior: the untrained head (the prior itself) is what comes back."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from hive.reward import clip_directional
+
+    rankings = _write_rankings(tmp_path, 12, 32)
+    cfg = RewardTrainConfig(backbone=str(tiny_clip), steps=40, batch_size=4, hidden=16, ensemble=1,
+                            head_lr=5.0, eval_every=5, patience=3, test_fraction=0.25, direction_prior=1.0,
+                            checkpoint_every=0)
+    train_reward(rankings, tmp_path / "run", cfg, progress=False)
+    model = RewardModel.from_pretrained(tmp_path / "run" / "model")
+    r = rankings[0]
+    src = [Image.open(r.source_path)] * 3
+    variants = [Image.open(p) for p in r.variant_paths]
+    raw = model.score(src, variants, [r.instruction] * 3, normalise=False)
+    cos = clip_directional(CLIPModel.from_pretrained(tiny_clip), CLIPTokenizer.from_pretrained(tiny_clip),
+                           src, variants, [r.instruction] * 3)
+    np.testing.assert_allclose(raw, cos, rtol=1e-3, atol=1e-5)
