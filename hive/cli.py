@@ -53,8 +53,8 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
 
     t = time.time()
     path = train_clip(Path(args.out), Path(args.tokenizer), steps=args.steps, batch_size=args.batch_size,
-                      lr=args.lr, twins=args.twins, checkpoint_every=args.checkpoint_every, base=Path(args.base) if args.base else None,
-                      edits=args.edits, decay_steps=args.decay_steps)
+                      lr=args.lr, checkpoint_every=args.checkpoint_every, twins=args.twins,
+                      base=Path(args.base) if args.base else None, edits=args.edits, decay_steps=args.decay_steps)
     _report_training(args, path, t)
     return 0
 

@@ -72,6 +72,12 @@ class RewardConfig:
     extra: dict = field(default_factory=dict)  # e.g. training metrics and data summary
 
 
+def direction_cosine(src: torch.Tensor, edit: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """CLIP directional similarity of pooled, normalised features: cos(edit - src, text), (B, 1)."""
+    delta = edit - src
+    return ((delta / (delta.norm(dim=-1, keepdim=True) + 1e-6)) * text).sum(-1, keepdim=True)
+
+
 def _global_inputs(src: torch.Tensor, edit: torch.Tensor, text: torch.Tensor, k: float) -> torch.Tensor:
     """The pooled change: difference (scaled, as one edit moves a unit CLIP embedding by ~0.1-0.5),
     its direction times the text, its size, and its cosine with the text. Absolute source/edit
@@ -79,8 +85,7 @@ def _global_inputs(src: torch.Tensor, edit: torch.Tensor, text: torch.Tensor, k:
     delta = edit - src
     size = delta.norm(dim=-1, keepdim=True)
     unit = delta / (size + 1e-6)
-    cos = (unit * text).sum(-1, keepdim=True)
-    return torch.cat([delta * k, text, unit * text, size * k, cos * k], dim=-1)
+    return torch.cat([delta * k, text, unit * text, size * k, direction_cosine(src, edit, text) * k], dim=-1)
 
 
 class GlobalHead(nn.Module):
@@ -192,9 +197,7 @@ class ChangeHead(nn.Module):
         t = self.text_norm(text["pooled"])
         out = self.kept_norm(kept)[:, 0] * (self.w + self.gate(t)[:, 0])
         if self.direction_prior:
-            delta = edit["pooled"] - src["pooled"]
-            cos = (nn.functional.normalize(delta, dim=-1) * text["pooled"]).sum(-1, keepdim=True)
-            out = out + self.a * self.cos_norm(cos)[:, 0]
+            out = out + self.a * self.cos_norm(direction_cosine(src["pooled"], edit["pooled"], text["pooled"]))[:, 0]
         if not self.residual:
             return out
         diff = edit["patches"] - src["patches"]

@@ -78,15 +78,19 @@ def caption_batch(step: int, batch_size: int, twins: bool = False) -> tuple[list
     return [sc.render() for sc in scenes], [sc.caption() for sc in scenes], groups
 
 
+def symmetric_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """CLIP's loss on a square logit matrix whose diagonal holds the matching pairs (both directions)."""
+    target = torch.arange(len(logits), device=logits.device)
+    ce = torch.nn.functional.cross_entropy
+    return (ce(logits, target) + ce(logits.T, target)) / 2
+
+
 def twin_loss(logits_per_image: torch.Tensor, groups: list[int]) -> torch.Tensor:
     """The contrastive loss inside each group of twins alone (both directions): in the batch-wide
     loss the easy negatives of other groups drown the one-word differences out."""
     g = torch.tensor(groups, device=logits_per_image.device)
     same = g[:, None] == g[None, :]
-    masked = logits_per_image.masked_fill(~same, float("-inf"))
-    target = torch.arange(len(groups), device=logits_per_image.device)
-    ce = torch.nn.functional.cross_entropy
-    return (ce(masked, target) + ce(masked.T, target)) / 2
+    return symmetric_cross_entropy(logits_per_image.masked_fill(~same, float("-inf")))
 
 
 def edit_groups(step: int, batch_size: int, per_group: int = 8) -> tuple[list, list, list[str], list[str], list[int]]:
@@ -101,27 +105,27 @@ def edit_groups(step: int, batch_size: int, per_group: int = 8) -> tuple[list, l
     group = 0
     while len(edited) < batch_size:
         scene = toy.random_scene(rng)
-        seen: set[str] = set()
-        members = []
+        seen = {scene.caption()}  # an edit must change the caption, and no two may share one or an instruction
+        members: list[tuple[toy.Edit, str]] = []
         for _ in range(3):
             for kind in rng.permutation(toy.EDIT_KINDS):
                 edit = toy.make_edit(scene, str(kind), rng)
                 if edit is None:
                     continue
                 caption = edit.target.caption()
-                if caption in seen or edit.instruction in seen or caption == scene.caption():
+                if caption in seen or edit.instruction in seen:
                     continue
                 seen.update((caption, edit.instruction))
-                members.append(edit)
+                members.append((edit, caption))
         members = members[:min(per_group, batch_size - len(edited))]
         if len(members) < 2:
             continue
         source = scene.render()
-        for edit in members:
+        for edit, caption in members:
             sources.append(source)
             edited.append(edit.target.render())
             instructions.append(edit.instruction)
-            captions.append(edit.target.caption())
+            captions.append(caption)
             groups.append(group)
         group += 1
     return sources, edited, instructions, captions, groups
@@ -135,9 +139,7 @@ def direction_loss(source_features: torch.Tensor, edited_features: torch.Tensor,
     f = torch.nn.functional
     d = f.normalize(f.normalize(edited_features, dim=-1) - f.normalize(source_features, dim=-1), dim=-1)
     logits = scale * d @ f.normalize(instruction_features, dim=-1).T
-    target = torch.arange(len(groups), device=logits.device)
-    batch_wide = (f.cross_entropy(logits, target) + f.cross_entropy(logits.T, target)) / 2
-    return batch_wide + twin_loss(logits, groups)
+    return symmetric_cross_entropy(logits) + twin_loss(logits, groups)
 
 
 WORD_SWAPS = {  # one instruction, and the same with one word (class) swapped
@@ -200,29 +202,23 @@ def train_clip(out: Path, tokenizer_dir: Path, steps: int = 2000, batch_size: in
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr * cooldown(step, steps, decay_steps)
-        extra = {}
         if edits:
             sources, images, instructions, captions, groups = edit_groups(step, batch_size)
-            feats = image_features(sources + images)
-            src_f, img_f = feats[:len(sources)], feats[len(sources):]
-            cap_f = text_features(captions)
-            f = torch.nn.functional
-            logits_per_image = clip.logit_scale.exp() * f.normalize(img_f, dim=-1) @ f.normalize(cap_f, dim=-1).T
-            target = torch.arange(len(captions), device=device)
-            caption_loss = (f.cross_entropy(logits_per_image, target) + f.cross_entropy(logits_per_image.T, target)) / 2
-            dir_loss = direction_loss(src_f, img_f, text_features(instructions), groups)
-            loss = caption_loss + twin_loss(logits_per_image, groups) + dir_loss
-            extra["direction_loss"] = dir_loss.item()
         else:
             images, captions, groups = caption_batch(step, batch_size, twins)
-            outputs = model(**tokens(captions), pixel_values=to_pixel_values(images).to(device), return_loss=True)
-            logits_per_image = outputs.logits_per_image
-            loss = outputs.loss + (twin_loss(logits_per_image, groups) if twins else 0)
+        # CLIP's own loss on (image, caption); with edits the images are the edited ones
+        outputs = model(**tokens(captions), pixel_values=to_pixel_values(images).to(device), return_loss=True)
+        loss = outputs.loss + (twin_loss(outputs.logits_per_image, groups) if twins or edits else 0)
+        extra = {}
+        if edits:
+            dir_loss = direction_loss(image_features(sources), outputs.image_embeds, text_features(instructions), groups)
+            loss = loss + dir_loss
+            extra["direction_loss"] = dir_loss.item()
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
         with torch.no_grad():
-            acc = (logits_per_image.argmax(-1) == torch.arange(len(captions), device=device)).float().mean()
+            acc = (outputs.logits_per_image.argmax(-1) == torch.arange(len(captions), device=device)).float().mean()
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc.item():.2f}")
         if (step + 1) % 50 == 0:
             log.log(step + 1, loss=loss.item(), retrieval_acc=acc.item(), **extra)

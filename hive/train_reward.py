@@ -505,7 +505,8 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
     assert not leak, f"requests in both train and test: {sorted(leak)[:5]}"
     backbone = config.backbone or str(TOY_EDIT_CLIP)
     if backbone == str(TOY_EDIT_CLIP) and not TOY_EDIT_CLIP.exists():
-        raise FileNotFoundError(f"the toy CLIP ({TOY_EDIT_CLIP}) is not built yet: pass --backbone CLIP_FOLDER_OR_HUB_ID")
+        raise FileNotFoundError(f"the reward backbone ({TOY_EDIT_CLIP}) is not built yet (`train clip --edits`): "
+                                "pass --backbone CLIP_FOLDER_OR_HUB_ID")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     model = RewardModel.from_backbone(backbone, **head_settings(config))
