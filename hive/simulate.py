@@ -169,10 +169,15 @@ def simulate(editor, requests: int, variants: int = 4, annotators: int = 1, per_
              noise: float | None = None, target: float = DEFAULT_TARGET_AGREEMENT,
              tie_margin: float = DEFAULT_TIE_MARGIN, seed: int = SIM_SEED_BASE, steps: int | None = None,
              guidance: float | None = None, image_guidance: float | None = None, batch: int = 8, url: str | None = None,
-             progress: bool = True) -> SimulationReport:
+             progress: bool = True, variant_image_guidance: Sequence[float] | None = None) -> SimulationReport:
     """Make `requests` toy edit requests, sample `variants` per request with `editor` (None:
     editor-free stand-ins, see `stand_in_variants`), rank each
     by `per_request` of `annotators` simulated annotators, and write it all to the database.
+
+    `variant_image_guidance` (one value per variant) samples variant v of every request at its own
+    image guidance instead of one setting for all: variants that keep more or less of the source,
+    as a demo whose visitors move the slider would collect, rather than four seeds of one setting
+    that mostly differ by a few pixels (docs/reward.md, session 8).
 
     With `noise=None` the noise is calibrated on the sampled variants' own qualities to `target`.
     Sampling happens first and every row is written in one transaction at the end: a failure
@@ -187,6 +192,9 @@ def simulate(editor, requests: int, variants: int = 4, annotators: int = 1, per_
         raise ValueError("need requests >= 1, 2 <= variants <= 8, annotators >= 1 and 1 <= per-request <= annotators")
     if noise is not None and noise < 0:
         raise ValueError("noise must be >= 0")
+    if variant_image_guidance is not None and (len(variant_image_guidance) != variants
+                                               or min(variant_image_guidance) < 1.0):
+        raise ValueError(f"variant image guidance needs {variants} values (one per variant), each >= 1")
     started = time.time()
     examples = [toy.sample_example(seed + k) for k in range(requests)]
     outputs: list[list[Image.Image]] = []
@@ -194,12 +202,20 @@ def simulate(editor, requests: int, variants: int = 4, annotators: int = 1, per_
         outputs = [stand_in_variants(e, variants, seed + k) for k, e in enumerate(examples)]
     else:  # settings left None: the editor's defaults
         steps, guidance, image_guidance = editor.settings(steps, guidance, image_guidance)
+    per_variant = list(variant_image_guidance) if variant_image_guidance is not None else [image_guidance] * variants
     for i in tqdm(range(0, requests if editor is not None else 0, batch), desc="sample variants",
                   disable=not progress):
         chunk = examples[i:i + batch]
-        outputs += editor.sample([e.input_image for e in chunk], [editor.prompt_for(e.edit.instruction) for e in chunk],
-                                 [[(seed + i + j) * 16 + v for v in range(variants)] for j in range(len(chunk))],
-                                 steps, guidance, image_guidance)
+        sources = [e.input_image for e in chunk]
+        prompts = [editor.prompt_for(e.edit.instruction) for e in chunk]
+        if variant_image_guidance is None:  # one call: every variant at the same settings
+            outputs += editor.sample(sources, prompts,
+                                     [[(seed + i + j) * 16 + v for v in range(variants)] for j in range(len(chunk))],
+                                     steps, guidance, image_guidance)
+            continue
+        by_variant = [editor.sample(sources, prompts, [[(seed + i + j) * 16 + v] for j in range(len(chunk))],
+                                    steps, guidance, per_variant[v]) for v in range(variants)]
+        outputs += [[by_variant[v][j][0] for v in range(variants)] for j in range(len(chunk))]
     qualities = [np.array([quality(toy.judge(e.input_image, e.clean_image, o)) for o in outs])
                  for e, outs in zip(examples, outputs)]
     calibrated = noise is None
@@ -219,7 +235,8 @@ def simulate(editor, requests: int, variants: int = 4, annotators: int = 1, per_
             n_all += m * (m - 1) // 2
             ties += sum(ranks[a] == ranks[b] for a in range(m) for b in range(a + 1, m))
 
-    params = {"steps": steps, "guidance": guidance, "image_guidance": image_guidance,
+    params = {"steps": steps, "guidance": guidance,
+              "image_guidance": image_guidance if variant_image_guidance is None else per_variant,
               "model": editor.model if editor is not None else "stand-in"}
     store = ImageStore()
     request_ids = []
@@ -238,7 +255,8 @@ def simulate(editor, requests: int, variants: int = 4, annotators: int = 1, per_
                  "noise": noise, "tie_margin": tie_margin}, consent=True)
             imgs = [get_or_create_image(s, store, _png(o)) for o in outs]
             vs = fb.add_variants(s, req.id, [(img.id, (int(e.id.split("-")[1])) * 16 + v,
-                                              {**params, "sim_quality": float(q[v])}) for v, img in enumerate(imgs)])
+                                              {**params, "image_guidance": per_variant[v], "sim_quality": float(q[v])})
+                                             for v, img in enumerate(imgs)])
             for a, ranks in plan:
                 fb.submit_ranking(s, req.id, users[a].id, {v.id: r for v, r in zip(vs, ranks)})
             request_ids.append(req.id)

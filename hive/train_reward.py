@@ -774,7 +774,8 @@ def editor_fingerprint(model: str | None) -> str:
 
 
 def prepare_simulation(sim_dir: Path, model: str | None, stand_in: bool, total: int, variants: int, annotators: int,
-                       steps: int, batch: int, resample: bool = False, progress: bool = True) -> dict:
+                       steps: int, batch: int, resample: bool = False, progress: bool = True,
+                       variant_image_guidance: list[float] | None = None) -> dict:
     """Sample and rank the experiment's requests into the store `sim_dir` once; reuse it after.
 
     Sampling 1,600 variants with the editor takes long on a CPU; every reward experiment after
@@ -788,7 +789,8 @@ def prepare_simulation(sim_dir: Path, model: str | None, stand_in: bool, total: 
     want = {"requests": total, "variants": variants, "annotators": annotators,
             "steps": None if stand_in else steps,
             "editor": "stand-in" if stand_in else editor_fingerprint(model),
-            "model": "stand-in" if stand_in else str(model or "default")}
+            "model": "stand-in" if stand_in else str(model or "default"),
+            "variant_image_guidance": None if stand_in or not variant_image_guidance else list(variant_image_guidance)}
     meta_path = sim_dir / "simulation.json"
     if meta_path.exists() and not resample:
         import json
@@ -815,7 +817,7 @@ def prepare_simulation(sim_dir: Path, model: str | None, stand_in: bool, total: 
 
             editor = Editor(model)
         sim = simulate(editor, total, variants, annotators=annotators, url=url, steps=steps, batch=batch,
-                       progress=progress)
+                       progress=progress, variant_image_guidance=None if stand_in else variant_image_guidance)
     finally:
         dispose_engine(url)
         for k, v in old.items():
@@ -850,7 +852,8 @@ def run_experiment(out: Path, model: str | None = None, stand_in: bool = False, 
                    test_requests: int = 100, variants: int = 4, annotators: int = 5, curve: list[int] | None = None,
                    config: RewardTrainConfig | None = None, steps: int = 20, batch: int = 8,
                    sim_dir: Path | None = None, resample: bool = False, repeats: int = 1,
-                   noise_free_bound: bool = False, progress: bool = True) -> dict:
+                   noise_free_bound: bool = False, progress: bool = True,
+                   variant_image_guidance: list[float] | None = None) -> dict:
     """The must-show experiment in one call: simulate `requests + test_requests` toy requests
     (variants sampled by the editor `model`, ranked at the calibrated noise) into the store
     `sim_dir` (default `out/home`; reused when it already holds this simulation), hold out the
@@ -873,7 +876,7 @@ def run_experiment(out: Path, model: str | None = None, stand_in: bool = False, 
             return _experiment(out, rankings, meta, requests, test_requests, variants, curve, config, progress,
                                repeats, noise_free_bound)
     meta = prepare_simulation(sim_dir, model, stand_in, requests + test_requests, variants, annotators, steps, batch,
-                              resample, progress)
+                              resample, progress, variant_image_guidance)
     url = f"sqlite:///{sim_dir / 'hive.db'}"
     try:
         rankings = rankings_from_db(url, sim_dir)

@@ -12,6 +12,7 @@ from db.engine import session_scope
 from db.models import ModelVersion, User, Variant
 from db.queries import pairwise_preferences
 from hive.simulate import (
+    SIM_SEED_BASE,
     calibrate_noise,
     expected_agreement,
     noisy_ranks,
@@ -73,6 +74,30 @@ def test_simulate_writes_simulated_rankings(tiny_editor, hive: HiveEnv):
     before = hive.counts()
     with pytest.raises(ValueError):
         simulate(tiny_editor, 2, variants=1, url=hive.url, progress=False)  # bad input writes nothing
+    assert hive.counts() == before
+
+
+def test_simulate_samples_each_variant_at_its_own_image_guidance(tiny_editor, hive: HiveEnv, monkeypatch):
+    calls = []
+    sample = tiny_editor.sample
+
+    def recording(sources, prompts, seeds, steps=None, guidance=None, image_guidance=None):
+        calls.append((image_guidance, seeds))
+        return sample(sources, prompts, seeds, steps, guidance, image_guidance)
+
+    monkeypatch.setattr(tiny_editor, "sample", recording)
+    simulate(tiny_editor, 2, variants=3, steps=2, batch=2, noise=0.1, url=hive.url, progress=False,
+             variant_image_guidance=[1.0, 1.5, 3.0])
+    assert [g for g, _ in calls] == [1.0, 1.5, 3.0]  # one call per variant position, at its own setting
+    assert calls[1][1] == [[SIM_SEED_BASE * 16 + 1], [(SIM_SEED_BASE + 1) * 16 + 1]]  # the seeds of one setting's run
+    with session_scope(hive.url, write=False) as s:
+        variants = s.query(Variant).order_by(Variant.request_id, Variant.position).all()
+        assert [v.params["image_guidance"] for v in variants] == [1.0, 1.5, 3.0] * 2
+        assert [v.seed for v in variants[:3]] == [SIM_SEED_BASE * 16 + v for v in range(3)]
+    before = hive.counts()
+    for bad in ([1.0, 2.0], [0.5, 1.0, 2.0]):  # not one per variant; below 1
+        with pytest.raises(ValueError, match="one per variant"):
+            simulate(tiny_editor, 2, variants=3, url=hive.url, progress=False, variant_image_guidance=bad)
     assert hive.counts() == before
 
 
