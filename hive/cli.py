@@ -332,7 +332,8 @@ def _reward_config(args: argparse.Namespace):
     # options left unset take RewardTrainConfig's defaults (the measured best, see docs/reward.md)
     names = ("backbone", "loss", "steps", "batch_size", "lr", "head_lr", "freeze_layers", "hidden", "head_type",
              "patch_layers", "text_token_layer", "ensemble", "val_fraction", "patience", "eval_every", "dropout",
-             "test_fraction", "seed", "checkpoint_every", "mixed_precision", "residual", "direction_prior")
+             "test_fraction", "seed", "checkpoint_every", "mixed_precision", "residual", "direction_prior",
+             "one_se_rule")
     values = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if isinstance(values.get("patch_layers"), str):
         values["patch_layers"] = [int(x) for x in values["patch_layers"].split(",")]
@@ -639,6 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "with this starting weight (default 1; 0: none)")
         p.add_argument("--val-fraction", type=float, help="train requests held out for early stopping (0: none)")
         p.add_argument("--patience", type=int, help="validations without improvement before stopping")
+        p.add_argument("--one-se-rule", action=argparse.BooleanOptionalAction, default=None,
+                       help="heads: keep the earliest validated state within one standard error of the best "
+                            "validation loss (default on; --no-one-se-rule: the best)")
         p.add_argument("--eval-every", type=int, help="steps between validations (0: one epoch)")
         p.add_argument("--test-fraction", type=float, help="held-out requests")
         p.add_argument("--checkpoint-every", type=int)

@@ -294,6 +294,7 @@ class RewardTrainConfig:
     val_fraction: float = 0.2  # train requests held out for early stopping (0: none, train all steps)
     eval_every: int = 20  # steps between validations (0: one pass over the fitted rankings)
     patience: int = 10  # validations without improvement before stopping
+    one_se_rule: bool = True  # heads: restore the earliest state within one standard error of the best (EarlyStopping)
     test_fraction: float = 0.2
     seed: int = 0
     checkpoint_every: int = 200
@@ -466,15 +467,20 @@ class FeatureCache:
         return {k: v[src] for k, v in self.images.items()}, edit_feats, {k: v[txt] for k, v in self.texts.items()}
 
 
-def _batch_loss(scores: torch.Tensor, batch: list[Ranking], loss: str) -> torch.Tensor:
-    """Mean ranking loss; `scores` is (edits,) or (members, edits), summed over members."""
+def _ranking_losses(scores: torch.Tensor, batch: list[Ranking], loss: str) -> list[torch.Tensor]:
+    """The loss of each ranking of `batch`; `scores` is (edits,) or (members, edits), summed over members."""
     each = scores if scores.dim() == 2 else scores.unsqueeze(0)
-    total, k = 0, 0
+    out, k = [], 0
     for r in batch:
         n = len(r.variant_paths)
-        total = total + sum(ranking_loss(row[k:k + n], r, loss) for row in each)
+        out.append(sum(ranking_loss(row[k:k + n], r, loss) for row in each))
         k += n
-    return total / len(batch)
+    return out
+
+
+def _batch_loss(scores: torch.Tensor, batch: list[Ranking], loss: str) -> torch.Tensor:
+    """Mean ranking loss of a batch (see `_ranking_losses`)."""
+    return sum(_ranking_losses(scores, batch, loss)) / len(batch)
 
 
 def _penalty(head: torch.nn.Module) -> torch.Tensor | float:
@@ -512,9 +518,9 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
     model = RewardModel.from_backbone(backbone, **head_settings(config))
     cache = ImageCache()
     if any(p.requires_grad for p in model.clip.parameters()):
-        model, loss_value, stopped = _train_end_to_end(model, train, out, config, cache, progress)
+        model, loss_value, stopped, selected = _train_end_to_end(model, train, out, config, cache, progress)
     else:
-        model, loss_value, stopped = _train_heads(model, train, out, config, cache, progress)
+        model, loss_value, stopped, selected = _train_heads(model, train, out, config, cache, progress)
     train_scores = score_rankings(model, train, cache)
     test_scores = score_rankings(model, test, cache)
     flat = np.concatenate(train_scores)
@@ -522,6 +528,7 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
     model.config.score_std = float(flat.std()) or 1.0
     report = _report(model, train, test, train_scores, test_scores, cache, config, backbone, loss_value)
     report["stopped_at_steps"] = stopped
+    report["selected_steps"] = selected  # the step of each member's restored state (0: untrained)
     model.config.extra = {"metrics": report}
     from accelerate import PartialState
 
@@ -531,38 +538,62 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
     return report
 
 
-def _validation_loss(model: RewardModel, val: list[Ranking], scores_of, loss: str) -> float:
-    """Mean ranking loss on validation rankings against their annotators' labels (never the truth)."""
+def _validation_losses(val: list[Ranking], scores_of, loss: str) -> np.ndarray:
+    """The ranking loss of each validation ranking against its annotator's labels (never the truth)."""
+    out: list[float] = []
     with torch.no_grad():
-        total = 0.0
         for i in range(0, len(val), 64):
             chunk = val[i:i + 64]
-            total += float(_batch_loss(scores_of(chunk), chunk, loss)) * len(chunk)
-    return total / len(val)
+            out += [float(x) for x in _ranking_losses(scores_of(chunk), chunk, loss)]
+    return np.array(out)
 
 
 class EarlyStopping:
-    """Keeps the weights of the best validation loss so far and says when `patience`
-    validations in a row have not improved on it."""
+    """Says when `patience` validations in a row have not improved on the best validation loss,
+    and restores a validated state.
 
-    def __init__(self, patience: int):
-        self.patience, self.best, self.bad, self.state = patience, math.inf, 0, None
+    `one_se=False`: the state of the best loss. `one_se=True` (the one-standard-error rule): the
+    earliest validated state whose loss is within one standard error of the best (paired over the
+    validation rankings). With a few hundred noisy rankings the best loss is often a lucky draw
+    of noise on the validation fold; the earliest candidate is the untrained head (e.g. the
+    direction prior), so the rankings move the model only where they clearly help. Keeps every
+    validated state: meant for heads, not a whole backbone."""
 
-    def should_stop(self, val_loss: float, module: torch.nn.Module) -> bool:
-        if val_loss < self.best - 1e-4:
-            self.best, self.bad = val_loss, 0
-            self.state = {k: t.detach().clone() for k, t in module.state_dict().items()}
+    def __init__(self, patience: int, one_se: bool = False):
+        self.patience, self.one_se = patience, one_se
+        self.best, self.bad, self.state = math.inf, 0, None
+        self.best_losses: np.ndarray | None = None
+        self.history: list[tuple[int, np.ndarray, dict]] = []
+        self.chosen_step: int | None = None  # the training step of the restored state
+
+    def should_stop(self, val_losses: np.ndarray, module: torch.nn.Module, step: int) -> bool:
+        mean = float(np.mean(val_losses))
+        snapshot = None
+        if self.one_se or mean < self.best - 1e-4:
+            snapshot = {k: t.detach().clone() for k, t in module.state_dict().items()}
+        if self.one_se:
+            self.history.append((step, val_losses, snapshot))
+        if mean < self.best - 1e-4:
+            self.best, self.bad, self.best_losses = mean, 0, val_losses
+            self.state, self.chosen_step = snapshot, step
             return False
         self.bad += 1
         return self.bad >= self.patience
 
     def restore_best(self, module: torch.nn.Module) -> None:
+        if self.one_se and self.best_losses is not None:
+            for step, losses, state in self.history:
+                d = losses - self.best_losses
+                se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+                if float(d.mean()) <= se:
+                    self.state, self.chosen_step = state, step
+                    break
         if self.state is not None:
             module.load_state_dict(self.state)
 
 
 def _train_heads(model: RewardModel, train: list[Ranking], out: Path, config: RewardTrainConfig,
-                 cache: ImageCache, progress: bool) -> tuple[RewardModel, float, list[int]]:
+                 cache: ImageCache, progress: bool) -> tuple[RewardModel, float, list[int], list[int | None]]:
     """Frozen backbone: train each ensemble member on cached features, keeping its best state on
     its validation fold (early stopping). Fast enough that a rerun starts over."""
     from tqdm.auto import tqdm
@@ -574,14 +605,14 @@ def _train_heads(model: RewardModel, train: list[Ranking], out: Path, config: Re
     model.to(device)
     feats = FeatureCache(model, train, cache, device, progress=progress)
     log = LossLog(out, accelerator.is_main_process)
-    loss_value, stopped = float("nan"), []
+    loss_value, stopped, selected = float("nan"), [], []
     for m, head in enumerate(model.head):
         fit, val = member_split(train, m, config)
         torch.manual_seed(config.seed * 1000 + m)
         rng = np.random.default_rng([config.seed, m])
         opt = torch.optim.AdamW(head.parameters(), lr=config.head_lr, weight_decay=config.weight_decay)
         every = config.eval_every or max(1, math.ceil(len(fit) / config.batch_size))
-        stopper, order = EarlyStopping(config.patience), []
+        stopper, order = EarlyStopping(config.patience, one_se=config.one_se_rule), []
 
         def scores_of(batch: list[Ranking]) -> torch.Tensor:
             return head(*feats.batch(batch))
@@ -591,7 +622,7 @@ def _train_heads(model: RewardModel, train: list[Ranking], out: Path, config: Re
         last = config.steps
         if val:  # the untrained head is a candidate too: training must beat it (e.g. the direction prior)
             head.eval()
-            stopper.should_stop(_validation_loss(model, val, scores_of, config.loss), head)
+            stopper.should_stop(_validation_losses(val, scores_of, config.loss), head, 0)
         for step in bar:
             head.train()
             idx, order = _next_batch(order, len(fit), config.batch_size, rng)
@@ -605,20 +636,22 @@ def _train_heads(model: RewardModel, train: list[Ranking], out: Path, config: Re
                 log.log(step + 1, loss=loss_value, member=m)
             if val and (step + 1) % every == 0:
                 head.eval()
-                v = _validation_loss(model, val, scores_of, config.loss)
+                losses = _validation_losses(val, scores_of, config.loss)
+                v = float(losses.mean())
                 log.log(step + 1, val_loss=v, member=m)
                 bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{v:.3f}")
-                if stopper.should_stop(v, head):
+                if stopper.should_stop(losses, head, step + 1):
                     last = step + 1
                     break
         stopper.restore_best(head)
         stopped.append(last)
+        selected.append(stopper.chosen_step)
     model.eval()
-    return model, loss_value, stopped
+    return model, loss_value, stopped, selected
 
 
 def _train_end_to_end(model: RewardModel, train: list[Ranking], out: Path, config: RewardTrainConfig,
-                      cache: ImageCache, progress: bool) -> tuple[RewardModel, float, list[int]]:
+                      cache: ImageCache, progress: bool) -> tuple[RewardModel, float, list[int], list[int | None]]:
     """Upper tower layers and heads together, under accelerate, with checkpoints and resume; the
     ensemble's members share the towers and each has its own loss; early stopping (when
     `val_fraction` > 0) on member 0's validation fold, keeping the best weights."""
@@ -664,9 +697,9 @@ def _train_end_to_end(model: RewardModel, train: list[Ranking], out: Path, confi
             log.log(step + 1, loss=loss_value)
         if val and (step + 1) % every == 0:
             model.eval()
-            v = _validation_loss(raw, val, scores_of, config.loss)
-            log.log(step + 1, val_loss=v)
-            if stopper.should_stop(v, raw):
+            losses = _validation_losses(val, scores_of, config.loss)
+            log.log(step + 1, val_loss=float(losses.mean()))
+            if stopper.should_stop(losses, raw, step + 1):
                 last = step + 1
                 break
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
@@ -674,7 +707,7 @@ def _train_end_to_end(model: RewardModel, train: list[Ranking], out: Path, confi
     model = accelerator.unwrap_model(model)
     stopper.restore_best(model)
     model.eval()
-    return model, loss_value, [last]
+    return model, loss_value, [last], [stopper.chosen_step]
 
 
 def _next_batch(order: list[int], n: int, batch_size: int, rng: np.random.Generator) -> tuple[list[int], list[int]]:
@@ -922,7 +955,7 @@ def _experiment(out: Path, rankings: list[Ranking], meta: dict, requests: int, t
             rep = train_reward(rankings, run, cfg, split=(sub, test), progress=progress)
             runs.append({"seed": cfg.seed, **{key: rep[key] for key in CURVE_KEYS},
                          "train_rankings": rep["train_rankings"], "test_true_pairs": rep["test_true_pairs"],
-                         "stopped_at_steps": rep["stopped_at_steps"]})
+                         "stopped_at_steps": rep["stopped_at_steps"], "selected_steps": rep["selected_steps"]})
         point = {"requests": n, "repeats": repeats}
         for key in CURVE_KEYS:
             vals = [r[key] for r in runs if r[key] is not None]

@@ -278,3 +278,31 @@ def test_early_stopping_keeps_the_untrained_head_when_training_only_hurts(tiny_c
     cos = clip_directional(CLIPModel.from_pretrained(tiny_clip), CLIPTokenizer.from_pretrained(tiny_clip),
                            src, variants, [r.instruction] * 3)
     np.testing.assert_allclose(raw, cos, rtol=1e-3, atol=1e-5)
+
+
+def test_one_standard_error_rule_keeps_the_earliest_state_the_best_does_not_clearly_beat():
+    from hive.train_reward import EarlyStopping
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.5, 0.9, size=60)  # per-ranking validation losses of the untrained head
+    noise = rng.normal(0, 0.05, size=60)
+
+    def run(later_losses: list[np.ndarray], one_se: bool) -> tuple[float, int | None]:
+        module = torch.nn.Linear(1, 1, bias=False)
+        stopper = EarlyStopping(patience=5, one_se=one_se)
+        for k, losses in enumerate([base, *later_losses]):
+            module.weight.data.fill_(float(k))  # state k is told apart by its weight
+            stopper.should_stop(losses, module, step=20 * k)
+        stopper.restore_best(module)
+        return float(module.weight), stopper.chosen_step
+
+    # slightly lower on average than the untrained head, within noise: the rule keeps step 0
+    marginal = [base + noise - 0.004, base + noise - 0.006]
+    assert run(marginal, one_se=True) == (0.0, 0)
+    assert run(marginal, one_se=False) == (2.0, 40)  # the plain minimum takes the lucky draw
+    # clearly better (by many standard errors) from step 20 on: step 20, within 1 SE of the best (step 40)
+    wobble = rng.normal(0, 0.005, size=60)
+    step20 = base - 0.1 + noise / 10
+    clear = [step20, step20 - 0.0005 + wobble - wobble.mean()]  # step 40: 0.0005 lower, SE ~0.0007
+    assert run(clear, one_se=True) == (1.0, 20)
+    assert run(clear, one_se=False) == (2.0, 40)
