@@ -592,6 +592,27 @@ class EarlyStopping:
             module.load_state_dict(self.state)
 
 
+def _calibrate_norms(head: torch.nn.Module, fit: list[Ranking], scores_of) -> None:
+    """Set a head's BatchNorm running statistics to those of its training rankings before step 0.
+
+    Without it an untrained head standardises with the initial statistics (mean 0, variance 1),
+    so the direction prior it starts as scores on a scale ~10x smaller than a trained member's,
+    and in the ensemble's mean one trained member outweighs four that kept the prior."""
+    norms = [m for m in head.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    head.train()
+    with torch.no_grad():
+        for i in range(0, len(fit), 64):
+            scores_of(fit[i:i + 64])
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+
+
 def _train_heads(model: RewardModel, train: list[Ranking], out: Path, config: RewardTrainConfig,
                  cache: ImageCache, progress: bool) -> tuple[RewardModel, float, list[int], list[int | None]]:
     """Frozen backbone: train each ensemble member on cached features, keeping its best state on
@@ -620,6 +641,7 @@ def _train_heads(model: RewardModel, train: list[Ranking], out: Path, config: Re
         bar = tqdm(range(config.steps), desc=f"train reward head {m + 1}/{len(model.head)}",
                    disable=not (progress and accelerator.is_local_main_process))
         last = config.steps
+        _calibrate_norms(head, fit, scores_of)
         if val:  # the untrained head is a candidate too: training must beat it (e.g. the direction prior)
             head.eval()
             stopper.should_stop(_validation_losses(val, scores_of, config.loss), head, 0)
