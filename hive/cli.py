@@ -285,9 +285,12 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- reward model (hive.reward, hive.simulate, ...)
-def _floats(text: str | None) -> list[float] | None:
-    """"1.2,1.6,2" -> [1.2, 1.6, 2.0]; None stays None."""
-    return [float(x) for x in text.split(",")] if text else None
+def _floats(text: str) -> list[float]:
+    """argparse type: "1.2,1.6,2" -> [1.2, 1.6, 2.0]."""
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -308,7 +311,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         rep = simulate(editor, args.requests, args.variants, annotators=args.annotators, per_request=args.per_request,
                        noise=args.noise, target=args.target_agreement, seed=args.seed, steps=args.steps,
                        guidance=args.guidance, image_guidance=args.image_guidance, batch=args.batch,
-                       variant_image_guidance=_floats(args.variant_image_guidance))
+                       variant_image_guidance=args.variant_image_guidance)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -402,7 +405,7 @@ def cmd_reward_experiment(args: argparse.Namespace) -> int:
                                 curve=curve, config=_reward_config(args), steps=args.sample_steps, batch=args.batch,
                                 sim_dir=Path(args.sim) if args.sim else None, resample=args.resample,
                                 repeats=args.repeats, noise_free_bound=args.noise_free_bound,
-                                variant_image_guidance=_floats(args.variant_image_guidance))
+                                variant_image_guidance=args.variant_image_guidance)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -608,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibrate the noise on stand-in variants (clean, corrupted, unchanged), no editor, no writes")
     p.add_argument("--json", action="store_true")
     sampling_args(p)
-    p.add_argument("--variant-image-guidance", metavar="G1,G2,...", help=VARIANT_IMAGE_GUIDANCE_HELP)
+    p.add_argument("--variant-image-guidance", metavar="G1,G2,...", type=_floats, help=VARIANT_IMAGE_GUIDANCE_HELP)
     p.set_defaults(func=cmd_simulate)
 
     def reward_train_args(p: argparse.ArgumentParser) -> None:
@@ -688,7 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resample", action="store_true", help="sample the simulation again (e.g. the editor changed)")
     p.add_argument("--repeats", type=int, default=3,
                    help="reward models per curve size (other training subsets and seeds); the report gives the mean")
-    p.add_argument("--variant-image-guidance", metavar="G1,G2,...", help=VARIANT_IMAGE_GUIDANCE_HELP)
+    p.add_argument("--variant-image-guidance", metavar="G1,G2,...", type=_floats, help=VARIANT_IMAGE_GUIDANCE_HELP)
     p.add_argument("--noise-free-bound", action="store_true",
                    help="also train on the noise-free order of the largest subset: what the model's features "
                         "can learn at best from that many requests")

@@ -208,14 +208,15 @@ def simulate(editor, requests: int, variants: int = 4, annotators: int = 1, per_
         chunk = examples[i:i + batch]
         sources = [e.input_image for e in chunk]
         prompts = [editor.prompt_for(e.edit.instruction) for e in chunk]
-        if variant_image_guidance is None:  # one call: every variant at the same settings
-            outputs += editor.sample(sources, prompts,
-                                     [[(seed + i + j) * 16 + v for v in range(variants)] for j in range(len(chunk))],
-                                     steps, guidance, image_guidance)
-            continue
-        by_variant = [editor.sample(sources, prompts, [[(seed + i + j) * 16 + v] for j in range(len(chunk))],
-                                    steps, guidance, per_variant[v]) for v in range(variants)]
-        outputs += [[by_variant[v][j][0] for v in range(variants)] for j in range(len(chunk))]
+        outs: list[list] = [[None] * variants for _ in chunk]
+        for g in dict.fromkeys(per_variant):  # one pipeline call per distinct setting (one call by default)
+            vs = [v for v in range(variants) if per_variant[v] == g]
+            images = editor.sample(sources, prompts, [[(seed + i + j) * 16 + v for v in vs] for j in range(len(chunk))],
+                                   steps, guidance, g)
+            for row, imgs in zip(outs, images):
+                for v, img in zip(vs, imgs):
+                    row[v] = img
+        outputs += outs
     qualities = [np.array([quality(toy.judge(e.input_image, e.clean_image, o)) for o in outs])
                  for e, outs in zip(examples, outputs)]
     calibrated = noise is None

@@ -211,7 +211,10 @@ def train_clip(out: Path, tokenizer_dir: Path, steps: int = 2000, batch_size: in
         loss = outputs.loss + (twin_loss(outputs.logits_per_image, groups) if twins or edits else 0)
         extra = {}
         if edits:
-            dir_loss = direction_loss(image_features(sources), outputs.image_embeds, text_features(instructions), groups)
+            # a group's edits share one source render: encode it once per group
+            firsts = [groups.index(g) for g in range(groups[-1] + 1)]
+            source_features = image_features([sources[k] for k in firsts])[torch.tensor(groups, device=device)]
+            dir_loss = direction_loss(source_features, outputs.image_embeds, text_features(instructions), groups)
             loss = loss + dir_loss
             extra["direction_loss"] = dir_loss.item()
         accelerator.backward(loss)

@@ -842,11 +842,12 @@ def prepare_simulation(sim_dir: Path, model: str | None, stand_in: bool, total: 
     from db.engine import dispose_engine
     from hive.simulate import simulate
 
+    variant_image_guidance = None if stand_in or not variant_image_guidance else list(variant_image_guidance)
     want = {"requests": total, "variants": variants, "annotators": annotators,
             "steps": None if stand_in else steps,
             "editor": "stand-in" if stand_in else editor_fingerprint(model),
             "model": "stand-in" if stand_in else str(model or "default"),
-            "variant_image_guidance": None if stand_in or not variant_image_guidance else list(variant_image_guidance)}
+            "variant_image_guidance": variant_image_guidance}
     meta_path = sim_dir / "simulation.json"
     if meta_path.exists() and not resample:
         import json
@@ -873,7 +874,7 @@ def prepare_simulation(sim_dir: Path, model: str | None, stand_in: bool, total: 
 
             editor = Editor(model)
         sim = simulate(editor, total, variants, annotators=annotators, url=url, steps=steps, batch=batch,
-                       progress=progress, variant_image_guidance=None if stand_in else variant_image_guidance)
+                       progress=progress, variant_image_guidance=variant_image_guidance)
     finally:
         dispose_engine(url)
         for k, v in old.items():
