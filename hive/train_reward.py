@@ -57,6 +57,7 @@ class Ranking:
     captions: tuple[str, str] | None = None  # (source caption, target caption) when known
     all_bad: bool = False  # the annotator also marked every variant as bad
     toy_seed: int | None = None  # simulated toy requests: the scene's seed (the experiment's order)
+    from_dataset: bool = False  # implied by the edit dataset, not ranked by anyone (hive.dataset_rankings)
 
     def pairs(self) -> list[tuple[int, int, float]]:
         """(i, j, label) with label = P(i beats j): 1, or 0.5 for a tie; unranked pairs are skipped."""
@@ -274,7 +275,7 @@ def single_annotator_accuracy(rankings: list[Ranking]) -> dict[str, float | int 
 class RewardTrainConfig:
     backbone: str | None = None  # CLIP folder or hub id (default: models/toy-clip-edits)
     loss: str = "bt"  # "bt" (Bradley-Terry over all pairs) or "pl" (Plackett-Luce)
-    steps: int = 3000  # at most, per ensemble member; early stopping usually ends sooner
+    steps: int = 800  # per ensemble member (at most, with val_fraction > 0: early stopping may end sooner)
     batch_size: int = 16  # rankings per step
     lr: float = 1e-4
     head_lr: float = 1e-2
@@ -290,8 +291,13 @@ class RewardTrainConfig:
     gate_l2: float = 0.3
     residual_l2: float = 1e-3
     direction_prior: float = 1.0  # change head: starting weight of the CLIP-direction term (0: none)
+    # rankings implied by the edit dataset (hive.dataset_rankings), added to every member's fitted
+    # rankings; None: 1000 with a toy backbone, 0 otherwise
+    dataset_rankings: int | None = None
     ensemble: int = 5  # heads averaged; with val_fraction > 0 each holds out its own fold of train requests
-    val_fraction: float = 0.2  # train requests held out for early stopping (0: none, train all steps)
+    # train requests held out for early stopping (0: none, train all `steps`). With dataset rankings,
+    # folds of ~50 noisy rankings kept the untrained prior in 3 of 5 members (docs/reward.md)
+    val_fraction: float = 0.0
     eval_every: int = 20  # steps between validations (0: one pass over the fitted rankings)
     patience: int = 10  # validations without improvement before stopping
     one_se_rule: bool = True  # heads: restore the earliest state within one standard error of the best (EarlyStopping)
@@ -495,7 +501,8 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
     (`FeatureCache`), one ensemble member after another, each with early stopping on its own
     validation fold. Otherwise the towers' upper layers train too, under accelerate with
     checkpoints (a rerun resumes from `out/checkpoints`)."""
-    from hive.zoo import TOY_EDIT_CLIP
+    from hive.dataset_rankings import dataset_rankings, resolve_count
+    from hive.zoo import DEFAULT_EDITOR, TOY_CLIP, TOY_EDIT_CLIP
 
     if config.loss not in ("bt", "pl"):
         raise ValueError(f"unknown loss {config.loss!r}: 'bt' (Bradley-Terry) or 'pl' (Plackett-Luce)")
@@ -517,10 +524,12 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
     torch.manual_seed(config.seed)
     model = RewardModel.from_backbone(backbone, **head_settings(config))
     cache = ImageCache()
+    n_dataset = resolve_count(config.dataset_rankings, backbone, (str(TOY_EDIT_CLIP), str(TOY_CLIP)))
+    extra = dataset_rankings(n_dataset, cache, DEFAULT_EDITOR / "vae") if n_dataset else []
     if any(p.requires_grad for p in model.clip.parameters()):
-        model, loss_value, stopped, selected = _train_end_to_end(model, train, out, config, cache, progress)
+        model, loss_value, stopped, selected = _train_end_to_end(model, train, out, config, cache, progress, extra)
     else:
-        model, loss_value, stopped, selected = _train_heads(model, train, out, config, cache, progress)
+        model, loss_value, stopped, selected = _train_heads(model, train, out, config, cache, progress, extra)
     train_scores = score_rankings(model, train, cache)
     test_scores = score_rankings(model, test, cache)
     flat = np.concatenate(train_scores)
@@ -528,6 +537,7 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
     model.config.score_std = float(flat.std()) or 1.0
     report = _report(model, train, test, train_scores, test_scores, cache, config, backbone, loss_value)
     report["stopped_at_steps"] = stopped
+    report["dataset_rankings"] = n_dataset
     report["selected_steps"] = selected  # the step of each member's restored state (0: untrained)
     model.config.extra = {"metrics": report}
     from accelerate import PartialState
@@ -615,9 +625,11 @@ def _calibrate_norms(head: torch.nn.Module, fit: list[Ranking], scores_of) -> No
 
 
 def _train_heads(model: RewardModel, train: list[Ranking], out: Path, config: RewardTrainConfig,
-                 cache: ImageCache, progress: bool) -> tuple[RewardModel, float, list[int], list[int | None]]:
+                 cache: ImageCache, progress: bool, extra: list[Ranking]
+                 ) -> tuple[RewardModel, float, list[int], list[int | None]]:
     """Frozen backbone: train each ensemble member on cached features, keeping its best state on
-    its validation fold (early stopping). Fast enough that a rerun starts over."""
+    its validation fold (early stopping). `extra` (dataset rankings) joins every member's fitted
+    rankings. Fast enough that a rerun starts over."""
     from tqdm.auto import tqdm
 
     from hive.training import LossLog, make_accelerator
@@ -625,11 +637,12 @@ def _train_heads(model: RewardModel, train: list[Ranking], out: Path, config: Re
     accelerator = make_accelerator(config.mixed_precision, config.seed)
     device = accelerator.device
     model.to(device)
-    feats = FeatureCache(model, train, cache, device, progress=progress)
+    feats = FeatureCache(model, train + extra, cache, device, progress=progress)
     log = LossLog(out, accelerator.is_main_process)
     loss_value, stopped, selected = float("nan"), [], []
     for m, head in enumerate(model.head):
         fit, val = member_split(train, m, config)
+        fit = fit + extra
         torch.manual_seed(config.seed * 1000 + m)
         rng = np.random.default_rng([config.seed, m])
         opt = torch.optim.AdamW(head.parameters(), lr=config.head_lr, weight_decay=config.weight_decay)
@@ -674,15 +687,18 @@ def _train_heads(model: RewardModel, train: list[Ranking], out: Path, config: Re
 
 
 def _train_end_to_end(model: RewardModel, train: list[Ranking], out: Path, config: RewardTrainConfig,
-                      cache: ImageCache, progress: bool) -> tuple[RewardModel, float, list[int], list[int | None]]:
+                      cache: ImageCache, progress: bool, extra: list[Ranking]
+                      ) -> tuple[RewardModel, float, list[int], list[int | None]]:
     """Upper tower layers and heads together, under accelerate, with checkpoints and resume; the
     ensemble's members share the towers and each has its own loss; early stopping (when
-    `val_fraction` > 0) on member 0's validation fold, keeping the best weights."""
+    `val_fraction` > 0) on member 0's validation fold, keeping the best weights. `extra` (dataset
+    rankings) joins the fitted rankings."""
     from tqdm.auto import tqdm
 
     from hive.training import LossLog, make_accelerator, resume_latest, save_checkpoint
 
     fit, val = member_split(train, 0, config)
+    fit = fit + extra
     accelerator = make_accelerator(config.mixed_precision, config.seed)
     head = list(model.head.parameters())
     body = [p for p in model.clip.parameters() if p.requires_grad]

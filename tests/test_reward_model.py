@@ -267,7 +267,8 @@ def test_early_stopping_keeps_the_untrained_head_when_training_only_hurts(tiny_c
 
     rankings = _write_rankings(tmp_path, 12, 32)
     cfg = RewardTrainConfig(backbone=str(tiny_clip), steps=40, batch_size=4, hidden=16, ensemble=1,
-                            head_lr=5.0, eval_every=5, patience=3, test_fraction=0.25, direction_prior=1.0,
+                            head_lr=5.0, eval_every=5, patience=3, val_fraction=0.2, test_fraction=0.25,
+                            direction_prior=1.0,
                             checkpoint_every=0)
     train_reward(rankings, tmp_path / "run", cfg, progress=False)
     model = RewardModel.from_pretrained(tmp_path / "run" / "model")
@@ -311,3 +312,64 @@ def test_one_standard_error_rule_keeps_the_earliest_state_the_best_does_not_clea
     clear = [step20, step20 - 0.0005 + wobble - wobble.mean()]  # step 40: 0.0005 lower, SE ~0.0007
     assert run(clear, one_se=True) == (1.0, 20)
     assert run(clear, one_se=False) == (2.0, 40)
+
+
+def test_dataset_rankings_rank_the_dataset_target_above_its_corruptions():
+    from hive.dataset_rankings import KEY_PREFIX, dataset_rankings, resolve_count
+    from hive.train_reward import ImageCache
+    from hive.zoo import DEFAULT_EDITOR
+
+    cache = ImageCache()
+    rankings = dataset_rankings(3, cache, DEFAULT_EDITOR / "vae")
+    assert len({r.request_id for r in rankings}) == 3 and all(r.request_id < 0 for r in rankings)
+    for r in rankings:
+        assert r.from_dataset and r.ranks == [1, 2, 2, 2] and r.pairs() == [(0, 1, 1.0), (0, 2, 1.0), (0, 3, 1.0),
+                                                                             (1, 2, 0.5), (1, 3, 0.5), (2, 3, 0.5)]
+        seed = int(r.source_path[len(KEY_PREFIX):].split(":")[0])
+        ex = toy.sample_example(seed)
+        assert r.instruction == ex.edit.instruction
+        assert np.array_equal(np.asarray(cache(r.source_path)), np.asarray(ex.input_image))
+        target = np.asarray(cache(r.variant_paths[0]), dtype=float)
+        clean = np.asarray(ex.clean_image, dtype=float)
+        # through the editor's VAE: near the dataset's target, not a copy of the crisp render
+        assert 0 < np.abs(target - clean).mean() < 12
+        # every corruption is another image (the same VAE error on both cannot hide the change)
+        for p in r.variant_paths[1:]:
+            assert np.abs(np.asarray(cache(p), dtype=float) - target).mean() > 0.3
+    assert resolve_count(None, "models/toy-clip-edits", ("models/toy-clip-edits",)) == 1000
+    assert resolve_count(None, "openai/clip-vit-large-patch14", ("models/toy-clip-edits",)) == 0
+    assert resolve_count(5, "openai/clip-vit-large-patch14", ("models/toy-clip-edits",)) == 5
+    with pytest.raises(ValueError, match=">= 0"):
+        resolve_count(-1, "x", ())
+
+
+def test_dataset_rankings_are_fitted_but_never_validated_or_tested(tiny_clip, tmp_path, monkeypatch):
+    import hive.train_reward as tr
+
+    rankings = _write_rankings(tmp_path, 12, 32)
+    seen: dict[str, list] = {"val": []}
+    real_split = tr.member_split
+
+    def spy(train, member, config):
+        fit, val = real_split(train, member, config)
+        seen["val"] += val
+        return fit, val
+    monkeypatch.setattr(tr, "member_split", spy)
+    cfg = RewardTrainConfig(backbone=str(tiny_clip), steps=6, batch_size=4, hidden=16, ensemble=2, eval_every=2,
+                            val_fraction=0.5, test_fraction=0.25, checkpoint_every=0, dataset_rankings=4)
+    with_data = train_reward(rankings, tmp_path / "with", cfg, progress=False)
+    without = train_reward(rankings, tmp_path / "without", RewardTrainConfig(**{**cfg.__dict__, "dataset_rankings": 0}),
+                           progress=False)
+    assert with_data["dataset_rankings"] == 4 and without["dataset_rankings"] == 0
+    assert seen["val"] and not any(r.from_dataset for r in seen["val"])
+    # the report counts and scores people's (here simulated) rankings only
+    assert with_data["train_rankings"] == without["train_rankings"] < len(rankings)
+    assert with_data["test_rankings"] == without["test_rankings"]
+    # and the dataset rankings were fitted: the same seed without them trains another head
+    a = RewardModel.from_pretrained(tmp_path / "with" / "model")
+    b = RewardModel.from_pretrained(tmp_path / "without" / "model")
+    r = rankings[0]
+    imgs = [Image.open(p) for p in r.variant_paths]
+    src = [Image.open(r.source_path)] * len(imgs)
+    assert not np.allclose(a.score(src, imgs, [r.instruction] * len(imgs), normalise=False),
+                           b.score(src, imgs, [r.instruction] * len(imgs), normalise=False))

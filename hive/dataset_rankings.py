@@ -1,0 +1,95 @@
+"""Rankings that the editor's training data implies, added to the reward model's training rankings.
+
+A few hundred rankings are too few to teach a reward head what a wrong edit looks like, but
+the edit dataset the editor learned from already shows it: its target for (source,
+instruction) beats that edit done wrongly. One dataset ranking holds the dataset's target
+(rank 1) and three corruptions of it from the toy noise model (`toy.corrupt`: the wrong object,
+part of the change, an extra change, or no change; rank 2, tied). All four variants go through
+the editor's VAE (encode, decode) so that they look like decoded edits rather than crisp
+renders.
+
+Dataset rankings join every ensemble member's fitted rankings, never its validation fold or
+the held-out test, so accuracy is still measured on annotators' rankings only. They use
+neither the judge nor any noise-free quality: only the toy training distribution's targets,
+the same data the editor trains on. Measured on the toy simulations in docs/reward.md.
+
+Toy world only: for real photos the same idea would rank an edit dataset's targets above
+corruptions of them, and that is not built, so `resolve_count` turns this off for any other
+backbone.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hive import toy
+from hive.data import TOY_TRAIN_SEED_BASE
+
+# Inside the toy training distribution, past the seeds the shipped editor's training drew
+# (under 101M), and far from the simulation's (hive.simulate.SIM_SEED_BASE, 500M).
+DATASET_RANKING_SEED_BASE = TOY_TRAIN_SEED_BASE + 50_000_000
+CORRUPTIONS_PER_RANKING = 3
+KEY_PREFIX = "dataset-ranking:"  # the image keys of `ImageCache`: these images live in memory, not on disk
+
+
+def resolve_count(requested: int | None, backbone: str, toy_backbones: tuple[str, ...]) -> int:
+    """How many dataset rankings to use: `requested`, or by default 1000 with a toy backbone and
+    0 otherwise (toy scenes would only mislead a real-photo reward model)."""
+    if requested is not None:
+        if requested < 0:
+            raise ValueError("dataset_rankings must be >= 0")
+        return requested
+    return 1000 if backbone in toy_backbones else 0
+
+
+def _roundtrip(vae, images: list[Image.Image]) -> list[Image.Image]:
+    """Encode and decode through the editor's VAE, as every edit the editor makes is decoded."""
+    x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1 for im in images]))
+    with torch.no_grad():
+        y = vae.decode(vae.encode(x.permute(0, 3, 1, 2)).latent_dist.mode()).sample
+    y = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in y]
+
+
+@functools.lru_cache(maxsize=2)
+def dataset_examples(n: int, vae_dir: str, seed_base: int = DATASET_RANKING_SEED_BASE
+                     ) -> tuple[tuple[int, str, Image.Image, tuple[Image.Image, ...]], ...]:
+    """(seed, instruction, source, (target, corruption, corruption, corruption)) for `n` toy
+    training seeds; kept in memory for the process (an experiment trains several models on them)."""
+    from diffusers import AutoencoderKL
+    from tqdm.auto import tqdm
+
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    out = []
+    for k in tqdm(range(n), desc="dataset rankings", disable=n < 200):
+        seed = seed_base + k
+        ex = toy.sample_example(seed)
+        rng = np.random.default_rng([seed, 11])
+        wrong = [toy.corrupt(ex.edit, rng)[0] for _ in range(CORRUPTIONS_PER_RANKING)]
+        out.append((seed, ex.edit.instruction, ex.input_image, tuple(_roundtrip(vae, [ex.edited_image, *wrong]))))
+    return tuple(out)
+
+
+def dataset_rankings(n: int, cache, vae_dir: str | Path) -> list:
+    """`n` dataset rankings, their images put into `cache` (a `train_reward.ImageCache`) under
+    `KEY_PREFIX` keys. Request ids are negative, apart from every stored request's."""
+    from hive.train_reward import Ranking
+
+    rankings = []
+    for seed, instruction, source, variants in dataset_examples(n, str(vae_dir)):
+        src_key = f"{KEY_PREFIX}{seed}:source"
+        cache.images[src_key] = source
+        keys = []
+        for v, image in enumerate(variants):
+            keys.append(f"{KEY_PREFIX}{seed}:{v}")
+            cache.images[keys[-1]] = image
+        rankings.append(Ranking(ranking_id=-1 - len(rankings), request_id=-1 - len(rankings), annotator_id=-1,
+                                is_simulated=True, instruction=instruction, source_path=src_key,
+                                variant_ids=list(range(len(keys))), variant_paths=keys,
+                                ranks=[1] + [2] * CORRUPTIONS_PER_RANKING, from_dataset=True))
+    return rankings
