@@ -37,14 +37,14 @@ CORRUPTIONS_PER_RANKING = 3
 KEY_PREFIX = "dataset-ranking:"  # the image keys of `ImageCache`: these images live in memory, not on disk
 
 
-def resolve_count(requested: int | None, backbone: str, toy_backbones: tuple[str, ...]) -> int:
+def resolve_count(requested: int | None, toy_backbone: bool) -> int:
     """How many dataset rankings to use: `requested`, or by default 1000 with a toy backbone and
     0 otherwise (toy scenes would only mislead a real-photo reward model)."""
     if requested is not None:
         if requested < 0:
             raise ValueError("dataset_rankings must be >= 0")
         return requested
-    return 1000 if backbone in toy_backbones else 0
+    return 1000 if toy_backbone else 0
 
 
 def _roundtrip(vae, images: list[Image.Image]) -> list[Image.Image]:

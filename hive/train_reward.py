@@ -524,7 +524,8 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
     torch.manual_seed(config.seed)
     model = RewardModel.from_backbone(backbone, **head_settings(config))
     cache = ImageCache()
-    n_dataset = resolve_count(config.dataset_rankings, backbone, (str(TOY_EDIT_CLIP), str(TOY_CLIP)))
+    toy_backbone = Path(backbone).resolve() in (TOY_EDIT_CLIP.resolve(), TOY_CLIP.resolve())
+    n_dataset = resolve_count(config.dataset_rankings, toy_backbone)
     extra = dataset_rankings(n_dataset, cache, DEFAULT_EDITOR / "vae") if n_dataset else []
     if any(p.requires_grad for p in model.clip.parameters()):
         model, loss_value, stopped, selected = _train_end_to_end(model, train, out, config, cache, progress, extra)

@@ -336,11 +336,10 @@ def test_dataset_rankings_rank_the_dataset_target_above_its_corruptions():
         # every corruption is another image (the same VAE error on both cannot hide the change)
         for p in r.variant_paths[1:]:
             assert np.abs(np.asarray(cache(p), dtype=float) - target).mean() > 0.3
-    assert resolve_count(None, "models/toy-clip-edits", ("models/toy-clip-edits",)) == 1000
-    assert resolve_count(None, "openai/clip-vit-large-patch14", ("models/toy-clip-edits",)) == 0
-    assert resolve_count(5, "openai/clip-vit-large-patch14", ("models/toy-clip-edits",)) == 5
+    assert resolve_count(None, toy_backbone=True) == 1000 and resolve_count(None, toy_backbone=False) == 0
+    assert resolve_count(5, toy_backbone=False) == 5
     with pytest.raises(ValueError, match=">= 0"):
-        resolve_count(-1, "x", ())
+        resolve_count(-1, toy_backbone=True)
 
 
 def test_dataset_rankings_are_fitted_but_never_validated_or_tested(tiny_clip, tmp_path, monkeypatch):
