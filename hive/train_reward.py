@@ -498,8 +498,8 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
     """Train on the train split, save `out/model`, return the metrics report (also `out/metrics.json`).
 
     With a frozen backbone (`freeze_layers=-1`) the heads train on features computed once
-    (`FeatureCache`), one ensemble member after another, each with early stopping on its own
-    validation fold. Otherwise the towers' upper layers train too, under accelerate with
+    (`FeatureCache`), one ensemble member after another (with `val_fraction` > 0, each early-stopped
+    on its own validation fold). Dataset rankings (`dataset_rankings`) join the fitted rankings. Otherwise the towers' upper layers train too, under accelerate with
     checkpoints (a rerun resumes from `out/checkpoints`)."""
     from hive.dataset_rankings import dataset_rankings, resolve_count
     from hive.zoo import DEFAULT_EDITOR, TOY_CLIP, TOY_EDIT_CLIP
