@@ -24,7 +24,6 @@ import functools
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from hive import toy
@@ -47,32 +46,25 @@ def resolve_count(requested: int | None, toy_backbone: bool) -> int:
     return 1000 if toy_backbone else 0
 
 
-def _roundtrip(vae, images: list[Image.Image]) -> list[Image.Image]:
-    """Encode and decode through the editor's VAE, as every edit the editor makes is decoded."""
-    x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1 for im in images]))
-    with torch.no_grad():
-        y = vae.decode(vae.encode(x.permute(0, 3, 1, 2)).latent_dist.mode()).sample
-    y = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a) for a in y]
-
-
 @functools.lru_cache(maxsize=2)
 def dataset_examples(n: int, vae_dir: str, seed_base: int = DATASET_RANKING_SEED_BASE
                      ) -> tuple[tuple[int, str, Image.Image, tuple[Image.Image, ...]], ...]:
     """(seed, instruction, source, (target, corruption, corruption, corruption)) for `n` toy
     training seeds; kept in memory for the process (an experiment trains several models on them)."""
     from diffusers import AutoencoderKL
-    from tqdm.auto import tqdm
 
-    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
-    out = []
-    for k in tqdm(range(n), desc="dataset rankings", disable=n < 200):
-        seed = seed_base + k
-        ex = toy.sample_example(seed)
-        rng = np.random.default_rng([seed, 11])
-        wrong = [toy.corrupt(ex.edit, rng)[0] for _ in range(CORRUPTIONS_PER_RANKING)]
-        out.append((seed, ex.edit.instruction, ex.input_image, tuple(_roundtrip(vae, [ex.edited_image, *wrong]))))
-    return tuple(out)
+    from hive.train_vae import vae_roundtrip
+
+    examples, renders = [], []
+    for k in range(n):
+        ex = toy.sample_example(seed_base + k)
+        rng = np.random.default_rng([seed_base + k, 11])
+        examples.append(ex)
+        renders += [ex.edited_image] + [toy.corrupt(ex.edit, rng)[0] for _ in range(CORRUPTIONS_PER_RANKING)]
+    decoded = vae_roundtrip(AutoencoderKL.from_pretrained(vae_dir).eval(), np.stack([np.asarray(im) for im in renders]))
+    per = 1 + CORRUPTIONS_PER_RANKING
+    return tuple((seed_base + k, ex.edit.instruction, ex.input_image,
+                  tuple(Image.fromarray(a) for a in decoded[k * per:(k + 1) * per])) for k, ex in enumerate(examples))
 
 
 def dataset_rankings(n: int, cache, vae_dir: str | Path) -> list:

@@ -499,8 +499,9 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
 
     With a frozen backbone (`freeze_layers=-1`) the heads train on features computed once
     (`FeatureCache`), one ensemble member after another (with `val_fraction` > 0, each early-stopped
-    on its own validation fold). Dataset rankings (`dataset_rankings`) join the fitted rankings. Otherwise the towers' upper layers train too, under accelerate with
-    checkpoints (a rerun resumes from `out/checkpoints`)."""
+    on its own validation fold). Dataset rankings (`dataset_rankings`) join the fitted rankings.
+    Otherwise the towers' upper layers train too, under accelerate with checkpoints (a rerun
+    resumes from `out/checkpoints`)."""
     from hive.dataset_rankings import dataset_rankings, resolve_count
     from hive.zoo import DEFAULT_EDITOR, TOY_CLIP, TOY_EDIT_CLIP
 

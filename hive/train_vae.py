@@ -45,20 +45,23 @@ def random_crops(x: torch.Tensor, crop: int, step: int) -> torch.Tensor:
     return torch.stack([x[i, :, ys[i]:ys[i] + crop, xs[i]:xs[i] + crop] for i in range(n)])
 
 
+def vae_roundtrip(vae, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Encode (mode) and decode uint8 RGB images (N, H, W, 3), as every edit the editor makes is decoded."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float().to(vae.device) / 127.5 - 1
+            recon = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+            out.append(((recon + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)
+
+
 def recon_judge_pass(vae, n: int = 200, seed: int = 950_000_000, size: int = toy.DEFAULT_SIZE) -> float:
     """Share of fresh clean edit targets whose reconstruction the judge accepts as that edit: an
     upper bound on the success of any editor that decodes through this autoencoder."""
     examples = [toy.sample_example(seed + k, size=size) for k in range(n)]
-    ok = 0
-    with torch.no_grad():
-        for start in range(0, n, 50):
-            chunk = examples[start:start + 50]
-            x = torch.from_numpy(np.stack([np.asarray(e.clean_image) for e in chunk])).permute(0, 3, 1, 2)
-            x = x.float().to(vae.device) / 127.5 - 1
-            recon = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-            images = ((recon + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-            ok += sum(toy.judge(e.input_image, e.clean_image, im).success for e, im in zip(chunk, images))
-    return ok / n
+    images = vae_roundtrip(vae, np.stack([np.asarray(e.clean_image) for e in examples]), batch_size=50)
+    return sum(toy.judge(e.input_image, e.clean_image, im).success for e, im in zip(examples, images)) / n
 
 
 def train_vae(out: Path, steps: int = 1200, batch_size: int = 64, lr: float = 1e-3,

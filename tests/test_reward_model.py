@@ -268,8 +268,7 @@ def test_early_stopping_keeps_the_untrained_head_when_training_only_hurts(tiny_c
     rankings = _write_rankings(tmp_path, 12, 32)
     cfg = RewardTrainConfig(backbone=str(tiny_clip), steps=40, batch_size=4, hidden=16, ensemble=1,
                             head_lr=5.0, eval_every=5, patience=3, val_fraction=0.2, test_fraction=0.25,
-                            direction_prior=1.0,
-                            checkpoint_every=0)
+                            direction_prior=1.0, checkpoint_every=0)
     train_reward(rankings, tmp_path / "run", cfg, progress=False)
     model = RewardModel.from_pretrained(tmp_path / "run" / "model")
     src, variants, texts = [], [], []
@@ -343,6 +342,8 @@ def test_dataset_rankings_rank_the_dataset_target_above_its_corruptions():
 
 
 def test_dataset_rankings_are_fitted_but_never_validated_or_tested(tiny_clip, tmp_path, monkeypatch):
+    import dataclasses
+
     import hive.train_reward as tr
 
     rankings = _write_rankings(tmp_path, 12, 32)
@@ -357,8 +358,7 @@ def test_dataset_rankings_are_fitted_but_never_validated_or_tested(tiny_clip, tm
     cfg = RewardTrainConfig(backbone=str(tiny_clip), steps=6, batch_size=4, hidden=16, ensemble=2, eval_every=2,
                             val_fraction=0.5, test_fraction=0.25, checkpoint_every=0, dataset_rankings=4)
     with_data = train_reward(rankings, tmp_path / "with", cfg, progress=False)
-    without = train_reward(rankings, tmp_path / "without", RewardTrainConfig(**{**cfg.__dict__, "dataset_rankings": 0}),
-                           progress=False)
+    without = train_reward(rankings, tmp_path / "without", dataclasses.replace(cfg, dataset_rankings=0), progress=False)
     assert with_data["dataset_rankings"] == 4 and without["dataset_rankings"] == 0
     assert seen["val"] and not any(r.from_dataset for r in seen["val"])
     # the report counts and scores people's (here simulated) rankings only
