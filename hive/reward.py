@@ -16,6 +16,7 @@ A saved model is a folder that describes itself, loading offline with one call:
     reward/config.json        {"model_type": "hive-reward", backbone, head sizes, score scale, ...}
     reward/backbone/          the (fine-tuned) CLIPModel + tokenizer + image processor
     reward/head.safetensors   the head's weights
+    reward/change_locator.safetensors   with `change_locator`: where the instruction should change the source
 
 `score()` returns rewards normalised by the training set's mean and std (the score scale), so
 rewards from different runs are on comparable scales for the fine-tuning issue.
@@ -34,6 +35,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from hive.change_locator import ChangeLocator
 from hive.train_clip import CLIP_MEAN, CLIP_STD
 
 MODEL_TYPE = "hive-reward"
@@ -61,6 +63,9 @@ class RewardConfig:
     # cos(E(edit) - E(source), T(instruction)), standardised; 0: no such term
     direction_prior: float = 0.0
     residual_l2: float = 1e-3  # L2 penalty on the residual branch's weights
+    # change head: a term comparing the edit's change with where a `hive.change_locator.ChangeLocator`
+    # (fitted apart on edit triplets, frozen) expects it: the expected place's changed share and the rest's
+    change_locator: bool = False
     ensemble: int = 1  # heads whose scores are averaged
     score_mean: float = 0.0
     score_std: float = 1.0
@@ -132,6 +137,11 @@ class ChangeHead(nn.Module):
       `direction_prior`: with a backbone trained on edits (`train clip --edits`) that score orders
       variants before any ranking is seen, and the rankings then correct it instead of having to
       find it among all the features;
+    - locator prior (`change_locator`): the share of the patches the instruction should change
+      (`hive.change_locator`) that changed (cover), and the share of the others (spill),
+      standardised, times learned weights that start at +1 and -2 (the best fixed pair on one
+      simulation's held-out requests, docs/reward.md): "get rid of the square" must remove the
+      square, not the circle beside it;
     - main term: the share of the image's pixels that kept their colour (`KEEP_TOLERANCE`),
       standardised, times a weight that the instruction sets (w + G t, t the standardised text
       features, G under an L2 penalty): the same amount of change is good for "make the
@@ -163,6 +173,10 @@ class ChangeHead(nn.Module):
         if self.direction_prior:
             self.cos_norm = nn.BatchNorm1d(1, affine=False)
             self.a = nn.Parameter(torch.tensor([float(config.direction_prior)]))
+        self.change_locator = config.change_locator
+        if self.change_locator:
+            self.locator_norm = nn.BatchNorm1d(2, affine=False)
+            self.b = nn.Parameter(torch.tensor([1.0, -2.0]))
         self.residual = config.residual
         if not self.residual:
             return
@@ -198,6 +212,12 @@ class ChangeHead(nn.Module):
         out = self.kept_norm(kept)[:, 0] * (self.w + self.gate(t)[:, 0])
         if self.direction_prior:
             out = out + self.a * self.cos_norm(direction_cosine(src["pooled"], edit["pooled"], text["pooled"]))[:, 0]
+        if self.change_locator:
+            expected = text["expected_change"]  # RewardModel.with_expected_change
+            changed = 1 - pix[..., PIXEL_EDGES.index(KEEP_TOLERANCE)]
+            cover = (changed * expected).sum(1) / expected.sum(1).clamp(min=1e-6)
+            spill = (changed * (1 - expected)).sum(1) / (1 - expected).sum(1).clamp(min=1e-6)
+            out = out + (self.locator_norm(torch.stack([cover, spill], dim=1)) * self.b).sum(1)
         if not self.residual:
             return out
         diff = edit["patches"] - src["patches"]
@@ -248,6 +268,9 @@ class RewardModel(nn.Module):
             return ChangeHead(d, patch_dim, text_dim, n_patches, len(config.patch_layers), config)
 
         self.head = nn.ModuleList([make() for _ in range(config.ensemble)])
+        self.change_locator: ChangeLocator | None = None
+        if config.change_locator:  # fitted apart (hive.change_locator), then frozen
+            self.change_locator = ChangeLocator(int(vision.hidden_size), text_dim, n_patches).requires_grad_(False)
         self.apply_freeze(config.freeze_layers)
 
     # -- construction -------------------------------------------------------------------------
@@ -289,6 +312,8 @@ class RewardModel(nn.Module):
             # the first head was a bare Sequential ("0.weight", "3.weight", ...): member 0's MLP
             state = {f"0.mlp.{k}": v for k, v in state.items()}
         model.head.load_state_dict(state)
+        if model.change_locator is not None:
+            model.change_locator.load_state_dict(load_file(str(path / "change_locator.safetensors")))
         model.eval()
         return model
 
@@ -309,6 +334,9 @@ class RewardModel(nn.Module):
                            image_std=self.config.image_std).save_pretrained(tmp / "backbone")
         save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
                   str(tmp / "head.safetensors"))
+        if self.change_locator is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.change_locator.state_dict().items()},
+                      str(tmp / "change_locator.safetensors"))
         (tmp / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -365,12 +393,15 @@ class RewardModel(nn.Module):
     # -- features and scores -------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """`pooled`: projected, L2-normalised image features; `patches` (the change head's
-        residual branch only): the patch tokens of the `patch_layers` hidden states, side by side."""
+        residual branch only): the patch tokens of the `patch_layers` hidden states, side by side;
+        `last_patches` (with a change locator): the last layer's patch tokens, what it reads."""
         want = self.config.head_type == "change" and self.config.residual
         out = self.clip.vision_model(pixel_values=pixel_values, output_hidden_states=want, return_dict=True)
         feats = {"pooled": nn.functional.normalize(self.clip.visual_projection(out.pooler_output), dim=-1)}
         if want:
             feats["patches"] = torch.cat([out.hidden_states[l][:, 1:] for l in self.config.patch_layers], dim=-1)
+        if self.change_locator is not None:
+            feats["last_patches"] = out.last_hidden_state[:, 1:]
         return feats
 
     def pixel_change(self, source_pixels: torch.Tensor, edited_pixels: torch.Tensor) -> torch.Tensor:
@@ -380,17 +411,32 @@ class RewardModel(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """`pooled`: projected, L2-normalised text features; `tokens` and `mask`: the text tower's
-        hidden states at `text_token_layer`, for the change head's cross-attention."""
+        hidden states at `text_token_layer`, for the change head's cross-attention; `words` (with a
+        change locator): the token + position embeddings, what it reads (the toy CLIP's layers wash
+        out shape and position words)."""
         layer = self.config.text_token_layer
+        words = self.change_locator is not None
         out = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask,
-                                   output_hidden_states=layer != -1, return_dict=True)
+                                   output_hidden_states=layer != -1 or words, return_dict=True)
         tokens = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
-        return {"pooled": nn.functional.normalize(self.clip.text_projection(out.pooler_output), dim=-1),
-                "tokens": tokens, "mask": attention_mask}
+        feats = {"pooled": nn.functional.normalize(self.clip.text_projection(out.pooler_output), dim=-1),
+                 "tokens": tokens, "mask": attention_mask}
+        if words:
+            feats["words"] = out.hidden_states[0]
+        return feats
+
+    def with_expected_change(self, src: dict, text: dict) -> dict:
+        """`text` plus, with a change locator, `expected_change`: (rows, patches) in [0, 1], where
+        the instruction should change the source."""
+        if self.change_locator is None:
+            return text
+        logits = self.change_locator(src["last_patches"], text["words"], text["mask"])
+        return {**text, "expected_change": torch.sigmoid(logits)}
 
     def head_forward(self, src: dict, edit: dict, text: dict, members: bool = False) -> torch.Tensor:
         """Raw scores from features (one row per edit): the mean over the ensemble's heads, or
         with `members` each head's, (heads, edits), which is how the members are trained apart."""
+        text = self.with_expected_change(src, text)
         each = torch.stack([h(src, edit, text) for h in self.head])
         return each if members else each.mean(0)
 

@@ -294,6 +294,9 @@ class RewardTrainConfig:
     # rankings implied by the edit dataset (hive.dataset_rankings), added to every member's fitted
     # rankings; None: 1000 with a toy backbone, 0 otherwise
     dataset_rankings: int | None = None
+    # toy edit triplets the change head's change locator is fitted on (hive.change_locator; 0: no
+    # locator term, the default: it lowered held-out accuracy on both toy simulations)
+    locator_examples: int = 0
     ensemble: int = 5  # heads averaged; with val_fraction > 0 each holds out its own fold of train requests
     # train requests held out for early stopping (0: none, train all `steps`). With dataset rankings,
     # folds of ~50 noisy rankings kept the untrained prior in 3 of 5 members (docs/reward.md)
@@ -502,6 +505,7 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
     on its own validation fold). Dataset rankings (`dataset_rankings`) join the fitted rankings.
     Otherwise the towers' upper layers train too, under accelerate with checkpoints (a rerun
     resumes from `out/checkpoints`)."""
+    from hive import change_locator
     from hive.dataset_rankings import dataset_rankings, resolve_count
     from hive.zoo import DEFAULT_EDITOR, TOY_CLIP, TOY_EDIT_CLIP
 
@@ -523,9 +527,18 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
                                 "pass --backbone CLIP_FOLDER_OR_HUB_ID")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    model = RewardModel.from_backbone(backbone, **head_settings(config))
-    cache = ImageCache()
     toy_backbone = Path(backbone).resolve() in (TOY_EDIT_CLIP.resolve(), TOY_CLIP.resolve())
+    if config.locator_examples < 0:
+        raise ValueError("locator_examples must be >= 0")
+    if config.locator_examples and not toy_backbone:
+        raise ValueError("--locator-examples fits on toy edits: only for a toy backbone")
+    n_locator = config.locator_examples if config.head_type == "change" else 0  # only the change head reads it
+    model = RewardModel.from_backbone(backbone, change_locator=n_locator > 0, **head_settings(config))
+    locator_metrics = None
+    if n_locator:
+        state, locator_metrics = change_locator.toy_change_locator(backbone, n_locator, seed=config.seed)
+        model.change_locator.load_state_dict(state)
+    cache = ImageCache()
     n_dataset = resolve_count(config.dataset_rankings, toy_backbone)
     extra = dataset_rankings(n_dataset, cache, DEFAULT_EDITOR / "vae") if n_dataset else []
     if any(p.requires_grad for p in model.clip.parameters()):
@@ -540,6 +553,7 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
     report = _report(model, train, test, train_scores, test_scores, cache, config, backbone, loss_value)
     report["stopped_at_steps"] = stopped
     report["dataset_rankings"] = n_dataset
+    report["change_locator"] = locator_metrics  # None: no locator term
     report["selected_steps"] = selected  # the step of each member's restored state (0: untrained)
     model.config.extra = {"metrics": report}
     from accelerate import PartialState
@@ -652,7 +666,8 @@ def _train_heads(model: RewardModel, train: list[Ranking], out: Path, config: Re
         stopper, order = EarlyStopping(config.patience, one_se=config.one_se_rule), []
 
         def scores_of(batch: list[Ranking]) -> torch.Tensor:
-            return head(*feats.batch(batch))
+            src, edit, text = feats.batch(batch)
+            return head(src, edit, model.with_expected_change(src, text))
 
         bar = tqdm(range(config.steps), desc=f"train reward head {m + 1}/{len(model.head)}",
                    disable=not (progress and accelerator.is_local_main_process))

@@ -1,0 +1,94 @@
+"""Where a reward model goes wrong on a simulated store's held-out requests (docs/reward.md).
+
+    python scripts/reward_errors.py SIM_HOME REWARD_MODEL [--test-requests 300] [--sheet errors.png]
+
+Prints pairwise accuracy against the noise-free order for the reward model, one simulated
+annotator and CLIP direction with the captions, by quality gap (under 0.05, 0.05-0.14, 0.14
+and over) and by edit kind, on the experiment's split (`split_experiment`: the last
+`--test-requests` requests by toy seed). `--sheet` draws the requests with a big-gap pair the
+model orders wrongly: source, then each variant with its true quality (q) and raw reward (s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hive.reward import RewardModel  # noqa: E402
+from hive.simulate import truly_ordered_pairs  # noqa: E402
+from hive.train_reward import (ImageCache, clip_direction_scores, rankings_from_db, score_rankings,  # noqa: E402
+                               split_experiment)
+
+GAPS = ((0.0, 0.05), (0.05, 0.14), (0.14, math.inf))
+KIND_WORDS = (("add", ("add ", "put ", "draw ")), ("remove", ("remove ", "delete ", "take away ", "get rid of ")),
+              ("move", ("move ", "shift ", "slide ")), ("background", ("background",)),
+              ("resize", ("bigger", "larger", "enlarge", "increase the size", "smaller", "shrink", "reduce the size")))
+
+
+def edit_kind(instruction: str) -> str:
+    """The toy edit kind an instruction's wording names (toy.make_edit's phrasings)."""
+    for kind, words in KIND_WORDS:
+        if any(instruction.startswith(w) if w.endswith(" ") else w in instruction for w in words):
+            return kind
+    return "recolour"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("home", type=Path)
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--test-requests", type=int, default=300)
+    ap.add_argument("--sheet", type=Path)
+    args = ap.parse_args()
+    rankings = rankings_from_db(f"sqlite:///{args.home / 'hive.db'}", home=args.home)
+    _, test = split_experiment(rankings, args.test_requests)
+    model = RewardModel.from_pretrained(args.model)
+    cache = ImageCache()
+    rewards = score_rankings(model, test, cache)
+    captions = clip_direction_scores(model.clip, model.tokenizer, test, cache)
+    rows = []  # gap, kind, reward model right, annotator right, CLIP captions right
+    for r, s, c in zip(test, rewards, captions):
+        for a, b, truth in truly_ordered_pairs(r.true_quality):
+            ra = math.inf if r.ranks[a] is None else r.ranks[a]
+            rb = math.inf if r.ranks[b] is None else r.ranks[b]
+            annotator = 0.5 if ra == rb else float((ra < rb) == (truth > 0))
+            rows.append((abs(r.true_quality[a] - r.true_quality[b]), edit_kind(r.instruction),
+                         float((s[a] > s[b]) == (truth > 0)), annotator, float((c[a] > c[b]) == (truth > 0))))
+    print(f"{'pairs':<22}{'n':>5}  reward  annotator  CLIP(captions)")
+
+    def line(name: str, sel: list) -> None:
+        if sel:
+            m = np.array([x[2:] for x in sel]).mean(0)
+            print(f"{name:<22}{len(sel):>5}  {m[0]:.3f}   {m[1]:.3f}      {m[2]:.3f}")
+    line("all", rows)
+    for lo, hi in GAPS:
+        line(f"gap {lo:g}-{hi:g}", [x for x in rows if lo <= x[0] < hi])
+    for kind in sorted({x[1] for x in rows}):
+        line(kind, [x for x in rows if x[1] == kind])
+    if args.sheet:
+        wrong = [(r, s) for r, s in zip(test, rewards)
+                 if any(abs(r.true_quality[a] - r.true_quality[b]) >= GAPS[-1][0] and (s[a] > s[b]) != (t > 0)
+                        for a, b, t in truly_ordered_pairs(r.true_quality))][:16]
+        size = 96
+        sheet = Image.new("RGB", (size * 5, (size + 28) * max(len(wrong), 1)), "white")
+        draw = ImageDraw.Draw(sheet)
+        for i, (r, s) in enumerate(wrong):
+            y = i * (size + 28)
+            draw.text((2, y), r.instruction[:80], fill="black")
+            sheet.paste(cache(r.source_path).resize((size, size)), (0, y + 12))
+            for v, path in enumerate(r.variant_paths):
+                sheet.paste(cache(path).resize((size, size)), (size * (v + 1), y + 12))
+                draw.text((size * (v + 1) + 2, y + size + 13), f"q{r.true_quality[v]:.2f} s{s[v]:+.2f}", fill="black")
+        sheet.save(args.sheet)
+        print(f"{len(wrong)} requests with a misordered big-gap pair drawn in {args.sheet}")
+
+
+if __name__ == "__main__":
+    main()
