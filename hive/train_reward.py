@@ -525,13 +525,13 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
     if backbone == str(TOY_EDIT_CLIP) and not TOY_EDIT_CLIP.exists():
         raise FileNotFoundError(f"the reward backbone ({TOY_EDIT_CLIP}) is not built yet (`train clip --edits`): "
                                 "pass --backbone CLIP_FOLDER_OR_HUB_ID")
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
     toy_backbone = Path(backbone).resolve() in (TOY_EDIT_CLIP.resolve(), TOY_CLIP.resolve())
     if config.locator_examples < 0:
         raise ValueError("locator_examples must be >= 0")
     if config.locator_examples and not toy_backbone:
         raise ValueError("--locator-examples fits on toy edits: only for a toy backbone")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
     n_locator = config.locator_examples if config.head_type == "change" else 0  # only the change head reads it
     model = RewardModel.from_backbone(backbone, change_locator=n_locator > 0, **head_settings(config))
     locator_metrics = None
