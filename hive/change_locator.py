@@ -11,10 +11,10 @@ the change head compares it with the edit's observed change (`ChangeHead`, `Rewa
 change_locator`): the share of the expected place that changed (cover), and of the rest (spill).
 
 Off by default (`--locator-examples 0`), because it did not pay: the locator itself works (on
-held-out toy edits 80% of its expected change falls on the 26% of patches that change), and with
-fixed weights beside a trained reward model it raised one simulation's held-out accuracy, but
-trained into the heads it lowered both simulations' (0.653 -> 0.627 and 0.726 -> 0.679,
-docs/reward.md, session 10). Toy edits only: for real photos the same fit would run on an edit
+held-out toy edits 80% of its expected change falls on the 26% of patches that change), but
+trained into the heads it lowered both simulations' held-out accuracy (0.653 -> 0.627 and
+0.726 -> 0.679, docs/reward.md, session 10). It needs a frozen backbone (it reads the features
+it was fitted on) and the change head. Toy edits only: for real photos the same fit would run on an edit
 dataset's triplets (`fit_change_locator` takes any), which is not built.
 """
 
@@ -106,8 +106,9 @@ def fit_change_locator(model, sources: list[Image.Image], instructions: list[str
     target = changed_share(model, sources, targets).to(patches.device)
     n_val = max(1, int(n * val_fraction))
     n_fit = n - n_val
-    torch.manual_seed(seed)
-    locator = ChangeLocator(patches.shape[-1], words.shape[-1], patches.shape[1]).to(patches.device)
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        locator = ChangeLocator(patches.shape[-1], words.shape[-1], patches.shape[1]).to(patches.device)
     opt = torch.optim.AdamW(locator.parameters(), lr=1e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=max(steps, 1), pct_start=0.05)
     gen = torch.Generator().manual_seed(seed)

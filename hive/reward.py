@@ -139,9 +139,9 @@ class ChangeHead(nn.Module):
       find it among all the features;
     - locator prior (`change_locator`): the share of the patches the instruction should change
       (`hive.change_locator`) that changed (cover), and the share of the others (spill),
-      standardised, times learned weights that start at +1 and -2 (the best fixed pair on one
-      simulation's held-out requests, docs/reward.md): "get rid of the square" must remove the
-      square, not the circle beside it;
+      standardised, times learned weights that start at +1 and -2 (picked on one simulation's
+      held-out pairs, docs/reward.md; the term is off by default): "get rid of the square" must
+      remove the square, not the circle beside it;
     - main term: the share of the image's pixels that kept their colour (`KEEP_TOLERANCE`),
       standardised, times a weight that the instruction sets (w + G t, t the standardised text
       features, G under an L2 penalty): the same amount of change is good for "make the

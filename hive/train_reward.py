@@ -530,9 +530,12 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
         raise ValueError("locator_examples must be >= 0")
     if config.locator_examples and not toy_backbone:
         raise ValueError("--locator-examples fits on toy edits: only for a toy backbone")
+    if config.locator_examples and (config.head_type != "change" or config.freeze_layers != -1):
+        raise ValueError("--locator-examples needs the change head and a frozen backbone (--freeze-layers -1): "
+                         "the locator reads the backbone features it was fitted on")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    n_locator = config.locator_examples if config.head_type == "change" else 0  # only the change head reads it
+    n_locator = config.locator_examples
     model = RewardModel.from_backbone(backbone, change_locator=n_locator > 0, **head_settings(config))
     locator_metrics = None
     if n_locator:

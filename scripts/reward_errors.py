@@ -40,6 +40,14 @@ def edit_kind(instruction: str) -> str:
     return "recolour"
 
 
+def agreement(score_a: float, score_b: float, truth: int) -> float:
+    """1 if the scores order a pair as the truth does, 0 if not, 0.5 if they tie (as
+    `hive.simulate.score_agreement`)."""
+    if score_a == score_b:
+        return 0.5
+    return float((score_a > score_b) == (truth > 0))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("home", type=Path)
@@ -60,7 +68,7 @@ def main() -> None:
             rb = math.inf if r.ranks[b] is None else r.ranks[b]
             annotator = 0.5 if ra == rb else float((ra < rb) == (truth > 0))
             rows.append((abs(r.true_quality[a] - r.true_quality[b]), edit_kind(r.instruction),
-                         float((s[a] > s[b]) == (truth > 0)), annotator, float((c[a] > c[b]) == (truth > 0))))
+                         agreement(s[a], s[b], truth), annotator, agreement(c[a], c[b], truth)))
     print(f"{'pairs':<22}{'n':>5}  reward  annotator  CLIP(captions)")
 
     def line(name: str, sel: list) -> None:
@@ -77,7 +85,8 @@ def main() -> None:
                  if any(abs(r.true_quality[a] - r.true_quality[b]) >= GAPS[-1][0] and (s[a] > s[b]) != (t > 0)
                         for a, b, t in truly_ordered_pairs(r.true_quality))][:16]
         size = 96
-        sheet = Image.new("RGB", (size * 5, (size + 28) * max(len(wrong), 1)), "white")
+        columns = 1 + max((len(r.variant_paths) for r, _ in wrong), default=4)
+        sheet = Image.new("RGB", (size * columns, (size + 28) * max(len(wrong), 1)), "white")
         draw = ImageDraw.Draw(sheet)
         for i, (r, s) in enumerate(wrong):
             y = i * (size + 28)

@@ -422,3 +422,15 @@ def test_change_locator_is_refused_off_the_toy_backbone(tiny_clip, tmp_path):
     with pytest.raises(ValueError, match="toy backbone"):
         train_reward(rankings, tmp_path / "run", cfg, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_change_locator_needs_the_change_head_and_a_frozen_backbone(tmp_path):
+    from hive.zoo import TOY_EDIT_CLIP
+
+    rankings = _write_rankings(tmp_path, 4, 32)
+    for bad in ({"head_type": "global"}, {"freeze_layers": 1}):
+        cfg = RewardTrainConfig(backbone=str(TOY_EDIT_CLIP), steps=2, batch_size=2, hidden=16, test_fraction=0.5,
+                                checkpoint_every=0, locator_examples=10, **bad)
+        with pytest.raises(ValueError, match="frozen backbone"):
+            train_reward(rankings, tmp_path / "run", cfg, progress=False)
+        assert not (tmp_path / "run").exists()
