@@ -60,13 +60,13 @@ class ChangeLocator(nn.Module):
 @torch.no_grad()
 def locator_inputs(model, sources: list[Image.Image], instructions: list[str], batch_size: int = 256
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(source patch tokens, instruction word embeddings, word mask), as `RewardModel` computes them."""
+    """(source patch tokens, instruction word embeddings, word mask), as `RewardModel` encodes them
+    (`model` must carry a change locator, so that it returns them)."""
     device = next(model.parameters()).device
     model.eval()
     patches, words, masks = [], [], []
     for i in range(0, len(sources), batch_size):
-        px = model.pixel_values(sources[i:i + batch_size]).to(device)
-        patches.append(model.clip.vision_model(pixel_values=px).last_hidden_state[:, 1:])
+        patches.append(model.encode_images(model.pixel_values(sources[i:i + batch_size]).to(device))["last_patches"])
         t = {k: v.to(device) for k, v in model.tokenize(instructions[i:i + batch_size]).items()}
         text = model.encode_text(t["input_ids"], t["attention_mask"])
         words.append(text["words"])
@@ -78,13 +78,13 @@ def locator_inputs(model, sources: list[Image.Image], instructions: list[str], b
 def changed_share(model, sources: list[Image.Image], edited: list[Image.Image], batch_size: int = 256
                   ) -> torch.Tensor:
     """(N, patches): the share of each patch's pixels that moved more than `KEEP_TOLERANCE`."""
-    from hive.reward import KEEP_TOLERANCE, PIXEL_EDGES
+    from hive.reward import KEEP_COLUMN
 
     out = []
     for i in range(0, len(sources), batch_size):
         pix = model.pixel_change(model.pixel_values(sources[i:i + batch_size]),
                                  model.pixel_values(edited[i:i + batch_size]))
-        out.append(1 - pix[..., PIXEL_EDGES.index(KEEP_TOLERANCE)])
+        out.append(1 - pix[..., KEEP_COLUMN])
     return torch.cat(out)
 
 

@@ -109,6 +109,7 @@ class GlobalHead(nn.Module):
 
 PIXEL_EDGES = (0.06, 0.12, 0.24, 0.4, 0.6)  # RGB distances (0-1 channels, at most 3**0.5), faint to large
 KEEP_TOLERANCE = 0.24  # a pixel "kept its colour" when it moved less than this (~60 of 255)
+KEEP_COLUMN = PIXEL_EDGES.index(KEEP_TOLERANCE)  # the column of `pixel_change` for KEEP_TOLERANCE
 PROFILE_QUANTILES = (0.0, 0.1, 0.25, 0.5)  # of the patches' share of unchanged pixels: the worst-kept patches
 
 
@@ -173,8 +174,8 @@ class ChangeHead(nn.Module):
         if self.direction_prior:
             self.cos_norm = nn.BatchNorm1d(1, affine=False)
             self.a = nn.Parameter(torch.tensor([float(config.direction_prior)]))
-        self.change_locator = config.change_locator
-        if self.change_locator:
+        self.locator_term = config.change_locator
+        if self.locator_term:
             self.locator_norm = nn.BatchNorm1d(2, affine=False)
             self.b = nn.Parameter(torch.tensor([1.0, -2.0]))
         self.residual = config.residual
@@ -207,14 +208,14 @@ class ChangeHead(nn.Module):
 
     def forward(self, src: dict, edit: dict, text: dict) -> torch.Tensor:
         pix = edit["pixel_change"]
-        kept = pix[..., PIXEL_EDGES.index(KEEP_TOLERANCE)].mean(1, keepdim=True)
+        kept = pix[..., KEEP_COLUMN].mean(1, keepdim=True)
         t = self.text_norm(text["pooled"])
         out = self.kept_norm(kept)[:, 0] * (self.w + self.gate(t)[:, 0])
         if self.direction_prior:
             out = out + self.a * self.cos_norm(direction_cosine(src["pooled"], edit["pooled"], text["pooled"]))[:, 0]
-        if self.change_locator:
-            expected = text["expected_change"]  # RewardModel.with_expected_change
-            changed = 1 - pix[..., PIXEL_EDGES.index(KEEP_TOLERANCE)]
+        if self.locator_term:
+            expected = text["expected_change"]  # RewardModel.with_expected_change, or FeatureCache
+            changed = 1 - pix[..., KEEP_COLUMN]
             cover = (changed * expected).sum(1) / expected.sum(1).clamp(min=1e-6)
             spill = (changed * (1 - expected)).sum(1) / (1 - expected).sum(1).clamp(min=1e-6)
             out = out + (self.locator_norm(torch.stack([cover, spill], dim=1)) * self.b).sum(1)
@@ -230,7 +231,7 @@ class ChangeHead(nn.Module):
         read = (read * valid.unsqueeze(-1)).sum(1) / valid.sum(1, keepdim=True)
         n_edges = len(PIXEL_EDGES)
         q = torch.tensor(PROFILE_QUANTILES, dtype=pix.dtype, device=pix.device)
-        profile = torch.quantile(pix[..., PIXEL_EDGES.index(KEEP_TOLERANCE)], q, dim=1).T
+        profile = torch.quantile(pix[..., KEEP_COLUMN], q, dim=1).T
         g = _global_inputs(src["pooled"], edit["pooled"], text["pooled"], self.k)
         stats = self.stats_norm(torch.cat([pix[..., :n_edges].mean(1), profile, size.mean(1), g[:, -2:]], dim=-1))
         return out + self.mlp(torch.cat([stats, read, self.global_in(g)], dim=-1)).squeeze(-1)

@@ -374,13 +374,13 @@ def clip_direction_scores(clip, tokenizer, rankings: list[Ranking], cache: Image
 @torch.no_grad()
 def kept_pixel_scores(model: RewardModel, rankings: list[Ranking], cache: ImageCache) -> list[np.ndarray]:
     """Share of each variant's pixels within `KEEP_TOLERANCE` of the source's colour."""
-    from hive.reward import KEEP_TOLERANCE, PIXEL_EDGES
+    from hive.reward import KEEP_COLUMN
 
     out = []
     for r in rankings:
         src = model.pixel_values([cache(r.source_path)] * len(r.variant_paths))
         pix = model.pixel_change(src, model.pixel_values([cache(p) for p in r.variant_paths]))
-        out.append(pix[..., PIXEL_EDGES.index(KEEP_TOLERANCE)].mean(1).float().cpu().numpy())
+        out.append(pix[..., KEEP_COLUMN].mean(1).float().cpu().numpy())
     return out
 
 
@@ -462,6 +462,21 @@ class FeatureCache:
                 parts.append(model.pixel_change(model.pixel_values([cache(a) for a, _ in chunk]),
                                                 model.pixel_values([cache(b) for _, b in chunk])).to(device))
             self.changes = torch.cat(parts)
+        self.expected = None  # per (source, instruction): the frozen change locator's map, computed once
+        if model.change_locator is not None:
+            pairs = sorted({(r.source_path, r.instruction) for r in rankings})
+            self.expected_index = {pair: i for i, pair in enumerate(pairs)}
+            dev = self.images["pooled"].device
+            parts = []
+            with torch.no_grad():
+                for i in range(0, len(pairs), batch_size):
+                    chunk = pairs[i:i + batch_size]
+                    src = torch.tensor([self.image_index[p] for p, _ in chunk], device=dev)
+                    txt = torch.tensor([self.text_index[t] for _, t in chunk], device=dev)
+                    parts.append(model.with_expected_change({"last_patches": self.images["last_patches"][src]},
+                                                            {k: v[txt] for k, v in self.texts.items()})["expected_change"])
+            self.expected = torch.cat(parts)
+            del self.images["last_patches"]  # read only by the locator
 
     def batch(self, rankings: list[Ranking]) -> tuple[dict, dict, dict]:
         """(source, edit, text) features, one row per variant of the rankings, in order."""
@@ -473,7 +488,11 @@ class FeatureCache:
         if self.changes is not None:
             rows = [self.change_index[(r.source_path, p)] for r in rankings for p in r.variant_paths]
             edit_feats["pixel_change"] = self.changes[torch.tensor(rows, device=dev)]
-        return {k: v[src] for k, v in self.images.items()}, edit_feats, {k: v[txt] for k, v in self.texts.items()}
+        text_feats = {k: v[txt] for k, v in self.texts.items()}
+        if self.expected is not None:
+            rows = [self.expected_index[(r.source_path, r.instruction)] for r in rankings for _ in r.variant_paths]
+            text_feats["expected_change"] = self.expected[torch.tensor(rows, device=dev)]
+        return {k: v[src] for k, v in self.images.items()}, edit_feats, text_feats
 
 
 def _ranking_losses(scores: torch.Tensor, batch: list[Ranking], loss: str) -> list[torch.Tensor]:
@@ -535,11 +554,11 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
                          "the locator reads the backbone features it was fitted on")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    n_locator = config.locator_examples
-    model = RewardModel.from_backbone(backbone, change_locator=n_locator > 0, **head_settings(config))
+    model = RewardModel.from_backbone(backbone, change_locator=config.locator_examples > 0, **head_settings(config))
     locator_metrics = None
-    if n_locator:
-        state, locator_metrics = change_locator.toy_change_locator(backbone, n_locator, seed=config.seed)
+    if config.locator_examples:
+        state, locator_metrics = change_locator.toy_change_locator(backbone, config.locator_examples,
+                                                                   seed=config.seed)
         model.change_locator.load_state_dict(state)
     cache = ImageCache()
     n_dataset = resolve_count(config.dataset_rankings, toy_backbone)
@@ -669,8 +688,7 @@ def _train_heads(model: RewardModel, train: list[Ranking], out: Path, config: Re
         stopper, order = EarlyStopping(config.patience, one_se=config.one_se_rule), []
 
         def scores_of(batch: list[Ranking]) -> torch.Tensor:
-            src, edit, text = feats.batch(batch)
-            return head(src, edit, model.with_expected_change(src, text))
+            return head(*feats.batch(batch))
 
         bar = tqdm(range(config.steps), desc=f"train reward head {m + 1}/{len(model.head)}",
                    disable=not (progress and accelerator.is_local_main_process))

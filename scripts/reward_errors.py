@@ -27,17 +27,18 @@ from hive.train_reward import (ImageCache, clip_direction_scores, rankings_from_
                                split_experiment)
 
 GAPS = ((0.0, 0.05), (0.05, 0.14), (0.14, math.inf))
-KIND_WORDS = (("add", ("add ", "put ", "draw ")), ("remove", ("remove ", "delete ", "take away ", "get rid of ")),
-              ("move", ("move ", "shift ", "slide ")), ("background", ("background",)),
-              ("resize", ("bigger", "larger", "enlarge", "increase the size", "smaller", "shrink", "reduce the size")))
 
 
-def edit_kind(instruction: str) -> str:
-    """The toy edit kind an instruction's wording names (toy.make_edit's phrasings)."""
-    for kind, words in KIND_WORDS:
-        if any(instruction.startswith(w) if w.endswith(" ") else w in instruction for w in words):
-            return kind
-    return "recolour"
+def stored_kinds(home: Path, request_ids: set[int]) -> dict[int, str]:
+    """The toy edit kind `simulate` recorded in each request's params."""
+    from sqlalchemy import select
+
+    from db.engine import session_scope
+    from db.models import EditRequest
+
+    with session_scope(f"sqlite:///{home / 'hive.db'}", write=False) as s:
+        rows = s.execute(select(EditRequest.id, EditRequest.params).where(EditRequest.id.in_(request_ids))).all()
+    return {int(i): (p or {}).get("kind", "unknown") for i, p in rows}
 
 
 def agreement(score_a: float, score_b: float, truth: int) -> float:
@@ -61,13 +62,14 @@ def main() -> None:
     cache = ImageCache()
     rewards = score_rankings(model, test, cache)
     captions = clip_direction_scores(model.clip, model.tokenizer, test, cache)
+    kinds = stored_kinds(args.home, {r.request_id for r in test})
     rows = []  # gap, kind, reward model right, annotator right, CLIP captions right
     for r, s, c in zip(test, rewards, captions):
         for a, b, truth in truly_ordered_pairs(r.true_quality):
             ra = math.inf if r.ranks[a] is None else r.ranks[a]
             rb = math.inf if r.ranks[b] is None else r.ranks[b]
             annotator = 0.5 if ra == rb else float((ra < rb) == (truth > 0))
-            rows.append((abs(r.true_quality[a] - r.true_quality[b]), edit_kind(r.instruction),
+            rows.append((abs(r.true_quality[a] - r.true_quality[b]), kinds[r.request_id],
                          agreement(s[a], s[b], truth), annotator, agreement(c[a], c[b], truth)))
     print(f"{'pairs':<22}{'n':>5}  reward  annotator  CLIP(captions)")
 
