@@ -60,7 +60,7 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
 
 
 def cmd_train_editor(args: argparse.Namespace) -> int:
-    from hive.data import FolderTriplets, ToyTriplets
+    from hive.data import FolderTriplets, ToyTriplets, parse_kind_weights
     from hive.train_sft import SFTConfig, train_sft
     from hive.zoo import assemble_base, swap_text_encoder
 
@@ -78,10 +78,18 @@ def cmd_train_editor(args: argparse.Namespace) -> int:
         if not (base / "model_index.json").exists():
             assemble_base(Path(args.vae), Path(args.clip), base)
     resolution = args.resolution
+    try:
+        kind_weights = parse_kind_weights(args.kind_weights or "")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.data:
+        if kind_weights:
+            print("error: --kind-weights shapes the toy stream; it does not apply to --data", file=sys.stderr)
+            return 2
         data = FolderTriplets(Path(args.data), resolution, seed=args.seed)
     else:
-        data = ToyTriplets(resolution, noise=args.toy_noise, seed=args.seed)
+        data = ToyTriplets(resolution, noise=args.toy_noise, seed=args.seed, kind_weights=kind_weights)
     config = SFTConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                        ema_decay=None if args.no_ema else args.ema_decay, mixed_precision=args.mixed_precision,
                        checkpoint_every=args.checkpoint_every, gradient_checkpointing=args.gradient_checkpointing,
@@ -491,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "replaces the base's text encoder)")
     p.add_argument("--data", help="dataset folder with metadata.jsonl (default: endless fresh toy edits)")
     p.add_argument("--toy-noise", type=float, default=0.0, help="corruption rate of the toy stream")
+    p.add_argument("--kind-weights", help="draw toy edit kinds unevenly, e.g. resize=3,add=2 (others 1)")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=32)

@@ -90,17 +90,50 @@ class FolderTriplets(TripletSource):
 TOY_TRAIN_SEED_BASE = 100_000_000
 
 
-class ToyTriplets(TripletSource):
-    """An endless stream of fresh toy edits, generated in memory (no disk round trip)."""
+def parse_kind_weights(text: str) -> dict[str, float]:
+    """"resize=3,add=2" -> {"resize": 3.0, "add": 2.0}; kinds not named keep weight 1."""
+    weights: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kind, sep, value = part.partition("=")
+        if not sep or kind not in toy.EDIT_KINDS:
+            raise ValueError(f"kind weights: {part!r} is not KIND=WEIGHT with KIND one of {', '.join(toy.EDIT_KINDS)}")
+        try:
+            weights[kind] = float(value)
+        except ValueError:
+            raise ValueError(f"kind weights: {value!r} is not a number") from None
+        if weights[kind] < 0:
+            raise ValueError(f"kind weights: {kind} has a negative weight")
+    if weights and sum(weights.get(k, 1.0) for k in toy.EDIT_KINDS) <= 0:
+        raise ValueError("kind weights: at least one kind needs a positive weight")
+    return weights
 
-    def __init__(self, resolution: int = toy.DEFAULT_SIZE, noise: float = 0.0, seed: int = 0):
+
+class ToyTriplets(TripletSource):
+    """An endless stream of fresh toy edits, generated in memory (no disk round trip).
+
+    `kind_weights` draws some edit kinds more often than others (kinds not named: weight 1), to
+    spend training on the kinds an editor fails; without it every kind is equally likely."""
+
+    def __init__(self, resolution: int = toy.DEFAULT_SIZE, noise: float = 0.0, seed: int = 0,
+                 kind_weights: dict[str, float] | None = None):
         self.resolution = resolution
         self.noise = noise
         self.seed = seed
+        self.kind_probs: np.ndarray | None = None
+        if kind_weights:
+            w = np.array([float(kind_weights.get(k, 1.0)) for k in toy.EDIT_KINDS])
+            self.kind_probs = w / w.sum()
+
+    def kind_for(self, example_seed: int) -> str | None:
+        if self.kind_probs is None:
+            return None
+        rng = np.random.default_rng([example_seed, 104_729])
+        return toy.EDIT_KINDS[int(rng.choice(len(toy.EDIT_KINDS), p=self.kind_probs))]
 
     def batch(self, step: int, batch_size: int) -> TripletBatch:
-        examples = [toy.sample_example(TOY_TRAIN_SEED_BASE + (self.seed * 10_000_019 + step * batch_size + k),
-                                       size=self.resolution, noise=self.noise) for k in range(batch_size)]
+        seeds = [TOY_TRAIN_SEED_BASE + (self.seed * 10_000_019 + step * batch_size + k) for k in range(batch_size)]
+        examples = [toy.sample_example(s, size=self.resolution, noise=self.noise, kind=self.kind_for(s))
+                    for s in seeds]
         return TripletBatch(
             torch.stack([image_to_tensor(e.input_image, self.resolution) for e in examples]),
             torch.stack([image_to_tensor(e.edited_image, self.resolution) for e in examples]),

@@ -8,7 +8,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from hive.data import FolderTriplets, ToyTriplets
+from hive import toy
+from hive.data import FolderTriplets, ToyTriplets, parse_kind_weights
 from hive.train_sft import SFTConfig, expand_conv_in, load_components, sft_loss, train_sft
 from hive.zoo import sd15_unet
 
@@ -131,3 +132,25 @@ def test_lr_decay_cools_linearly_to_zero_over_the_last_steps():
     assert lr_factor(80, cooled) == pytest.approx(0.5)
     assert lr_factor(100, cooled) == 0.0
     assert lr_factor(5, cooled) == pytest.approx(0.6)  # warmup still rules early on
+
+
+def test_kind_weights_draw_kinds_unevenly_and_deterministically():
+    data = ToyTriplets(resolution=32, kind_weights={"resize": 5.0, "background": 0.0})
+    kinds = [data.kind_for(s) for s in range(3000)]
+    share = {k: kinds.count(k) / len(kinds) for k in toy.EDIT_KINDS}
+    assert abs(share["resize"] - 5 / 9) < 0.04  # weights 5 + 4 x 1 + 0
+    assert share["background"] == 0.0
+    assert abs(share["add"] - 1 / 9) < 0.03
+    a, b = data.batch(7, 6), data.batch(7, 6)
+    assert a.prompts == b.prompts and torch.equal(a.edited, b.edited)
+    assert a.prompts != ToyTriplets(resolution=32).batch(7, 6).prompts  # the plain stream differs
+    assert ToyTriplets(resolution=32).kind_for(123) is None
+
+
+def test_kind_weights_parse_and_refuse_bad_text():
+    assert parse_kind_weights("resize=3, add=2") == {"resize": 3.0, "add": 2.0}
+    assert parse_kind_weights("") == {}
+    for bad in ("resize", "grow=2", "add=x", "add=-1",
+                "add=0,remove=0,recolour=0,move=0,resize=0,background=0"):
+        with pytest.raises(ValueError):
+            parse_kind_weights(bad)
