@@ -254,6 +254,10 @@ def bench_edit(model: str | None = None, variants: int = 4, steps: int | None = 
     setup_cpu = time.process_time() - setup_cpu
     # the model's default settings (hive.json `sampling`), for both calls: what a visitor gets
     steps, guidance, image_guidance = editor.settings(steps or None)
+    # the pixel comparison is like for like (the pipeline has no local blend); the model's local
+    # blend, if it has one, is timed as a third call in the same interleaved run
+    blend_threshold = editor.mask_threshold
+    editor.mask_threshold = 0.0
     res = editor.resolution
     ex = toy.sample_example(123)
     image = ex.input_image.resize((res, res))
@@ -275,7 +279,17 @@ def bench_edit(model: str | None = None, variants: int = 4, steps: int | None = 
     ours_mem = peak_memory_gib(reset=True)
     ref_np, ref_first_s = timed_once(lambda: run_reference("np"))
     ref_mem = peak_memory_gib(reset=True)
-    times = interleaved({"reference": run_reference, "ours": run_ours}, repeats)
+    def run_ours_blended():
+        editor.mask_threshold = blend_threshold
+        try:
+            return run_ours()
+        finally:
+            editor.mask_threshold = 0.0
+
+    calls = {"reference": run_reference, "ours": run_ours}
+    if blend_threshold > 0:
+        calls["ours_blend"] = run_ours_blended
+    times = interleaved(calls, repeats)
     ours_np = np.stack([np.asarray(im, dtype=np.float32) / 255 for im in ours_first.images])
     diff = np.abs(ref_np - ours_np)
     result = {"benchmark": "edit", "config": config, **env, "model": name, "dtype": str(dtype).replace("torch.", ""),
@@ -290,7 +304,11 @@ def bench_edit(model: str | None = None, variants: int = 4, steps: int | None = 
               "reference_first_call_s": round(ref_first_s, 3), "ours_first_call_s": round(first_call_s, 3),
               "ours_setup_s": round(setup_s, 3), "ours_setup_cpu_s": round(setup_cpu, 3),
               "ours_uses_package": editor.fast.packaged is not None,
-              "max_abs_pixel_diff": round(float(diff.max()), 5), "mean_abs_pixel_diff": round(float(diff.mean()), 6)}
+              "max_abs_pixel_diff": round(float(diff.max()), 5), "mean_abs_pixel_diff": round(float(diff.mean()), 6),
+              "mask_threshold": blend_threshold}
+    if "ours_blend" in times:
+        result["ours_blend_s"] = round(times["ours_blend"]["wall"], 4)
+        result["ours_blend_cpu_s"] = round(times["ours_blend"]["cpu"], 4)
     tolerance = 2 / 255 + 1e-6
     if dtype != torch.float32 and (check_fp32 or check_fp32 is None):
         fp32, _ = load_pipeline(config, model, device, torch.float32)

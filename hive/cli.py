@@ -117,7 +117,8 @@ def cmd_train_ship(args: argparse.Namespace) -> int:
     written = ship(Path(args.editor), Path(args.clip), Path(args.models) if args.models else MODELS_DIR,
                    vae_dir=Path(args.vae) if args.vae else None,
                    sampling={k: v for k, v in (("guidance", args.guidance), ("image_guidance", args.image_guidance),
-                                               ("steps", args.steps)) if v is not None})
+                                               ("steps", args.steps), ("mask_threshold", args.mask_threshold))
+                             if v is not None})
     for name, path in written.items():
         print(f"{name}: {path}")
     return 0
@@ -138,7 +139,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     try:
-        editor = Editor(args.model)
+        editor = Editor(args.model, mask_threshold=args.mask_threshold)
         if args.data:
             return _edit_dataset(editor, Path(args.data), out, args)
         if not (args.image and args.instruction is not None):
@@ -204,7 +205,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else None
     try:
-        editor = Editor(args.model)
+        editor = Editor(args.model, mask_threshold=args.mask_threshold)
         other = Editor(args.against) if args.against else None
         report: dict = {"model": editor.model}
         if not args.no_judge:
@@ -258,6 +259,9 @@ def _print_bench(args: argparse.Namespace, result: dict) -> None:
     for k, v in result.items():
         print(f"{k}: {v}")
     print(f"reference {result['reference_s']:.3f} s, ours {result['ours_s']:.3f} s: {result['speedup']:.2f}x")
+    if "ours_blend_s" in result:
+        print(f"ours with the model's local blend (mask threshold {result['mask_threshold']}): "
+              f"{result['ours_blend_s']:.3f} s")
 
 
 def cmd_bench_edit(args: argparse.Namespace) -> int:
@@ -315,7 +319,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from hive.editor import Editor
 
     try:
-        editor = None if args.stand_in else Editor(args.model)
+        editor = None if args.stand_in else Editor(args.model, mask_threshold=args.mask_threshold)
         rep = simulate(editor, args.requests, args.variants, annotators=args.annotators, per_request=args.per_request,
                        noise=args.noise, target=args.target_agreement, seed=args.seed, steps=args.steps,
                        guidance=args.guidance, image_guidance=args.image_guidance, batch=args.batch,
@@ -444,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"text guidance (default: the model's, else {DEFAULT_GUIDANCE})")
         p.add_argument("--image-guidance", type=float, default=None,
                        help=f"image guidance (default: the model's, else {DEFAULT_IMAGE_GUIDANCE})")
+        p.add_argument("--mask-threshold", type=float, default=None,
+                       help="local blend: keep the source outside the instruction's mask (hive.local_blend); "
+                       "0 turns it off (default: the model's, else off)")
 
     # toy
     toy = sub.add_parser("toy", help="the toy world").add_subparsers(dest="toy_command", required=True,
@@ -537,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, help="the editor's default text guidance (hive.json `sampling`)")
     p.add_argument("--image-guidance", type=float, help="the editor's default image guidance")
     p.add_argument("--steps", type=int, help="the editor's default denoising steps")
+    p.add_argument("--mask-threshold", type=float, help="the editor's default local blend threshold (0: off)")
     p.set_defaults(func=cmd_train_ship)
 
     # edit

@@ -20,8 +20,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from hive.defaults import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS, MAX_VARIANTS  # noqa: F401
+from hive.defaults import (DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_MASK_THRESHOLD,  # noqa: F401
+                           DEFAULT_STEPS, MAX_VARIANTS)
 from hive.fastpath import FastOptions, FastSampler, fast_default
+from hive.local_blend import composite, instruction_masks
 
 MAX_PIXELS = 40_000_000  # refuse larger uploads (a 10,000 x 10,000 image is 100 MP)
 MAX_INSTRUCTION_CHARS = 1000
@@ -104,6 +106,7 @@ class VariantRecord:
     model: str
     resolution: int
     scheduler: str
+    mask_threshold: float = 0.0  # local blend (hive.local_blend); 0: the raw model output
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -127,11 +130,13 @@ class Editor:
 
     def __init__(self, model: str | Path | None = None, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None, fast: bool | None = None, fast_options: FastOptions | None = None,
-                 pipe: Any = None):
+                 pipe: Any = None, mask_threshold: float | None = None):
         """`fast`: sample with hive.fastpath.FastSampler (the pipeline's math without its repeated
         work, plus the speed tricks that pay on this device: `fast_options`, default
         `FastOptions.for_device`); False: the plain pipeline call; None: on unless HIVE_FAST=0.
-        `pipe`: an already built pipeline to use instead of loading `model` (benchmarks)."""
+        `pipe`: an already built pipeline to use instead of loading `model` (benchmarks).
+        `mask_threshold`: the local blend's threshold (hive.local_blend; 0 turns it off); None:
+        the model's default."""
         from diffusers import StableDiffusionInstructPix2PixPipeline
 
         self.model = str(model or default_model())
@@ -144,6 +149,9 @@ class Editor:
         self.pipe.set_progress_bar_config(disable=True)
         self.info = read_model_info(self.model)
         self.defaults = sampling_defaults(self.info)
+        self.mask_threshold = float(self.defaults["mask_threshold"] if mask_threshold is None else mask_threshold)
+        if not 0.0 <= self.mask_threshold < 1.0:
+            raise EditorInputError(f"mask_threshold must be in [0, 1), not {self.mask_threshold}")
         self.resolution = int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
         use_fast = fast_default() if fast is None else bool(fast)
         self.fast: FastSampler | None = None
@@ -193,7 +201,7 @@ class Editor:
         seeds = [base_seed + i for i in range(int(variants))]
         outputs = self.sample([source], [prompt], [seeds], int(steps), float(guidance), float(image_guidance))[0]
         records = [VariantRecord(i, s, int(steps), float(guidance), float(image_guidance), instruction, prompt,
-                                 self.model, self.resolution, type(self.pipe.scheduler).__name__)
+                                 self.model, self.resolution, type(self.pipe.scheduler).__name__, self.mask_threshold)
                    for i, s in enumerate(seeds)]
         return EditResult(outputs, records)
 
@@ -203,12 +211,15 @@ class Editor:
         """Edit several sources at once (one pipeline call); sources[j] gets len(seeds[j]) variants.
 
         Each source is resized to the model's square resolution and each output back to the
-        source's size. Settings left None take the model's defaults."""
+        source's size; with a local blend (`self.mask_threshold` > 0) each output then keeps the
+        source's own pixels outside the instruction's mask. Settings left None take the model's
+        defaults."""
         steps, guidance, image_guidance = self.settings(steps, guidance, image_guidance)
         res = self.resolution
-        images, texts, generators, owners = [], [], [], []
+        images, texts, generators, owners, smalls = [], [], [], [], []
         for j, (src, prompt, ss) in enumerate(zip(sources, prompts, seeds)):
             small = src.resize((res, res), Image.Resampling.BICUBIC) if src.size != (res, res) else src
+            smalls.append(small)
             for s in ss:
                 images.append(small)
                 texts.append(prompt)
@@ -219,10 +230,12 @@ class Editor:
         else:
             edited = self.pipe(prompt=texts, image=images, num_inference_steps=steps, guidance_scale=guidance,
                                image_guidance_scale=image_guidance, generator=generators, output_type="pil").images
+        masks = instruction_masks(self.pipe, smalls, prompts, self.mask_threshold) if self.mask_threshold > 0 else None
         outputs: list[list[Image.Image]] = [[] for _ in sources]
         for owner, out in zip(owners, edited):
             src = sources[owner]
-            outputs[owner].append(out.resize(src.size, Image.Resampling.BICUBIC) if out.size != src.size else out)
+            out = out.resize(src.size, Image.Resampling.BICUBIC) if out.size != src.size else out
+            outputs[owner].append(composite(src, out, masks[owner]) if masks is not None else out)
         return outputs
 
 
@@ -230,7 +243,8 @@ def sampling_defaults(info: dict) -> dict[str, float]:
     """A model's default steps and guidance: its hive.json `sampling` (a small toy editor follows
     instructions best at a text guidance far below SD's 7.5, measured by `evaluate --guidance`),
     else the global defaults of hive.defaults."""
-    out = {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE, "image_guidance": DEFAULT_IMAGE_GUIDANCE}
+    out = {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE, "image_guidance": DEFAULT_IMAGE_GUIDANCE,
+           "mask_threshold": DEFAULT_MASK_THRESHOLD}
     given = info.get("sampling") or {}
     unknown = set(given) - set(out)
     if unknown:

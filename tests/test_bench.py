@@ -63,3 +63,17 @@ def test_cli_bench_train_json(capsys, results_dir):
     result = json.loads(last)
     assert result["benchmark"] == "train" and result["speedup"] > 0
     assert not list(results_dir.glob("*.json"))  # --no-record
+
+
+def test_bench_edit_compares_like_for_like_and_times_the_local_blend(tiny_pipeline, tmp_path, results_dir):
+    import shutil
+
+    from hive.bench import bench_edit
+
+    folder = tmp_path / "blended"
+    shutil.copytree(tiny_pipeline, folder)
+    (folder / "hive.json").write_text(json.dumps({"sampling": {"mask_threshold": 0.5}}))
+    result = bench_edit(str(folder), variants=2, steps=2, repeats=1, record_result=False)
+    assert result["mask_threshold"] == 0.5
+    assert result["outputs_agree"]  # the compared call has no blend: same math as the pipeline
+    assert result["ours_blend_s"] > 0 and len(result["ours_all_s"]) == 1
