@@ -188,7 +188,8 @@ def _edit_dataset(editor, data: Path, out: Path, args: argparse.Namespace) -> in
                 rel = f"images/{r['id']}_{k}.png"
                 save_png_atomic(img, out / rel)
                 paths.append(rel)
-            results.append({"id": r["id"], "output_images": paths, "seeds": ss})
+            results.append({"id": r["id"], "output_images": paths, "seeds": ss,
+                            "mask_threshold": editor.mask_threshold})
     write_jsonl_atomic(out / "metadata.jsonl", results)
     if args.json:
         print_json({"out": str(out), "rows": len(results)})
@@ -206,7 +207,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     try:
         editor = Editor(args.model, mask_threshold=args.mask_threshold)
-        other = Editor(args.against) if args.against else None
+        other = Editor(args.against, mask_threshold=args.mask_threshold) if args.against else None
         report: dict = {"model": editor.model}
         if not args.no_judge:
             report = evaluate_toy(editor=editor, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,

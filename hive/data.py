@@ -101,8 +101,8 @@ def parse_kind_weights(text: str) -> dict[str, float]:
             weights[kind] = float(value)
         except ValueError:
             raise ValueError(f"kind weights: {value!r} is not a number") from None
-        if weights[kind] < 0:
-            raise ValueError(f"kind weights: {kind} has a negative weight")
+        if not np.isfinite(weights[kind]) or weights[kind] < 0:
+            raise ValueError(f"kind weights: {kind} needs a finite weight of 0 or more, not {value}")
     if weights and sum(weights.get(k, 1.0) for k in toy.EDIT_KINDS) <= 0:
         raise ValueError("kind weights: at least one kind needs a positive weight")
     return weights

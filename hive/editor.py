@@ -251,6 +251,9 @@ def sampling_defaults(info: dict) -> dict[str, float]:
         raise ValueError(f"hive.json sampling: unknown keys {sorted(unknown)}; known: {sorted(out)}")
     out.update({k: float(v) for k, v in given.items()})
     out["steps"] = int(out["steps"])
+    if not 0.0 <= out["mask_threshold"] < 1.0:
+        raise ValueError(f"hive.json sampling: mask_threshold must be in [0, 1) (0: no local blend), "
+                         f"not {out['mask_threshold']}")
     return out
 
 

@@ -57,7 +57,8 @@ def evaluate_toy(model: str | None = None, n: int = 300, seed: int = EVAL_SEED_B
             }
     report = {
         "model": editor.model, "n": n, "first_seed": seed, "steps": steps, "guidance": guidance,
-        "image_guidance": image_guidance, "success": sum(r["success"] for r in rows) / max(1, len(rows)),
+        "image_guidance": image_guidance, "mask_threshold": editor.mask_threshold,
+        "success": sum(r["success"] for r in rows) / max(1, len(rows)),
         "per_kind": per_kind, "seconds": round(time.time() - started, 1),
     }
     if out is not None:

@@ -3,7 +3,7 @@
 A small editor redraws the whole picture, so objects the instruction never named come back with
 soft, slightly wrong outlines, and the edit fails on pixels it should not have touched (the
 toy editor's adds and moves failed almost only on that). The UNet already knows where the edit
-is: the instruction changes its noise prediction there and hardly anywhere else. As in DiffEdit
+is: the instruction changes its prediction (noise or v) there and hardly anywhere else. As in DiffEdit
 (Couairon et al. 2022), the source is noised at a few mid-schedule timesteps with a few fixed
 noises, the text-conditioned and the text-free predictions (both with the source as the image
 condition) are compared, and their difference, summed and normalised by its maximum, is
@@ -30,6 +30,7 @@ from PIL import Image
 MASK_TIMESTEP_FRACTIONS = (0.85, 0.70, 0.55)
 MASK_NOISES = 6
 MASK_NOISE_SEED = 0
+MASK_SOURCES_PER_CALL = 8  # a UNet call sees 12 rows per source: bounds memory at SD-1.5 size
 
 
 @torch.inference_mode()
@@ -37,6 +38,10 @@ def instruction_effect(pipe, images: Sequence[Image.Image], prompts: Sequence[st
     """(B, h, w) map, per source, of how much prompts[i] moves the UNet's prediction on images[i]
     (mean absolute difference over channels, summed over timesteps and noises), normalised so
     that each map's maximum is 1. Images must be at the model's resolution."""
+    if len(images) > MASK_SOURCES_PER_CALL:
+        step = MASK_SOURCES_PER_CALL
+        return torch.cat([instruction_effect(pipe, images[i:i + step], prompts[i:i + step])
+                          for i in range(0, len(images), step)])
     device = pipe._execution_device
     dtype = pipe.unet.dtype
     tok = pipe.tokenizer

@@ -238,7 +238,8 @@ def simulate(editor, requests: int, variants: int = 4, annotators: int = 1, per_
 
     params = {"steps": steps, "guidance": guidance,
               "image_guidance": image_guidance if variant_image_guidance is None else per_variant,
-              "model": editor.model if editor is not None else "stand-in"}
+              "model": editor.model if editor is not None else "stand-in",
+              "mask_threshold": editor.mask_threshold if editor is not None else None}
     store = ImageStore()
     request_ids = []
     with session_scope(url) as s:

@@ -215,7 +215,8 @@ class HiveService:
             req = fb.create_edit_request(
                 s, who.user_id, src.id, " ".join(instruction.split()), version.id,
                 params={"variants": c.variants, "seed": records[0]["seed"], "steps": c.steps,
-                        "guidance": c.guidance, "image_guidance": c.image_guidance, "model": version.path,
+                        "guidance": c.guidance, "image_guidance": c.image_guidance,
+                        "mask_threshold": records[0]["mask_threshold"], "model": version.path,
                         "model_version": version.name},
                 consent=bool(consent))
             rows = [(get_or_create_image(s, self.store, img).id, rec["seed"], rec)

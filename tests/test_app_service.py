@@ -56,7 +56,8 @@ def test_edit_without_settings_uses_the_promoted_models_defaults(hive, editor_po
     shutil.copytree(tiny_pipeline, folder)
     (folder / "hive.json").write_text(json.dumps({"sampling": {"steps": 2, "guidance": 3.0, "image_guidance": 1.2}}))
     svc = HiveService(AppConfig(model=str(folder), explicit_model=True), store=hive.store, editors=editor_pool)
-    assert svc.sampling_defaults() == {"steps": 2, "guidance": 3.0, "image_guidance": 1.2}  # the UI's sliders
+    assert svc.sampling_defaults() == {"steps": 2, "guidance": 3.0, "image_guidance": 1.2,
+                                       "mask_threshold": 0.0}  # the UI's sliders, and no local blend
     out = svc.edit(svc.auth.guest(), toy_source(), "make the circle blue", variants=2, seed=1)
     assert {(r["steps"], r["guidance"], r["image_guidance"]) for r in out.records} == {(2, 3.0, 1.2)}
     with session_scope(write=False) as s:

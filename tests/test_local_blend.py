@@ -44,6 +44,68 @@ def test_mask_is_where_the_text_moves_the_prediction(tiny_pipeline, scene):
     assert not masks[h // 2:, :].any() and not masks[:, w // 2:].any()
 
 
+class RecordsItsInput(torch.nn.Module):
+    dtype = torch.float32
+
+    def __init__(self):
+        super().__init__()
+        self.samples = []
+
+    def forward(self, sample, timestep, encoder_hidden_states, return_dict=False):
+        self.samples.append((int(timestep), sample.clone()))
+        return (sample[:, :4],)
+
+
+def test_the_unet_sees_the_source_noised_as_the_training_schedule_does(tiny_pipeline, scene):
+    from diffusers import DDPMScheduler
+
+    from hive.local_blend import MASK_NOISE_SEED, MASK_NOISES
+
+    editor = Editor(tiny_pipeline, device="cpu")
+    unet = RecordsItsInput()
+    pipe = SimpleNamespace(**{k: getattr(editor.pipe, k) for k in ("tokenizer", "text_encoder", "vae",
+                                                                    "image_processor", "scheduler")},
+                           unet=unet, _execution_device=torch.device("cpu"))
+    img = scene.input_image.resize((editor.resolution, editor.resolution))
+    instruction_effect(pipe, [img], ["make the background white"])
+    pixels = editor.pipe.image_processor.preprocess([img])
+    with torch.no_grad():
+        latents = editor.pipe.vae.encode(pixels).latent_dist.mode()
+    clean = latents * editor.pipe.vae.config.scaling_factor
+    noise = torch.randn((MASK_NOISES, *clean.shape[1:]), generator=torch.Generator("cpu").manual_seed(MASK_NOISE_SEED))
+    ddpm = DDPMScheduler.from_config(editor.pipe.scheduler.config)  # an independent add_noise
+    assert [t for t, _ in unet.samples] == [849, 699, 549]
+    for t, sample in unet.samples:
+        expected = ddpm.add_noise(clean.expand(MASK_NOISES, -1, -1, -1), noise, torch.tensor([t] * MASK_NOISES))
+        rows = sample[: MASK_NOISES]  # the text branch's rows of this source
+        torch.testing.assert_close(rows[:, :4], expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(rows[:, 4:], latents.expand(MASK_NOISES, -1, -1, -1))  # unscaled condition
+
+
+def test_batched_sources_each_get_their_own_mask(tiny_pipeline, tmp_path):
+    from hive import toy
+
+    folder = tmp_path / "blended"
+    shutil.copytree(tiny_pipeline, folder)
+    (folder / "hive.json").write_text(json.dumps({"sampling": {"mask_threshold": 0.5, "steps": 2}}))
+    editor = Editor(folder, device="cpu")
+    a, b = toy.sample_example(11), toy.sample_example(12)
+    prompts = [editor.prompt_for(a.edit.instruction), editor.prompt_for(b.edit.instruction)]
+    res = editor.resolution
+    smalls = [a.input_image.resize((res, res)), b.input_image.resize((res, res))]
+    together = instruction_effect(editor.pipe, smalls, prompts)
+    for i in range(2):
+        alone = instruction_effect(editor.pipe, smalls[i:i + 1], prompts[i:i + 1])[0]
+        torch.testing.assert_close(together[i], alone, rtol=1e-4, atol=1e-5)
+    outs = editor.sample([a.input_image, b.input_image], prompts, [[1], [2]])
+    masks = instruction_masks(editor.pipe, smalls, prompts, 0.5)
+    assert not np.array_equal(masks[0], masks[1])  # so a swap would show
+    for ex, out, mask in zip((a, b), outs, masks):
+        big = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(ex.input_image.size,
+                                                                             Image.Resampling.NEAREST)) > 0
+        assert np.array_equal(np.asarray(out[0])[~big], np.asarray(ex.input_image)[~big])
+
+
 def test_effect_is_deterministic_and_depends_on_the_instruction(tiny_editor, scene):
     img = scene.input_image.resize((tiny_editor.resolution, tiny_editor.resolution))
     a = instruction_effect(tiny_editor.pipe, [img], ["make the background white"])
@@ -92,6 +154,9 @@ def test_editor_blends_from_the_model_folder_and_records_it(tiny_pipeline, tmp_p
     assert np.array_equal(np.asarray(again.images[0]), np.asarray(a.images[1]))
     with pytest.raises(EditorInputError, match="mask_threshold"):
         Editor(folder, device="cpu", mask_threshold=1.5)
+    (folder / "hive.json").write_text(json.dumps({"sampling": {"mask_threshold": -0.1}}))
+    with pytest.raises(ValueError, match="mask_threshold must be in"):
+        Editor(folder, device="cpu")
 
 
 @pytest.fixture()

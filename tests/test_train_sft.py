@@ -150,7 +150,7 @@ def test_kind_weights_draw_kinds_unevenly_and_deterministically():
 def test_kind_weights_parse_and_refuse_bad_text():
     assert parse_kind_weights("resize=3, add=2") == {"resize": 3.0, "add": 2.0}
     assert parse_kind_weights("") == {}
-    for bad in ("resize", "grow=2", "add=x", "add=-1",
+    for bad in ("resize", "grow=2", "add=x", "add=-1", "add=nan", "add=inf",
                 "add=0,remove=0,recolour=0,move=0,resize=0,background=0"):
         with pytest.raises(ValueError):
             parse_kind_weights(bad)
