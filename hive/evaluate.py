@@ -5,6 +5,7 @@ comparisons of two editors judged by simulated annotators (win / tie / loss with
 from __future__ import annotations
 
 import os
+import textwrap
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -97,16 +98,8 @@ def grid_by_kind(editor: Editor, out_png: Path, seed: int = EVAL_SEED_BASE + 50_
     for r, (ex, imgs, verdicts) in enumerate(rows):
         y = header + r * (cell + 18 + pad)
         canvas.paste(ex.input_image.resize((cell, cell), Image.Resampling.NEAREST), (pad, y))
-        words, lines, line = ex.edit.instruction.split(), [], ""
-        for w in words:
-            if len(line) + len(w) + 1 > 34:
-                lines.append(line)
-                line = w
-            else:
-                line = f"{line} {w}".strip()
-        lines.append(line)
         draw.text((pad + cell + pad, y + 4), f"[{ex.edit.kind}]", fill=(90, 90, 90))
-        for li, text in enumerate(lines):
+        for li, text in enumerate(textwrap.wrap(ex.edit.instruction, 34)):
             draw.text((pad + cell + pad, y + 20 + 12 * li), text, fill=(0, 0, 0))
         canvas.paste(ex.clean_image.resize((cell, cell), Image.Resampling.NEAREST), (x0, y))
         for v, (im, ok) in enumerate(zip(imgs, verdicts)):

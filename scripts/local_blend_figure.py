@@ -11,6 +11,7 @@ the blend matters most; the variant seed is the example's seed, as in `evaluate`
 from __future__ import annotations
 
 import argparse
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -78,15 +79,7 @@ def main() -> None:
         big = lambda im: im.resize((cell, cell), Image.Resampling.NEAREST)  # noqa: E731
         canvas.paste(big(ex.input_image), (xs[0], y))
         draw.text((xs[1], y + 4), f"[{ex.edit.kind}]", fill=(90, 90, 90))
-        words, line, lines = ex.edit.instruction.split(), "", []
-        for w in words:
-            if len(line) + len(w) + 1 > 30:
-                lines.append(line)
-                line = w
-            else:
-                line = f"{line} {w}".strip()
-        lines.append(line)
-        for li, text in enumerate(lines):
+        for li, text in enumerate(textwrap.wrap(ex.edit.instruction, 30)):
             draw.text((xs[1], y + 20 + 12 * li), text, fill=(0, 0, 0))
         canvas.paste(big(raw), (xs[2], y))
         canvas.paste(effect_picture(effect, mask, cell), (xs[3], y))
