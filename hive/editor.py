@@ -149,9 +149,8 @@ class Editor:
         self.pipe.set_progress_bar_config(disable=True)
         self.info = read_model_info(self.model)
         self.defaults = sampling_defaults(self.info)
-        self.mask_threshold = float(self.defaults["mask_threshold"] if mask_threshold is None else mask_threshold)
-        if not 0.0 <= self.mask_threshold < 1.0:
-            raise EditorInputError(f"mask_threshold must be in [0, 1), not {self.mask_threshold}")
+        self.mask_threshold = checked_mask_threshold(
+            self.defaults["mask_threshold"] if mask_threshold is None else mask_threshold, "the editor")
         self.resolution = int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
         use_fast = fast_default() if fast is None else bool(fast)
         self.fast: FastSampler | None = None
@@ -251,10 +250,16 @@ def sampling_defaults(info: dict) -> dict[str, float]:
         raise ValueError(f"hive.json sampling: unknown keys {sorted(unknown)}; known: {sorted(out)}")
     out.update({k: float(v) for k, v in given.items()})
     out["steps"] = int(out["steps"])
-    if not 0.0 <= out["mask_threshold"] < 1.0:
-        raise ValueError(f"hive.json sampling: mask_threshold must be in [0, 1) (0: no local blend), "
-                         f"not {out['mask_threshold']}")
+    checked_mask_threshold(out["mask_threshold"], "hive.json sampling")
     return out
+
+
+def checked_mask_threshold(value: float, where: str) -> float:
+    """The local blend's threshold, or EditorInputError (a ValueError) naming `where` it came from."""
+    value = float(value)
+    if not 0.0 <= value < 1.0:
+        raise EditorInputError(f"{where}: mask_threshold must be in [0, 1) (0: no local blend), not {value}")
+    return value
 
 
 def read_model_info(model: str) -> dict:

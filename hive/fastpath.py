@@ -249,6 +249,40 @@ def load_unet_package(pipe, options: FastOptions, device: torch.device, build: b
     return PackagedUNet(torch._inductor.aoti_load_package(str(path)), unet, latent_hw)
 
 
+# ---------------------------------------------------------------- encoding (the sampler, the local blend)
+def encode_prompts(pipe, prompts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeddings of each prompt, embedding of the empty prompt), each distinct prompt once."""
+    distinct = list(dict.fromkeys(prompts))
+    tok = pipe.tokenizer
+    ids = tok(distinct + [""], padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt")
+    mask = None
+    if getattr(pipe.text_encoder.config, "use_attention_mask", False):
+        mask = ids.attention_mask.to(device)
+    embeds = pipe.text_encoder(ids.input_ids.to(device), attention_mask=mask)[0]
+    embeds = embeds.to(dtype=pipe.text_encoder.dtype, device=device)
+    index = torch.tensor([distinct.index(p) for p in prompts], device=device)
+    return embeds[:-1][index], embeds[-1:]
+
+
+def encode_images(pipe, images: Sequence[Image.Image], device: torch.device, channels_last: bool = False
+                  ) -> torch.Tensor:
+    """VAE latents (the distribution's mode, unscaled, as the pipeline uses them) of each image;
+    an image object passed several times is encoded once."""
+    order: dict[int, int] = {}
+    distinct: list[Image.Image] = []
+    for im in images:
+        if id(im) not in order:
+            order[id(im)] = len(distinct)
+            distinct.append(im)
+    pixels = pipe.image_processor.preprocess(distinct).to(device=device, dtype=pipe.text_encoder.dtype)
+    if channels_last:
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+    latents = pipe.vae.encode(pixels).latent_dist.mode()
+    index = torch.tensor([order[id(im)] for im in images], device=device)
+    return latents[index].contiguous()
+
+
 # ---------------------------------------------------------------- the sampler
 class FastSampler:
     """InstructPix2Pix sampling with the pipeline's math and the fast path's tricks.
@@ -284,39 +318,6 @@ class FastSampler:
         self._step_takes_generator = "generator" in step_params
         self._step_takes_eta = "eta" in step_params
 
-    # -- pieces ------------------------------------------------------------------------------
-    def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embeddings of each prompt, embedding of the empty prompt), each distinct prompt once."""
-        pipe = self.pipe
-        distinct = list(dict.fromkeys(prompts))
-        tok = pipe.tokenizer
-        ids = tok(distinct + [""], padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt")
-        mask = None
-        if getattr(pipe.text_encoder.config, "use_attention_mask", False):
-            mask = ids.attention_mask.to(self.device)
-        embeds = pipe.text_encoder(ids.input_ids.to(self.device), attention_mask=mask)[0]
-        embeds = embeds.to(dtype=pipe.text_encoder.dtype, device=self.device)
-        index = torch.tensor([distinct.index(p) for p in prompts], device=self.device)
-        return embeds[:-1][index], embeds[-1:]
-
-    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """VAE latents (the distribution's mode, unscaled, as the pipeline uses them) of each
-        image; an image object passed several times is encoded once."""
-        pipe = self.pipe
-        order: dict[int, int] = {}
-        distinct: list[Image.Image] = []
-        for im in images:
-            if id(im) not in order:
-                order[id(im)] = len(distinct)
-                distinct.append(im)
-        pixels = pipe.image_processor.preprocess(distinct).to(device=self.device, dtype=pipe.text_encoder.dtype)
-        if self.options.channels_last:
-            pixels = pixels.contiguous(memory_format=torch.channels_last)
-        latents = pipe.vae.encode(pixels).latent_dist.mode()
-        index = torch.tensor([order[id(im)] for im in images], device=self.device)
-        return latents[index].contiguous()
-
     # -- the loop ----------------------------------------------------------------------------
     @torch.inference_mode()
     def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str], generators: list[torch.Generator],
@@ -331,8 +332,8 @@ class FastSampler:
                              f"{len(generators)}")
         batch = len(prompts)
         cfg = guidance > 1.0 and image_guidance >= 1.0  # the pipeline's do_classifier_free_guidance
-        text, null_text = self.encode_prompts(prompts)
-        image_latents = self.encode_images(images)
+        text, null_text = encode_prompts(pipe, prompts, self.device)
+        image_latents = encode_images(pipe, images, self.device, channels_last=self.options.channels_last)
         dtype = text.dtype
         if cfg:  # branches: (text, image), (no text, image), (no text, no image), as the pipeline orders them
             null = null_text.expand(batch, -1, -1)

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hive.fastpath import encode_images, encode_prompts
+
 # Where the mask is read, as fractions of the training schedule (t = 849, 699, 549 of 1000):
 # at high noise the instruction's effect is spread over the whole picture, at low noise it
 # follows the noise more than the edit.
@@ -44,13 +46,8 @@ def instruction_effect(pipe, images: Sequence[Image.Image], prompts: Sequence[st
                           for i in range(0, len(images), step)])
     device = pipe._execution_device
     dtype = pipe.unet.dtype
-    tok = pipe.tokenizer
-    ids = tok(list(prompts) + [""], padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids.to(device)
-    embeds = pipe.text_encoder(ids)[0].to(dtype)
-    text, null = embeds[:-1], embeds[-1:]
-    pixels = pipe.image_processor.preprocess(list(images)).to(device=device, dtype=dtype)
-    image_latents = pipe.vae.encode(pixels).latent_dist.mode()  # the image condition, unscaled
+    text, null = encode_prompts(pipe, prompts, device)
+    image_latents = encode_images(pipe, images, device)  # the image condition, unscaled
     clean = image_latents * pipe.vae.config.scaling_factor  # the same image in the denoising space
     batch, channels, height, width = clean.shape
     n = MASK_NOISES

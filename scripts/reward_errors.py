@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hive.reward import RewardModel  # noqa: E402
-from hive.simulate import truly_ordered_pairs  # noqa: E402
+from hive.simulate import score_agreement, truly_ordered_pairs  # noqa: E402
 from hive.train_reward import (ImageCache, clip_direction_scores, rankings_from_db, score_rankings,  # noqa: E402
                                split_experiment)
 
@@ -41,12 +41,9 @@ def stored_kinds(home: Path, request_ids: set[int]) -> dict[int, str]:
     return {int(i): (p or {}).get("kind", "unknown") for i, p in rows}
 
 
-def agreement(score_a: float, score_b: float, truth: int) -> float:
-    """1 if the scores order a pair as the truth does, 0 if not, 0.5 if they tie (as
-    `hive.simulate.score_agreement`)."""
-    if score_a == score_b:
-        return 0.5
-    return float((score_a > score_b) == (truth > 0))
+def agreement(q: list[float], scores: list[float], a: int, b: int) -> float:
+    """`hive.simulate.score_agreement` on the one pair (a, b): 1 right, 0 wrong, 0.5 tied scores."""
+    return score_agreement([q[a], q[b]], [scores[a], scores[b]])[0]
 
 
 def main() -> None:
@@ -65,12 +62,12 @@ def main() -> None:
     kinds = stored_kinds(args.home, {r.request_id for r in test})
     rows = []  # gap, kind, reward model right, annotator right, CLIP captions right
     for r, s, c in zip(test, rewards, captions):
-        for a, b, truth in truly_ordered_pairs(r.true_quality):
-            ra = math.inf if r.ranks[a] is None else r.ranks[a]
-            rb = math.inf if r.ranks[b] is None else r.ranks[b]
-            annotator = 0.5 if ra == rb else float((ra < rb) == (truth > 0))
-            rows.append((abs(r.true_quality[a] - r.true_quality[b]), kinds[r.request_id],
-                         agreement(s[a], s[b], truth), annotator, agreement(c[a], c[b], truth)))
+        q = list(r.true_quality)
+        unranked = len(q) + 1  # a variant the annotator left unranked comes after every ranked one
+        by_rank = [-(unranked if k is None else k) for k in r.ranks]  # higher is better, as the scores
+        for a, b, _ in truly_ordered_pairs(q):
+            rows.append((abs(q[a] - q[b]), kinds[r.request_id],
+                         agreement(q, s, a, b), agreement(q, by_rank, a, b), agreement(q, c, a, b)))
     print(f"{'pairs':<22}{'n':>5}  reward  annotator  CLIP(captions)")
 
     def line(name: str, sel: list) -> None:
