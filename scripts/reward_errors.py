@@ -5,7 +5,9 @@
 Prints pairwise accuracy against the noise-free order for the reward model, one simulated
 annotator and CLIP direction with the captions, by quality gap (under 0.05, 0.05-0.14, 0.14
 and over) and by edit kind, on the experiment's split (`split_experiment`: the last
-`--test-requests` requests by toy seed). `--sheet` draws the requests with a big-gap pair the
+`--test-requests` requests by toy seed), and 95% intervals of the reward model's lead over the
+annotator and over CLIP, from a bootstrap over requests (pairs of one request are not
+independent: four variants that all failed alike give six pairs that stand or fall together). `--sheet` draws the requests with a big-gap pair the
 model orders wrongly: source, then each variant with its true quality (q) and raw reward (s).
 """
 
@@ -23,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hive.reward import RewardModel  # noqa: E402
 from hive.simulate import score_agreement, truly_ordered_pairs  # noqa: E402
-from hive.train_reward import (ImageCache, clip_direction_scores, rankings_from_db, score_rankings,  # noqa: E402
-                               split_experiment)
+from hive.train_reward import (ImageCache, bootstrap_lead, clip_direction_scores, rankings_from_db,  # noqa: E402
+                               score_rankings, split_experiment)
 
 GAPS = ((0.0, 0.05), (0.05, 0.14), (0.14, math.inf))
 
@@ -60,25 +62,33 @@ def main() -> None:
     rewards = score_rankings(model, test, cache)
     captions = clip_direction_scores(model.clip, model.tokenizer, test, cache)
     kinds = stored_kinds(args.home, {r.request_id for r in test})
-    rows = []  # gap, kind, reward model right, annotator right, CLIP captions right
+    rows = []  # gap, kind, reward model right, annotator right, CLIP captions right, request
     for r, s, c in zip(test, rewards, captions):
         q = list(r.true_quality)
         unranked = len(q) + 1  # a variant the annotator left unranked comes after every ranked one
         by_rank = [-(unranked if k is None else k) for k in r.ranks]  # higher is better, as the scores
         for a, b, _ in truly_ordered_pairs(q):
             rows.append((abs(q[a] - q[b]), kinds[r.request_id],
-                         agreement(q, s, a, b), agreement(q, by_rank, a, b), agreement(q, c, a, b)))
+                         agreement(q, s, a, b), agreement(q, by_rank, a, b), agreement(q, c, a, b), r.request_id))
     print(f"{'pairs':<22}{'n':>5}  reward  annotator  CLIP(captions)")
 
     def line(name: str, sel: list) -> None:
         if sel:
-            m = np.array([x[2:] for x in sel]).mean(0)
+            m = np.array([x[2:5] for x in sel]).mean(0)
             print(f"{name:<22}{len(sel):>5}  {m[0]:.3f}   {m[1]:.3f}      {m[2]:.3f}")
     line("all", rows)
     for lo, hi in GAPS:
         line(f"gap {lo:g}-{hi:g}", [x for x in rows if lo <= x[0] < hi])
     for kind in sorted({x[1] for x in rows}):
         line(kind, [x for x in rows if x[1] == kind])
+    for name, column in (("annotator", 3), ("CLIP(captions)", 4)):
+        per_request: dict[int, list[float]] = {}
+        for x in rows:
+            acc = per_request.setdefault(x[5], [0.0, 0.0, 0])
+            acc[0], acc[1], acc[2] = acc[0] + x[2], acc[1] + x[column], acc[2] + 1
+        lead = bootstrap_lead(np.array(list(per_request.values())))
+        print(f"reward model minus {name}: {lead['lead']:+.3f} "
+              f"(95% bootstrap interval over requests {lead['low']:+.3f} to {lead['high']:+.3f})")
     if args.sheet:
         wrong = [(r, s) for r, s in zip(test, rewards)
                  if any(abs(r.true_quality[a] - r.true_quality[b]) >= GAPS[-1][0] and (s[a] > s[b]) != (t > 0)

@@ -12,9 +12,9 @@ from PIL import Image
 
 from hive import toy
 from hive.reward import RewardModel
-from hive.train_reward import (Ranking, RewardTrainConfig, bradley_terry_loss, pair_accuracy, plackett_luce_loss,
-                               noise_free, single_annotator_accuracy, split_by_request, train_reward,
-                               true_order_accuracy)
+from hive.train_reward import (Ranking, RewardTrainConfig, bootstrap_lead, bradley_terry_loss, lead_over_annotator,
+                               noise_free, pair_accuracy, plackett_luce_loss, single_annotator_accuracy,
+                               split_by_request, train_reward, true_order_accuracy)
 
 
 def build_tiny_clip(dest: Path, vit_l_shaped: bool = False) -> Path:
@@ -434,3 +434,26 @@ def test_change_locator_needs_the_change_head_and_a_frozen_backbone(tmp_path):
         with pytest.raises(ValueError, match="frozen backbone"):
             train_reward(rankings, tmp_path / "run", cfg, progress=False)
         assert not (tmp_path / "run").exists()
+
+
+def test_lead_over_annotator_counts_requests_not_pairs():
+    truth = [0.9, 0.5, 0.2, 0.1]  # six pairs the noise-free order does not tie
+    right = np.array([4.0, 3.0, 2.0, 1.0])
+    # request 1: the annotator has it right, the scorer wrong; requests 2-4: the other way round
+    rankings = [_ranking([1, 2, 3, 4], 1, 1, truth)] + [_ranking([4, 3, 2, 1], k, k, truth) for k in (2, 3, 4)]
+    scores = [right[::-1]] + [right] * 3
+    lead = lead_over_annotator(rankings, scores)
+    assert lead["requests"] == 4
+    assert lead["lead"] == pytest.approx((3 * 6 - 6) / 24)  # scorer 18 of 24 pairs, annotator 6 of 24
+    assert lead["low"] < lead["lead"] < lead["high"] <= 1.0
+    # two annotators on one request: their mean agreement counts once
+    both = [_ranking([1, 2, 3, 4], 1, 1, truth), _ranking([4, 3, 2, 1], 1, 2, truth)]
+    assert lead_over_annotator(both, [right, right])["lead"] == pytest.approx(0.5)
+
+
+def test_bootstrap_lead_interval_widens_when_pairs_cluster():
+    spread = np.array([[1.0, 0.0, 1.0]] * 60 + [[0.0, 1.0, 1.0]] * 40)  # 100 requests of one pair
+    clustered = np.array([[10.0, 0.0, 10.0]] * 6 + [[0.0, 10.0, 10.0]] * 4)  # the same pairs in 10 requests
+    a, b = bootstrap_lead(spread), bootstrap_lead(clustered)
+    assert a["lead"] == pytest.approx(b["lead"]) == pytest.approx(0.2)
+    assert b["high"] - b["low"] > 2 * (a["high"] - a["low"])
