@@ -419,8 +419,8 @@ def test_dashboard_builds_with_and_without_data(svc, accounts):
 
     empty = dashboard.build()
     assert "0 rankings" in empty["summary"]
-    for name in ("ann", "bea"):
-        rid = _request(svc, accounts["boss"])[0] if name == "ann" else rid
+    rid = _request(svc, accounts["boss"])[0]
+    for name in ("ann", "bea"):  # two annotators rank the same request
         item = svc.request_item(accounts[name], rid)
         svc.submit_ranking(accounts[name], rid, [item.variant_ids[0], item.variant_ids[1:]])
     full = dashboard.build()

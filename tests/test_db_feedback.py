@@ -212,7 +212,7 @@ RANKING_REFUSALS: list[tuple[str, Callable[[Scenario], dict], str]] = [
     ("unknown variant", lambda sc: dict(ranks={**_full(sc), 999: 5}), "unknown variant 999"),
     ("variant of another request",
      lambda sc: dict(ranks={**_full(sc), sc.other_variant_ids[0]: 5}),
-     rf"belongs to request \d+, not to request"),
+     r"belongs to request \d+, not to request"),
     ("missing variant", lambda sc: dict(ranks={sc.variant_ids[0]: 1, sc.variant_ids[1]: 2}),
      r"are not ranked: rank every variant .* or give top_k"),
     ("repeated variant", lambda sc: dict(ranks=[(v, 1) for v in sc.variant_ids] + [(sc.variant_ids[0], 2)]),
