@@ -324,7 +324,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         rep = simulate(editor, args.requests, args.variants, annotators=args.annotators, per_request=args.per_request,
                        noise=args.noise, target=args.target_agreement, seed=args.seed, steps=args.steps,
                        guidance=args.guidance, image_guidance=args.image_guidance, batch=args.batch,
-                       variant_image_guidance=args.variant_image_guidance)
+                       variant_image_guidance=args.variant_image_guidance,
+                       variant_mask_threshold=args.variant_mask_threshold)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -418,7 +419,8 @@ def cmd_reward_experiment(args: argparse.Namespace) -> int:
                                 curve=curve, config=_reward_config(args), steps=args.sample_steps, batch=args.batch,
                                 sim_dir=Path(args.sim) if args.sim else None, resample=args.resample,
                                 repeats=args.repeats, noise_free_bound=args.noise_free_bound,
-                                variant_image_guidance=args.variant_image_guidance)
+                                variant_image_guidance=args.variant_image_guidance,
+                                variant_mask_threshold=args.variant_mask_threshold)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -430,8 +432,12 @@ def cmd_reward_experiment(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- the parser
+VARIANT_MASK_THRESHOLD_HELP = ("one local-blend mask threshold per variant (e.g. 0,0.2,0.35,0.5; 0: the raw output): "
+                               "variants that differ more, so more of the pairs annotators rank are not equally good "
+                               "(default: every variant at the editor's setting)")
 VARIANT_IMAGE_GUIDANCE_HELP = ("one image guidance per variant (e.g. 1.2,1.6,2,2.4): variant v of every request is "
                                "sampled at its own value (default: every variant at the model's setting)")
+
 
 def build_parser() -> argparse.ArgumentParser:
     from hive.defaults import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS
@@ -630,6 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     sampling_args(p)
     p.add_argument("--variant-image-guidance", metavar="G1,G2,...", type=_floats, help=VARIANT_IMAGE_GUIDANCE_HELP)
+    p.add_argument("--variant-mask-threshold", metavar="T1,T2,...", type=_floats, help=VARIANT_MASK_THRESHOLD_HELP)
     p.set_defaults(func=cmd_simulate)
 
     def reward_train_args(p: argparse.ArgumentParser) -> None:
@@ -718,6 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3,
                    help="reward models per curve size (other training subsets and seeds); the report gives the mean")
     p.add_argument("--variant-image-guidance", metavar="G1,G2,...", type=_floats, help=VARIANT_IMAGE_GUIDANCE_HELP)
+    p.add_argument("--variant-mask-threshold", metavar="T1,T2,...", type=_floats, help=VARIANT_MASK_THRESHOLD_HELP)
     p.add_argument("--noise-free-bound", action="store_true",
                    help="also train on the noise-free order of the largest subset: what the model's features "
                         "can learn at best from that many requests")

@@ -169,7 +169,8 @@ def simulate(editor, requests: int, variants: int = 4, annotators: int = 1, per_
              noise: float | None = None, target: float = DEFAULT_TARGET_AGREEMENT,
              tie_margin: float = DEFAULT_TIE_MARGIN, seed: int = SIM_SEED_BASE, steps: int | None = None,
              guidance: float | None = None, image_guidance: float | None = None, batch: int = 8, url: str | None = None,
-             progress: bool = True, variant_image_guidance: Sequence[float] | None = None) -> SimulationReport:
+             progress: bool = True, variant_image_guidance: Sequence[float] | None = None,
+             variant_mask_threshold: Sequence[float] | None = None) -> SimulationReport:
     """Make `requests` toy edit requests, sample `variants` per request with `editor` (None:
     editor-free stand-ins, see `stand_in_variants`), rank each
     by `per_request` of `annotators` simulated annotators, and write it all to the database.
@@ -177,7 +178,9 @@ def simulate(editor, requests: int, variants: int = 4, annotators: int = 1, per_
     `variant_image_guidance` (one value per variant) samples variant v of every request at its own
     image guidance instead of one setting for all: variants that keep more or less of the source,
     as a demo whose visitors move the slider would collect, rather than four seeds of one setting
-    that mostly differ by a few pixels (docs/reward.md, session 8).
+    that mostly differ by a few pixels (docs/reward.md, session 8). `variant_mask_threshold` does
+    the same with the local blend's threshold (0: the raw output): with the blend, four seeds of
+    one setting are mostly equally good, and their rankings carry little (docs/reward.md, session 12).
 
     With `noise=None` the noise is calibrated on the sampled variants' own qualities to `target`.
     Sampling happens first and every row is written in one transaction at the end: a failure
@@ -192,6 +195,12 @@ def simulate(editor, requests: int, variants: int = 4, annotators: int = 1, per_
         raise ValueError("need requests >= 1, 2 <= variants <= 8, annotators >= 1 and 1 <= per-request <= annotators")
     if noise is not None and noise < 0:
         raise ValueError("noise must be >= 0")
+    if variant_mask_threshold is not None:
+        from hive.editor import checked_mask_threshold
+
+        if len(variant_mask_threshold) != variants:
+            raise ValueError(f"variant mask threshold needs {variants} values (one per variant)")
+        variant_mask_threshold = [checked_mask_threshold(t, "variant mask threshold") for t in variant_mask_threshold]
     if variant_image_guidance is not None and (len(variant_image_guidance) != variants
                                                or min(variant_image_guidance) < 1.0):
         raise ValueError(f"variant image guidance needs {variants} values (one per variant), each >= 1")
@@ -203,16 +212,24 @@ def simulate(editor, requests: int, variants: int = 4, annotators: int = 1, per_
     else:  # settings left None: the editor's defaults
         steps, guidance, image_guidance = editor.settings(steps, guidance, image_guidance)
     per_variant = list(variant_image_guidance) if variant_image_guidance is not None else [image_guidance] * variants
+    default_threshold = editor.mask_threshold if editor is not None else None
+    per_threshold = list(variant_mask_threshold) if variant_mask_threshold is not None else [default_threshold] * variants
     for i in tqdm(range(0, requests if editor is not None else 0, batch), desc="sample variants",
                   disable=not progress):
         chunk = examples[i:i + batch]
         sources = [e.input_image for e in chunk]
         prompts = [editor.prompt_for(e.edit.instruction) for e in chunk]
         outs: list[list] = [[None] * variants for _ in chunk]
-        for g in dict.fromkeys(per_variant):  # one pipeline call per distinct setting (one call by default)
-            vs = [v for v in range(variants) if per_variant[v] == g]
-            images = editor.sample(sources, prompts, [[(seed + i + j) * 16 + v for v in vs] for j in range(len(chunk))],
-                                   steps, guidance, g)
+        # one pipeline call per distinct (image guidance, mask threshold): one call by default
+        for g, threshold in dict.fromkeys(zip(per_variant, per_threshold)):
+            vs = [v for v in range(variants) if (per_variant[v], per_threshold[v]) == (g, threshold)]
+            editor.mask_threshold = threshold
+            try:
+                images = editor.sample(sources, prompts,
+                                       [[(seed + i + j) * 16 + v for v in vs] for j in range(len(chunk))],
+                                       steps, guidance, g)
+            finally:
+                editor.mask_threshold = default_threshold
             for row, imgs in zip(outs, images):
                 for v, img in zip(vs, imgs):
                     row[v] = img
@@ -239,7 +256,7 @@ def simulate(editor, requests: int, variants: int = 4, annotators: int = 1, per_
     params = {"steps": steps, "guidance": guidance,
               "image_guidance": image_guidance if variant_image_guidance is None else per_variant,
               "model": editor.model if editor is not None else "stand-in",
-              "mask_threshold": editor.mask_threshold if editor is not None else None}
+              "mask_threshold": default_threshold if variant_mask_threshold is None else per_threshold}
     store = ImageStore()
     request_ids = []
     with session_scope(url) as s:
@@ -257,7 +274,8 @@ def simulate(editor, requests: int, variants: int = 4, annotators: int = 1, per_
                  "noise": noise, "tie_margin": tie_margin}, consent=True)
             imgs = [get_or_create_image(s, store, _png(o)) for o in outs]
             vs = fb.add_variants(s, req.id, [(img.id, (int(e.id.split("-")[1])) * 16 + v,
-                                              {**params, "image_guidance": per_variant[v], "sim_quality": float(q[v])})
+                                              {**params, "image_guidance": per_variant[v],
+                                               "mask_threshold": per_threshold[v], "sim_quality": float(q[v])})
                                              for v, img in enumerate(imgs)])
             for a, ranks in plan:
                 fb.submit_ranking(s, req.id, users[a].id, {v.id: r for v, r in zip(vs, ranks)})

@@ -921,7 +921,8 @@ def editor_fingerprint(model: str | None) -> str:
 
 def prepare_simulation(sim_dir: Path, model: str | None, stand_in: bool, total: int, variants: int, annotators: int,
                        steps: int, batch: int, resample: bool = False, progress: bool = True,
-                       variant_image_guidance: list[float] | None = None) -> dict:
+                       variant_image_guidance: list[float] | None = None,
+                       variant_mask_threshold: list[float] | None = None) -> dict:
     """Sample and rank the experiment's requests into the store `sim_dir` once; reuse it after.
 
     Sampling 1,600 variants with the editor takes long on a CPU; every reward experiment after
@@ -933,17 +934,22 @@ def prepare_simulation(sim_dir: Path, model: str | None, stand_in: bool, total: 
     from hive.simulate import simulate
 
     variant_image_guidance = None if stand_in or not variant_image_guidance else list(variant_image_guidance)
+    variant_mask_threshold = None if stand_in or not variant_mask_threshold else list(variant_mask_threshold)
     want = {"requests": total, "variants": variants, "annotators": annotators,
             "steps": None if stand_in else steps,
             "editor": "stand-in" if stand_in else editor_fingerprint(model),
             "model": "stand-in" if stand_in else str(model or "default"),
             "variant_image_guidance": variant_image_guidance}
+    if variant_mask_threshold is not None:  # only when asked, so that earlier stores still match
+        want["variant_mask_threshold"] = variant_mask_threshold
     meta_path = sim_dir / "simulation.json"
     if meta_path.exists() and not resample:
         import json
 
         meta = json.loads(meta_path.read_text())
-        diff = {k: (meta["settings"].get(k), v) for k, v in want.items() if k != "model" and meta["settings"].get(k) != v}
+        keys = (set(want) | set(meta["settings"])) - {"model"}  # a key only one side has counts as None on the other
+        diff = {k: (meta["settings"].get(k), want.get(k)) for k in sorted(keys)
+                if meta["settings"].get(k) != want.get(k)}
         if not diff:
             return meta
         raise ValueError(f"{sim_dir} holds a simulation made with other settings ("
@@ -964,7 +970,8 @@ def prepare_simulation(sim_dir: Path, model: str | None, stand_in: bool, total: 
 
             editor = Editor(model)
         sim = simulate(editor, total, variants, annotators=annotators, url=url, steps=steps, batch=batch,
-                       progress=progress, variant_image_guidance=variant_image_guidance)
+                       progress=progress, variant_image_guidance=variant_image_guidance,
+                       variant_mask_threshold=variant_mask_threshold)
     finally:
         dispose_engine(url)
         for k, v in old.items():
@@ -1000,7 +1007,8 @@ def run_experiment(out: Path, model: str | None = None, stand_in: bool = False, 
                    config: RewardTrainConfig | None = None, steps: int = 20, batch: int = 8,
                    sim_dir: Path | None = None, resample: bool = False, repeats: int = 1,
                    noise_free_bound: bool = False, progress: bool = True,
-                   variant_image_guidance: list[float] | None = None) -> dict:
+                   variant_image_guidance: list[float] | None = None,
+                   variant_mask_threshold: list[float] | None = None) -> dict:
     """The must-show experiment in one call: simulate `requests + test_requests` toy requests
     (variants sampled by the editor `model`, ranked at the calibrated noise) into the store
     `sim_dir` (default `out/home`; reused when it already holds this simulation), hold out the
@@ -1023,7 +1031,7 @@ def run_experiment(out: Path, model: str | None = None, stand_in: bool = False, 
             return _experiment(out, rankings, meta, requests, test_requests, variants, curve, config, progress,
                                repeats, noise_free_bound)
     meta = prepare_simulation(sim_dir, model, stand_in, requests + test_requests, variants, annotators, steps, batch,
-                              resample, progress, variant_image_guidance)
+                              resample, progress, variant_image_guidance, variant_mask_threshold)
     url = f"sqlite:///{sim_dir / 'hive.db'}"
     try:
         rankings = rankings_from_db(url, sim_dir)

@@ -101,6 +101,33 @@ def test_simulate_samples_each_variant_at_its_own_image_guidance(tiny_editor, hi
     assert hive.counts() == before
 
 
+def test_simulate_samples_each_variant_at_its_own_mask_threshold(tiny_editor, hive: HiveEnv, monkeypatch):
+    calls = []
+    sample = tiny_editor.sample
+
+    def recording(sources, prompts, seeds, steps=None, guidance=None, image_guidance=None):
+        calls.append((tiny_editor.mask_threshold, seeds))
+        return sample(sources, prompts, seeds, steps, guidance, image_guidance)
+
+    monkeypatch.setattr(tiny_editor, "sample", recording)
+    default = tiny_editor.mask_threshold
+    simulate(tiny_editor, 2, variants=3, steps=2, batch=2, noise=0.1, url=hive.url, progress=False,
+             variant_mask_threshold=[0.0, 0.3, 0.0])
+    assert [t for t, _ in calls] == [0.0, 0.3]  # one call per distinct threshold, variants 0 and 2 together
+    assert calls[0][1] == [[SIM_SEED_BASE * 16, SIM_SEED_BASE * 16 + 2], [(SIM_SEED_BASE + 1) * 16,
+                                                                          (SIM_SEED_BASE + 1) * 16 + 2]]
+    assert tiny_editor.mask_threshold == default  # the editor's own setting is back
+    with session_scope(hive.url, write=False) as s:
+        variants = s.query(Variant).order_by(Variant.request_id, Variant.position).all()
+        assert [v.params["mask_threshold"] for v in variants] == [0.0, 0.3, 0.0] * 2
+    before = hive.counts()
+    with pytest.raises(ValueError, match="one per variant"):
+        simulate(tiny_editor, 2, variants=3, url=hive.url, progress=False, variant_mask_threshold=[0.0, 0.3])
+    with pytest.raises(ValueError, match="mask_threshold must be in"):
+        simulate(tiny_editor, 2, variants=3, url=hive.url, progress=False, variant_mask_threshold=[0.0, 0.3, 1.5])
+    assert hive.counts() == before
+
+
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory) -> Path:
     return build_tiny_clip(tmp_path_factory.mktemp("clip") / "clip")
@@ -172,3 +199,21 @@ def test_stand_in_variants_without_an_editor(hive: HiveEnv):
     # four distinct picks of five (clean, unchanged, three corruptions): the clean target or the
     # unchanged source is always among them, and the clean target has quality 1
     assert max(v.params["sim_quality"] for v in variants) == 1.0
+
+
+def test_a_cached_simulation_is_reused_only_for_the_same_settings(tmp_path):
+    import json
+
+    from hive.train_reward import prepare_simulation
+
+    sim = tmp_path / "sim"
+    first = prepare_simulation(sim, None, True, 3, 4, 1, 20, 8, progress=False)
+    assert prepare_simulation(sim, None, True, 3, 4, 1, 20, 8, progress=False) == first  # reused
+    with pytest.raises(ValueError, match="requests: 3 there, 4 asked"):
+        prepare_simulation(sim, None, True, 4, 4, 1, 20, 8, progress=False)
+    # a setting only the store has (e.g. variants at several mask thresholds) is a difference too
+    meta = json.loads((sim / "simulation.json").read_text())
+    meta["settings"]["variant_mask_threshold"] = [0.0, 0.2, 0.35, 0.5]
+    (sim / "simulation.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"variant_mask_threshold: \[0.0, 0.2, 0.35, 0.5\] there, None asked"):
+        prepare_simulation(sim, None, True, 3, 4, 1, 20, 8, progress=False)
