@@ -257,7 +257,6 @@ def bench_edit(model: str | None = None, variants: int = 4, steps: int | None = 
     # the pixel comparison is like for like (the pipeline has no local blend); the model's local
     # blend, if it has one, is timed as a third call in the same interleaved run
     blend_threshold = editor.mask_threshold
-    editor.mask_threshold = 0.0
     res = editor.resolution
     ex = toy.sample_example(123)
     image = ex.input_image.resize((res, res))
@@ -270,9 +269,9 @@ def bench_edit(model: str | None = None, variants: int = 4, steps: int | None = 
                     guidance_scale=guidance, image_guidance_scale=image_guidance, generator=gens,
                     output_type=output_type).images
 
-    def run_ours():
+    def run_ours(mask_threshold: float = 0.0):
         return editor.edit(image, ex.edit.instruction, variants=variants, seed=0, steps=steps, guidance=guidance,
-                           image_guidance=image_guidance)
+                           image_guidance=image_guidance, mask_threshold=mask_threshold)
 
     peak_memory_gib(reset=True)
     ours_first, first_call_s = timed_once(run_ours)  # includes compiling (or loading it from the cache)
@@ -280,11 +279,7 @@ def bench_edit(model: str | None = None, variants: int = 4, steps: int | None = 
     ref_np, ref_first_s = timed_once(lambda: run_reference("np"))
     ref_mem = peak_memory_gib(reset=True)
     def run_ours_blended():
-        editor.mask_threshold = blend_threshold
-        try:
-            return run_ours()
-        finally:
-            editor.mask_threshold = 0.0
+        return run_ours(blend_threshold)
 
     calls = {"reference": run_reference, "ours": run_ours}
     if blend_threshold > 0:

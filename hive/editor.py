@@ -185,11 +185,12 @@ class Editor:
 
     def edit(self, image: Any, instruction: str, variants: int = 4, seed: int | None = None,
              steps: int | None = None, guidance: float | None = None,
-             image_guidance: float | None = None) -> EditResult:
+             image_guidance: float | None = None, mask_threshold: float | None = None) -> EditResult:
         """K variants of one edit in one batched call; variant i uses seed `seed + i`, so each
         variant reproduces on its own (also with another K). Settings left None take the
-        model's defaults (`self.defaults`)."""
+        model's defaults (`self.defaults`, `self.mask_threshold`)."""
         steps, guidance, image_guidance = self.settings(steps, guidance, image_guidance)
+        threshold = self.mask_threshold if mask_threshold is None else checked_mask_threshold(mask_threshold, "edit")
         if not 1 <= int(variants) <= MAX_VARIANTS:
             raise EditorInputError(f"variants must be between 1 and {MAX_VARIANTS}, not {variants}")
         if not 1 <= int(steps) <= 500:
@@ -198,22 +199,26 @@ class Editor:
         prompt = self.prompt_for(instruction)
         base_seed = int(seed) if seed is not None else secrets.randbelow(2**31 - MAX_VARIANTS)
         seeds = [base_seed + i for i in range(int(variants))]
-        outputs = self.sample([source], [prompt], [seeds], int(steps), float(guidance), float(image_guidance))[0]
+        outputs = self.sample([source], [prompt], [seeds], int(steps), float(guidance), float(image_guidance),
+                              threshold)[0]
         records = [VariantRecord(i, s, int(steps), float(guidance), float(image_guidance), instruction, prompt,
-                                 self.model, self.resolution, type(self.pipe.scheduler).__name__, self.mask_threshold)
+                                 self.model, self.resolution, type(self.pipe.scheduler).__name__, threshold)
                    for i, s in enumerate(seeds)]
         return EditResult(outputs, records)
 
     @torch.inference_mode()
     def sample(self, sources: list[Image.Image], prompts: list[str], seeds: list[list[int]], steps: int | None = None,
-               guidance: float | None = None, image_guidance: float | None = None) -> list[list[Image.Image]]:
+               guidance: float | None = None, image_guidance: float | None = None,
+               mask_threshold: float | None = None) -> list[list[Image.Image]]:
         """Edit several sources at once (one pipeline call); sources[j] gets len(seeds[j]) variants.
 
         Each source is resized to the model's square resolution and each output back to the
-        source's size; with a local blend (`self.mask_threshold` > 0) each output then keeps the
-        source's own pixels outside the instruction's mask. Settings left None take the model's
-        defaults."""
+        source's size; with a local blend (`mask_threshold` > 0, None: `self.mask_threshold`) each
+        output then keeps the source's own pixels outside the instruction's mask. Settings left
+        None take the model's defaults."""
         steps, guidance, image_guidance = self.settings(steps, guidance, image_guidance)
+        threshold = self.mask_threshold if mask_threshold is None else checked_mask_threshold(mask_threshold,
+                                                                                             "sample")
         res = self.resolution
         images, texts, generators, owners, smalls = [], [], [], [], []
         for j, (src, prompt, ss) in enumerate(zip(sources, prompts, seeds)):
@@ -229,7 +234,7 @@ class Editor:
         else:
             edited = self.pipe(prompt=texts, image=images, num_inference_steps=steps, guidance_scale=guidance,
                                image_guidance_scale=image_guidance, generator=generators, output_type="pil").images
-        masks = instruction_masks(self.pipe, smalls, prompts, self.mask_threshold) if self.mask_threshold > 0 else None
+        masks = instruction_masks(self.pipe, smalls, prompts, threshold) if threshold > 0 else None
         outputs: list[list[Image.Image]] = [[] for _ in sources]
         for owner, out in zip(owners, edited):
             src = sources[owner]

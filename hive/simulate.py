@@ -223,13 +223,8 @@ def simulate(editor, requests: int, variants: int = 4, annotators: int = 1, per_
         # one pipeline call per distinct (image guidance, mask threshold): one call by default
         for g, threshold in dict.fromkeys(zip(per_variant, per_threshold)):
             vs = [v for v in range(variants) if (per_variant[v], per_threshold[v]) == (g, threshold)]
-            editor.mask_threshold = threshold
-            try:
-                images = editor.sample(sources, prompts,
-                                       [[(seed + i + j) * 16 + v for v in vs] for j in range(len(chunk))],
-                                       steps, guidance, g)
-            finally:
-                editor.mask_threshold = default_threshold
+            images = editor.sample(sources, prompts, [[(seed + i + j) * 16 + v for v in vs] for j in range(len(chunk))],
+                                   steps, guidance, g, threshold)
             for row, imgs in zip(outs, images):
                 for v, img in zip(vs, imgs):
                     row[v] = img

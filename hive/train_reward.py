@@ -290,18 +290,17 @@ def lead_over_annotator(rankings: list[Ranking], scores: list[np.ndarray], seed:
                         ) -> dict[str, float | int | None]:
     """`bootstrap_lead` of a scorer over one annotator, against the noise-free order. An
     annotator's agreement on a request is the mean over the rankings it has there."""
-    per_request: dict[int, list[float]] = {}  # request -> [scorer right, annotator right summed, rankings, pairs]
+    scorer: dict[int, tuple[float, int]] = {}  # request -> (right, pairs): its variants are the same in every ranking
+    annotator: dict[int, list[float]] = {}  # request -> each ranking's agreement
     for r, s in zip(rankings, scores):
         if r.true_quality is None:
             continue
-        row = per_request.get(r.request_id)
-        if row is None:
-            right, n = score_agreement(r.true_quality, s)
-            row = per_request[r.request_id] = [right, 0.0, 0, n]
+        if r.request_id not in scorer:
+            scorer[r.request_id] = score_agreement(r.true_quality, s)
         agreement = single_annotator_accuracy([r])["accuracy"]
-        row[1] += (0.5 if agreement is None else agreement) * row[3]
-        row[2] += 1
-    return bootstrap_lead(np.array([[a, b / c, n] for a, b, c, n in per_request.values()]), seed=seed)
+        annotator.setdefault(r.request_id, []).append(0.5 if agreement is None else agreement)
+    rows = [[right, float(np.mean(annotator[rid])) * n, n] for rid, (right, n) in scorer.items()]
+    return bootstrap_lead(np.array(rows), seed=seed)
 
 
 # ---------------------------------------------------------------- training
@@ -939,9 +938,7 @@ def prepare_simulation(sim_dir: Path, model: str | None, stand_in: bool, total: 
             "steps": None if stand_in else steps,
             "editor": "stand-in" if stand_in else editor_fingerprint(model),
             "model": "stand-in" if stand_in else str(model or "default"),
-            "variant_image_guidance": variant_image_guidance}
-    if variant_mask_threshold is not None:  # only when asked, so that earlier stores still match
-        want["variant_mask_threshold"] = variant_mask_threshold
+            "variant_image_guidance": variant_image_guidance, "variant_mask_threshold": variant_mask_threshold}
     meta_path = sim_dir / "simulation.json"
     if meta_path.exists() and not resample:
         import json

@@ -48,7 +48,6 @@ def main() -> None:
     threshold = editor.mask_threshold
     if threshold <= 0:
         raise SystemExit(f"{editor.model} has no local blend (hive.json sampling.mask_threshold); nothing to draw")
-    editor.mask_threshold = 0.0  # raw outputs; the blend is applied below, as Editor.sample does
     rows = []
     for kind in args.kinds.split(","):
         seed, found = VALIDATION_SEED, 0
@@ -56,7 +55,8 @@ def main() -> None:
             ex = toy.sample_example(seed)
             if ex.edit.kind == kind:
                 prompt = editor.prompt_for(ex.edit.instruction)
-                raw = editor.sample([ex.input_image], [prompt], [[seed]])[0][0]
+                # the raw output (threshold 0); the blend is applied below, as Editor.sample does
+                raw = editor.sample([ex.input_image], [prompt], [[seed]], mask_threshold=0.0)[0][0]
                 effect = instruction_effect(editor.pipe, [ex.input_image], [prompt])[0].cpu().numpy()
                 mask = effect > threshold
                 blended = composite(ex.input_image, raw, mask)

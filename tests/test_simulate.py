@@ -81,9 +81,9 @@ def test_simulate_samples_each_variant_at_its_own_image_guidance(tiny_editor, hi
     calls = []
     sample = tiny_editor.sample
 
-    def recording(sources, prompts, seeds, steps=None, guidance=None, image_guidance=None):
+    def recording(sources, prompts, seeds, steps=None, guidance=None, image_guidance=None, mask_threshold=None):
         calls.append((image_guidance, seeds))
-        return sample(sources, prompts, seeds, steps, guidance, image_guidance)
+        return sample(sources, prompts, seeds, steps, guidance, image_guidance, mask_threshold)
 
     monkeypatch.setattr(tiny_editor, "sample", recording)
     simulate(tiny_editor, 2, variants=3, steps=2, batch=2, noise=0.1, url=hive.url, progress=False,
@@ -105,9 +105,9 @@ def test_simulate_samples_each_variant_at_its_own_mask_threshold(tiny_editor, hi
     calls = []
     sample = tiny_editor.sample
 
-    def recording(sources, prompts, seeds, steps=None, guidance=None, image_guidance=None):
-        calls.append((tiny_editor.mask_threshold, seeds))
-        return sample(sources, prompts, seeds, steps, guidance, image_guidance)
+    def recording(sources, prompts, seeds, steps=None, guidance=None, image_guidance=None, mask_threshold=None):
+        calls.append((mask_threshold, seeds))
+        return sample(sources, prompts, seeds, steps, guidance, image_guidance, mask_threshold)
 
     monkeypatch.setattr(tiny_editor, "sample", recording)
     default = tiny_editor.mask_threshold
