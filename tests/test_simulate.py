@@ -77,15 +77,21 @@ def test_simulate_writes_simulated_rankings(tiny_editor, hive: HiveEnv):
     assert hive.counts() == before
 
 
-def test_simulate_samples_each_variant_at_its_own_image_guidance(tiny_editor, hive: HiveEnv, monkeypatch):
-    calls = []
-    sample = tiny_editor.sample
+def record_sample_calls(editor, monkeypatch, setting: str) -> list[tuple]:
+    """Wrap `editor.sample` so each call appends (its `setting` argument, its seeds) to the list returned."""
+    calls: list[tuple] = []
+    sample = editor.sample
 
     def recording(sources, prompts, seeds, steps=None, guidance=None, image_guidance=None, mask_threshold=None):
-        calls.append((image_guidance, seeds))
+        calls.append(({"image_guidance": image_guidance, "mask_threshold": mask_threshold}[setting], seeds))
         return sample(sources, prompts, seeds, steps, guidance, image_guidance, mask_threshold)
 
-    monkeypatch.setattr(tiny_editor, "sample", recording)
+    monkeypatch.setattr(editor, "sample", recording)
+    return calls
+
+
+def test_simulate_samples_each_variant_at_its_own_image_guidance(tiny_editor, hive: HiveEnv, monkeypatch):
+    calls = record_sample_calls(tiny_editor, monkeypatch, "image_guidance")
     simulate(tiny_editor, 2, variants=3, steps=2, batch=2, noise=0.1, url=hive.url, progress=False,
              variant_image_guidance=[1.0, 1.5, 3.0])
     assert [g for g, _ in calls] == [1.0, 1.5, 3.0]  # one call per variant position, at its own setting
@@ -102,14 +108,7 @@ def test_simulate_samples_each_variant_at_its_own_image_guidance(tiny_editor, hi
 
 
 def test_simulate_samples_each_variant_at_its_own_mask_threshold(tiny_editor, hive: HiveEnv, monkeypatch):
-    calls = []
-    sample = tiny_editor.sample
-
-    def recording(sources, prompts, seeds, steps=None, guidance=None, image_guidance=None, mask_threshold=None):
-        calls.append((mask_threshold, seeds))
-        return sample(sources, prompts, seeds, steps, guidance, image_guidance, mask_threshold)
-
-    monkeypatch.setattr(tiny_editor, "sample", recording)
+    calls = record_sample_calls(tiny_editor, monkeypatch, "mask_threshold")
     default = tiny_editor.mask_threshold
     simulate(tiny_editor, 2, variants=3, steps=2, batch=2, noise=0.1, url=hive.url, progress=False,
              variant_mask_threshold=[0.0, 0.3, 0.0])
