@@ -350,7 +350,7 @@ def _reward_config(args: argparse.Namespace):
     names = ("backbone", "loss", "steps", "batch_size", "lr", "head_lr", "freeze_layers", "hidden", "head_type",
              "patch_layers", "text_token_layer", "ensemble", "val_fraction", "patience", "eval_every", "dropout",
              "test_fraction", "seed", "checkpoint_every", "mixed_precision", "residual", "direction_prior",
-             "one_se_rule", "dataset_rankings", "locator_examples")
+             "one_se_rule", "dataset_rankings", "locator_examples", "gate_l2", "residual_l2")
     values = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if isinstance(values.get("patch_layers"), str):
         values["patch_layers"] = [int(x) for x in values["patch_layers"].split(",")]
@@ -658,7 +658,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--text-token-layer", type=int,
                        help="text hidden state the change head's cross-attention reads (-1: last; 0: embeddings)")
         p.add_argument("--hidden", type=int, help="head width")
-        p.add_argument("--dropout", type=float)
+        p.add_argument("--dropout", type=float, help="heads' dropout (default 0)")
+        p.add_argument("--gate-l2", type=float,
+                       help="change head: L2 penalty on the instruction's weights of the main term (default 0)")
+        p.add_argument("--residual-l2", type=float,
+                       help="change head: L2 penalty on the residual branch's weights (default 0; before session 13: "
+                            "dropout 0.1, --gate-l2 0.3, --residual-l2 0.001)")
         p.add_argument("--ensemble", type=int, help="heads averaged (each validates on its own fold)")
         p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
                        help="change head: also read the CLIP patch and pooled features (tokens, cross-attention, "

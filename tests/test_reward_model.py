@@ -457,3 +457,29 @@ def test_bootstrap_lead_interval_widens_when_pairs_cluster():
     a, b = bootstrap_lead(spread), bootstrap_lead(clustered)
     assert a["lead"] == pytest.approx(b["lead"]) == pytest.approx(0.2)
     assert b["high"] - b["low"] > 2 * (a["high"] - a["low"])
+
+
+def test_regularisation_options_reach_the_heads(tiny_clip):
+    """--dropout, --gate-l2 and --residual-l2 set the heads' dropout and L2 penalties; the defaults
+    (none, session 13) leave the penalty at zero however large the weights."""
+    from hive.cli import _reward_config, build_parser
+    from hive.train_reward import head_settings
+
+    old = _reward_config(build_parser().parse_args(
+        ["train-reward", "--dropout", "0.1", "--gate-l2", "0.3", "--residual-l2", "0.001"]))
+    new = _reward_config(build_parser().parse_args(["train-reward"]))
+    assert (old.dropout, old.gate_l2, old.residual_l2) == (0.1, 0.3, 0.001)
+    assert (new.dropout, new.gate_l2, new.residual_l2) == (0.0, 0.0, 0.0)
+    heads = {}
+    for name, cfg in (("old", old), ("new", new)):
+        model = RewardModel.from_backbone(tiny_clip, **{**head_settings(cfg), "hidden": 16, "ensemble": 1})
+        head = model.head[0]
+        with torch.no_grad():
+            head.gate.weight.fill_(1.0)
+            head.mlp[0].weight.fill_(1.0)
+        heads[name] = head
+    assert heads["old"].mlp[2].p == 0.1 and heads["old"].attn.dropout == 0.1
+    assert heads["new"].mlp[2].p == 0.0 and heads["new"].attn.dropout == 0.0
+    gate_part = 0.3 * heads["old"].gate.weight.pow(2).sum()
+    assert float(heads["old"].penalty()) > float(gate_part) > 0  # the residual's L2 adds to the gate's
+    assert float(heads["new"].penalty()) == 0.0
