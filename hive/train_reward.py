@@ -319,9 +319,10 @@ class RewardTrainConfig:
     patch_layers: list[int] = field(default_factory=lambda: [-1])
     text_token_layer: int = -1  # text hidden state of the cross-attention (0: the embeddings)
     attn_heads: int = 4
-    # Regularisation of the heads: none by default since session 13. The 1,000 dataset rankings and
-    # the ensemble hold the heads near the prior; with dropout 0.1 and these L2 penalties on top
-    # (set before the dataset rankings existed) 300 store rankings taught nothing (docs/reward.md)
+    # Regularisation of the heads: none by default since session 13. With dropout 0.1 and L2 0.3 /
+    # 0.001 (set before the dataset rankings existed) the heads fitted only ~0.8 of their own training
+    # pairs, and held-out accuracy was lower on one toy simulation, the same on the other
+    # (docs/reward.md; measured on toy simulations only, not on real photos)
     dropout: float = 0.0
     residual: bool = True  # change head: the token/attention/MLP branch beside the main term
     gate_l2: float = 0.0  # L2 penalty on the instruction's weights of the main term
