@@ -344,13 +344,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _reward_config(args: argparse.Namespace):
+    import dataclasses
+
     from hive.train_reward import RewardTrainConfig
 
-    # options left unset take RewardTrainConfig's defaults (the measured best, see docs/reward.md)
-    names = ("backbone", "loss", "steps", "batch_size", "lr", "head_lr", "freeze_layers", "hidden", "head_type",
-             "patch_layers", "text_token_layer", "ensemble", "val_fraction", "patience", "eval_every", "dropout",
-             "test_fraction", "seed", "checkpoint_every", "mixed_precision", "residual", "direction_prior",
-             "one_se_rule", "dataset_rankings", "locator_examples", "gate_l2", "residual_l2")
+    # every option named like a RewardTrainConfig field (reward_train_args); options left unset take
+    # the config's defaults (the measured best, see docs/reward.md)
+    names = [f.name for f in dataclasses.fields(RewardTrainConfig)]
     values = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if isinstance(values.get("patch_layers"), str):
         values["patch_layers"] = [int(x) for x in values["patch_layers"].split(",")]

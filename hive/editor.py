@@ -183,6 +183,10 @@ class Editor:
         return (int(d["steps"] if steps is None else steps), float(d["guidance"] if guidance is None else guidance),
                 float(d["image_guidance"] if image_guidance is None else image_guidance))
 
+    def resolved_mask_threshold(self, mask_threshold: float | None, where: str) -> float:
+        """The local blend's threshold of a call: what the caller gave (checked), else this model's."""
+        return self.mask_threshold if mask_threshold is None else checked_mask_threshold(mask_threshold, where)
+
     def edit(self, image: Any, instruction: str, variants: int = 4, seed: int | None = None,
              steps: int | None = None, guidance: float | None = None,
              image_guidance: float | None = None, mask_threshold: float | None = None) -> EditResult:
@@ -190,7 +194,7 @@ class Editor:
         variant reproduces on its own (also with another K). Settings left None take the
         model's defaults (`self.defaults`, `self.mask_threshold`)."""
         steps, guidance, image_guidance = self.settings(steps, guidance, image_guidance)
-        threshold = self.mask_threshold if mask_threshold is None else checked_mask_threshold(mask_threshold, "edit")
+        threshold = self.resolved_mask_threshold(mask_threshold, "edit")
         if not 1 <= int(variants) <= MAX_VARIANTS:
             raise EditorInputError(f"variants must be between 1 and {MAX_VARIANTS}, not {variants}")
         if not 1 <= int(steps) <= 500:
@@ -217,8 +221,7 @@ class Editor:
         output then keeps the source's own pixels outside the instruction's mask. Settings left
         None take the model's defaults."""
         steps, guidance, image_guidance = self.settings(steps, guidance, image_guidance)
-        threshold = self.mask_threshold if mask_threshold is None else checked_mask_threshold(mask_threshold,
-                                                                                             "sample")
+        threshold = self.resolved_mask_threshold(mask_threshold, "sample")
         res = self.resolution
         images, texts, generators, owners, smalls = [], [], [], [], []
         for j, (src, prompt, ss) in enumerate(zip(sources, prompts, seeds)):

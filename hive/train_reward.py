@@ -857,7 +857,6 @@ def _report(model: RewardModel, train, test, train_scores, test_scores, cache, c
     kept = evaluate_scorer(train, test, None, kept_pixel_scores(model, test, cache))
     image_sim = evaluate_scorer(train, test, None, clip_similarity_scores(base_clip, model, test, cache))
     single = single_annotator_accuracy(test)
-    lead = lead_over_annotator(test, test_scores, seed=config.seed)
     true_pairs = true_order_accuracy(test, test_scores)["pairs"]
     simulated = any(r.true_quality is not None for r in test)
     report = {
@@ -865,7 +864,7 @@ def _report(model: RewardModel, train, test, train_scores, test_scores, cache, c
         "heldout_pair_accuracy_with_ties": ours["heldout_pair_accuracy_with_ties"],
         "true_pair_accuracy": ours["true_pair_accuracy"],
         "single_annotator_accuracy": single["accuracy"],
-        "lead_over_annotator": lead if simulated else None,
+        "lead_over_annotator": lead_over_annotator(test, test_scores, seed=config.seed) if simulated else None,
         "clip_direction_accuracy": clip["true_pair_accuracy"] if simulated else clip["heldout_pair_accuracy"],
         "clip_direction_uses_captions": has_captions,
         "clip_instruction_direction_accuracy": (clip_instr["true_pair_accuracy"] if simulated
