@@ -1107,6 +1107,32 @@ def _experiment(out: Path, rankings: list[Ranking], meta: dict, requests: int, t
     return report
 
 
+def plot_reward_series(ax, points: list[dict], label: str, colour: str, band_label: str | None = None) -> None:
+    """One learning curve: the mean over repeats, and the min-max band when a point has several."""
+    xs = [p["requests"] for p in points]
+
+    def ys(key):
+        return [p[key] if p.get(key) is not None else float("nan") for p in points]
+
+    ax.plot(xs, ys("true_pair_accuracy"), "-o", color=colour, label=label)
+    if points and points[0].get("repeats", 1) > 1:
+        ax.fill_between(xs, ys("true_pair_accuracy_min"), ys("true_pair_accuracy_max"), color=colour,
+                        alpha=0.2 if band_label else 0.15, label=band_label)
+
+
+def finish_curve_chart(fig, ax, path: Path | str) -> None:
+    """Axis labels, legend and grid of every learning-curve chart; writes `path` and closes the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel("training requests (one ranking each)")
+    ax.set_ylabel("held-out pair accuracy vs noise-free order")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _plot_curve(points: list[dict], path: Path, bound: dict | None = None) -> None:
     import matplotlib
 
@@ -1120,10 +1146,7 @@ def _plot_curve(points: list[dict], path: Path, bound: dict | None = None) -> No
         return [p[key] if p.get(key) is not None else float("nan") for p in points]
 
     repeats = points[0].get("repeats", 1) if points else 1
-    ax.plot(xs, ys("true_pair_accuracy"), "-o", color="C0", label=f"reward model (mean of {repeats})")
-    if repeats > 1:
-        ax.fill_between(xs, ys("true_pair_accuracy_min"), ys("true_pair_accuracy_max"), color="C0", alpha=0.2,
-                        label="reward model, min-max")
+    plot_reward_series(ax, points, f"reward model (mean of {repeats})", "C0", band_label="reward model, min-max")
     for key, label, style, colour in (("single_annotator_accuracy", "one simulated annotator", "--", "C1"),
                                       ("clip_direction_accuracy", "CLIP direction (captions)", ":", "C2"),
                                       ("clip_instruction_direction_accuracy", "CLIP direction (instruction)",
@@ -1136,13 +1159,7 @@ def _plot_curve(points: list[dict], path: Path, bound: dict | None = None) -> No
     if bound and bound.get("true_pair_accuracy") is not None:
         ax.plot([bound["requests"]], [bound["true_pair_accuracy"]], "*", color="C0", markersize=12,
                 label="reward model, noise-free labels")
-    ax.set_xlabel("training requests (one ranking each)")
-    ax.set_ylabel("held-out pair accuracy vs noise-free order")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_curve_chart(fig, ax, path)
 
 
 def _markdown(report: dict) -> str:

@@ -14,33 +14,26 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, as scripts/reward_errors.py
+from hive.train_reward import finish_curve_chart, plot_reward_series  # noqa: E402
+
 
 def main(out: str, specs: list[str]) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    first = None
+    reports = []
     for k, spec in enumerate(specs):
         label, path = spec.split("=", 1)
-        report = json.loads(Path(path).read_text())
-        first = first or report
-        xs = [p["requests"] for p in report["curve"]]
-        ax.plot(xs, [p["true_pair_accuracy"] for p in report["curve"]], "-o", color=f"C{k}", label=f"reward model, {label}")
-        if all(p.get("true_pair_accuracy_min") is not None and p.get("repeats", 1) > 1 for p in report["curve"]):
-            ax.fill_between(xs, [p["true_pair_accuracy_min"] for p in report["curve"]],
-                            [p["true_pair_accuracy_max"] for p in report["curve"]], color=f"C{k}", alpha=0.15)
-    xs = [p["requests"] for p in first["curve"]]
-    base = first["curve"][0]
+        reports.append(json.loads(Path(path).read_text()))
+        plot_reward_series(ax, reports[-1]["curve"], f"reward model, {label}", f"C{k}")
+    xs = [p["requests"] for p in reports[0]["curve"]]
+    base = reports[0]["curve"][0]
     for key, label, style in (("single_annotator_accuracy", "one simulated annotator", "--"),
                               ("clip_direction_accuracy", "CLIP direction (captions)", ":"),
                               ("random_accuracy", "random scorer", "-.")):
         ax.plot([min(xs), max(xs)], [base[key]] * 2, linestyle=style, color="0.4", label=label)
     ax.set_xscale("log")
     ax.set_xticks(xs, [str(x) for x in xs])
-    ax.set_xlabel("training requests (one ranking each)")
-    ax.set_ylabel("held-out pair accuracy vs noise-free order")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    finish_curve_chart(fig, ax, out)
 
 
 if __name__ == "__main__":
