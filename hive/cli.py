@@ -648,7 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--steps", type=int, help="most training steps (per ensemble member)")
         p.add_argument("--batch-size", type=int, help="rankings per step")
         p.add_argument("--lr", type=float, help="backbone learning rate")
-        p.add_argument("--head-lr", type=float, help="heads' learning rate (AdamW, constant)")
+        p.add_argument("--head-lr", type=float, help="heads' learning rate (AdamW; default 1e-2, the start of --head-lr-decay)")
+        p.add_argument("--head-lr-decay", choices=["constant", "cosine"],
+                       help="heads' rate over the steps: cosine (default) down to 0 at --steps, or constant")
         p.add_argument("--freeze-layers", type=int,
                        help="freeze embeddings and the lowest N layers of both towers (-1, default: the whole "
                             "backbone; the heads then train on features computed once)")

@@ -12,8 +12,8 @@ from PIL import Image
 
 from hive import toy
 from hive.reward import RewardModel
-from hive.train_reward import (Ranking, RewardTrainConfig, bootstrap_lead, bradley_terry_loss, lead_over_annotator,
-                               noise_free, pair_accuracy, plackett_luce_loss, single_annotator_accuracy,
+from hive.train_reward import (Ranking, RewardTrainConfig, bootstrap_lead, bradley_terry_loss, head_lr_at,
+                               lead_over_annotator, noise_free, pair_accuracy, plackett_luce_loss, single_annotator_accuracy,
                                split_by_request, train_reward, true_order_accuracy)
 
 
@@ -203,6 +203,31 @@ def test_training_learns_a_simple_preference(tiny_clip, tmp_path):
                             head_lr=3e-3, test_fraction=0.25, checkpoint_every=0)
     report = train_reward(rankings, tmp_path / "run", cfg, progress=False)
     assert report["true_pair_accuracy"] >= 0.75, report
+
+
+def test_cosine_head_rate_reaches_the_optimizer_and_falls_to_zero(tiny_clip, tmp_path, monkeypatch):
+    """The heads' optimizer steps at the scheduled rate: head_lr at the start, half at mid-way, ~0 at the end."""
+    rankings = _write_rankings(tmp_path, 8, 32)
+    cfg = RewardTrainConfig(backbone=str(tiny_clip), steps=20, batch_size=4, hidden=32, ensemble=1, head_lr=1e-2,
+                            head_lr_decay="cosine", test_fraction=0.25, checkpoint_every=0, dataset_rankings=0)
+    assert head_lr_at(0, cfg) == pytest.approx(1e-2)
+    assert head_lr_at(10, cfg) == pytest.approx(5e-3)
+    assert head_lr_at(20, cfg) == pytest.approx(0.0, abs=1e-12)
+    assert head_lr_at(7, RewardTrainConfig(head_lr=2e-3, head_lr_decay="constant")) == 2e-3
+    with pytest.raises(ValueError, match="head_lr_decay"):
+        head_lr_at(0, RewardTrainConfig(head_lr_decay="linear"))
+    seen: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    train_reward(rankings, tmp_path / "run", cfg, progress=False)
+    assert len(seen) == 20
+    assert seen[0] == pytest.approx(1e-2) and seen[10] == pytest.approx(5e-3) and seen[-1] < 1e-4
+    assert all(a >= b for a, b in zip(seen, seen[1:]))
 
 
 def test_text_token_layer_picks_the_hidden_state_the_cross_attention_reads(tiny_clip, tmp_path):
