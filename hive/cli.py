@@ -658,7 +658,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="change: pooled change + patch-difference tokens + text cross-attention; global: pooled")
         p.add_argument("--patch-layers", help="vision hidden states compared patchwise, e.g. -1 or 0,-1")
         p.add_argument("--text-token-layer", type=int,
-                       help="text hidden state the change head's cross-attention reads (-1: last; 0: embeddings)")
+                       help="text hidden state the change head's cross-attention reads (-1: last; 0: embeddings; "
+                            "default: 0 with a toy backbone, -1 otherwise)")
         p.add_argument("--hidden", type=int, help="head width")
         p.add_argument("--dropout", type=float, help="heads' dropout (default 0)")
         p.add_argument("--gate-l2", type=float,

@@ -322,7 +322,10 @@ class RewardTrainConfig:
     hidden: int = 256
     head_type: str = "change"  # "change" (patch differences + cross-attention) or "global" (pooled only)
     patch_layers: list[int] = field(default_factory=lambda: [-1])
-    text_token_layer: int = -1  # text hidden state of the cross-attention (0: the embeddings)
+    # text hidden state the cross-attention reads (0: the embeddings). None: 0 with a toy backbone,
+    # whose text layers ignore position and shape words (every toy figure since session 5 used 0),
+    # -1 (the last layer) otherwise
+    text_token_layer: int | None = None
     attn_heads: int = 4
     # Regularisation of the heads: none by default since session 13. With dropout 0.1 and L2 0.3 /
     # 0.001 (set before the dataset rankings existed) the heads fitted only ~0.8 of their own training
@@ -368,9 +371,11 @@ def head_lr_at(step: int, config: RewardTrainConfig) -> float:
 
 def head_settings(config: RewardTrainConfig) -> dict:
     """The model settings a training config carries: every `RewardConfig` field it shares (the
-    head's shape, the backbone's freezing), so a new head option is declared once in each config."""
+    head's shape, the backbone's freezing), so a new head option is declared once in each config.
+    Settings left None (chosen by backbone in `train_reward`) are left out: the model's default."""
     shared = {f.name for f in dataclasses.fields(RewardConfig)} & {f.name for f in dataclasses.fields(config)}
-    return {name: copy.deepcopy(getattr(config, name)) for name in sorted(shared - {"backbone", "extra"})}
+    return {name: copy.deepcopy(getattr(config, name)) for name in sorted(shared - {"backbone", "extra"})
+            if getattr(config, name) is not None}
 
 
 def _ranking_batch(model: RewardModel, batch: list[Ranking], cache: ImageCache, device) -> tuple:
@@ -606,7 +611,10 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
                          "the locator reads the backbone features it was fitted on")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    model = RewardModel.from_backbone(backbone, change_locator=config.locator_examples > 0, **head_settings(config))
+    settings = head_settings(config)
+    if config.text_token_layer is None:
+        settings["text_token_layer"] = 0 if toy_backbone else -1
+    model = RewardModel.from_backbone(backbone, change_locator=config.locator_examples > 0, **settings)
     locator_metrics = None
     if config.locator_examples:
         state, locator_metrics = change_locator.toy_change_locator(backbone, config.locator_examples,

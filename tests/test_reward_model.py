@@ -244,6 +244,21 @@ def test_text_token_layer_picks_the_hidden_state_the_cross_attention_reads(tiny_
     assert again.config.text_token_layer == 0
 
 
+def test_text_token_layer_defaults_to_the_embeddings_on_the_toy_backbone_only(tiny_clip, tmp_path):
+    """The toy CLIP's text layers ignore position and shape words, so its reward models read the
+    embeddings (0); any other backbone reads its last layer (-1); an explicit value wins."""
+    from hive.zoo import TOY_EDIT_CLIP
+
+    rankings = _write_rankings(tmp_path, 6, 32)
+    base = dict(steps=2, batch_size=2, hidden=16, ensemble=1, test_fraction=0.34, checkpoint_every=0,
+                dataset_rankings=0)
+    for backbone, layer, expected in ((TOY_EDIT_CLIP, None, 0), (tiny_clip, None, -1), (tiny_clip, 0, 0)):
+        cfg = RewardTrainConfig(backbone=str(backbone), text_token_layer=layer, **base)
+        out = tmp_path / f"run-{expected}-{layer}-{Path(backbone).name}"
+        train_reward(rankings, out, cfg, progress=False)
+        assert RewardModel.from_pretrained(out / "model").config.text_token_layer == expected, backbone
+
+
 def test_direction_prior_starts_as_clip_directional_similarity_and_reloads(tiny_clip, tmp_path):
     from transformers import CLIPModel, CLIPTokenizer
 
