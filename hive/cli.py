@@ -718,10 +718,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "compare with one annotator, CLIP direction and random; report + figure")
     p.add_argument("--out", required=True, help="experiment folder (its own store under OUT/home)")
     p.add_argument("--requests", type=int, default=300, help="training requests (largest curve point)")
-    p.add_argument("--test-requests", type=int, default=100, help="held-out requests")
+    p.add_argument("--test-requests", type=int, default=300,
+                   help="held-out requests (default %(default)s: ~700 pairs; 100 gave too few to tell models apart)")
     p.add_argument("--variants", type=int, default=4)
     p.add_argument("--annotators", type=int, default=5)
-    p.add_argument("--curve", default="50,100,200,300", help="training request counts")
+    p.add_argument("--curve", default="5,50,100,200,300", help="training request counts (default %(default)s)")
     p.add_argument("--model", default=None, help="editor pipeline (default: the embedded toy editor)")
     p.add_argument("--sample-steps", type=int, default=20, help="editor denoising steps")
     p.add_argument("--batch", type=int, default=8, help="requests per pipeline call")
