@@ -719,7 +719,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="experiment folder (its own store under OUT/home)")
     p.add_argument("--requests", type=int, default=300, help="training requests (largest curve point)")
     p.add_argument("--test-requests", type=int, default=300,
-                   help="held-out requests (default %(default)s: ~700 pairs; 100 gave too few to tell models apart)")
+                   help="held-out requests (default %(default)s: ~700 untied pairs on the toy simulations; 100 give a "
+                        "third as many, too few to tell models apart)")
     p.add_argument("--variants", type=int, default=4)
     p.add_argument("--annotators", type=int, default=5)
     p.add_argument("--curve", default="5,50,100,200,300", help="training request counts (default %(default)s)")
