@@ -589,6 +589,7 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
         raise ValueError(f"unknown loss {config.loss!r}: 'bt' (Bradley-Terry) or 'pl' (Plackett-Luce)")
     if not 0 <= config.val_fraction < 1:
         raise ValueError("val_fraction must be in [0, 1)")
+    head_lr_at(0, config)  # raises on an unknown head_lr_decay
     train, test = split if split is not None else split_by_request(rankings, config.test_fraction, config.seed)
     train = [r for r in train if r.pairs() and not (config.skip_all_bad and r.all_bad)]
     if not train:
@@ -611,9 +612,7 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
                          "the locator reads the backbone features it was fitted on")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    settings = head_settings(config)
-    if config.text_token_layer is None:
-        settings["text_token_layer"] = 0 if toy_backbone else -1
+    settings = {"text_token_layer": 0 if toy_backbone else -1, **head_settings(config)}  # an explicit layer wins
     model = RewardModel.from_backbone(backbone, change_locator=config.locator_examples > 0, **settings)
     locator_metrics = None
     if config.locator_examples:
@@ -1131,16 +1130,18 @@ def _experiment(out: Path, rankings: list[Ranking], meta: dict, requests: int, t
     return report
 
 
+def curve_values(points: list[dict], key: str) -> list[float]:
+    """`key` of every learning-curve point, NaN where a point has none (a gap in the plotted line)."""
+    return [p[key] if p.get(key) is not None else float("nan") for p in points]
+
+
 def plot_reward_series(ax, points: list[dict], label: str, colour: str, band_label: str | None = None) -> None:
     """One learning curve: the mean over repeats, and the min-max band when a point has several."""
     xs = [p["requests"] for p in points]
-
-    def ys(key):
-        return [p[key] if p.get(key) is not None else float("nan") for p in points]
-
-    ax.plot(xs, ys("true_pair_accuracy"), "-o", color=colour, label=label)
+    ax.plot(xs, curve_values(points, "true_pair_accuracy"), "-o", color=colour, label=label)
     if points and points[0].get("repeats", 1) > 1:
-        ax.fill_between(xs, ys("true_pair_accuracy_min"), ys("true_pair_accuracy_max"), color=colour,
+        ax.fill_between(xs, curve_values(points, "true_pair_accuracy_min"),
+                        curve_values(points, "true_pair_accuracy_max"), color=colour,
                         alpha=0.2 if band_label else 0.15, label=band_label)
 
 
@@ -1165,10 +1166,6 @@ def _plot_curve(points: list[dict], path: Path, bound: dict | None = None) -> No
 
     xs = [p["requests"] for p in points]
     fig, ax = plt.subplots(figsize=(6, 4))
-
-    def ys(key):
-        return [p[key] if p.get(key) is not None else float("nan") for p in points]
-
     repeats = points[0].get("repeats", 1) if points else 1
     plot_reward_series(ax, points, f"reward model (mean of {repeats})", "C0", band_label="reward model, min-max")
     for key, label, style, colour in (("single_annotator_accuracy", "one simulated annotator", "--", "C1"),
@@ -1179,7 +1176,7 @@ def _plot_curve(points: list[dict], path: Path, bound: dict | None = None) -> No
                                       ("clip_image_similarity_accuracy", "CLIP image similarity (untrained)",
                                        (0, (3, 1, 1, 1)), "C5"),
                                       ("random_accuracy", "random scorer", (0, (5, 5)), "C7")):
-        ax.plot(xs, ys(key), linestyle=style, color=colour, label=label)
+        ax.plot(xs, curve_values(points, key), linestyle=style, color=colour, label=label)
     if bound and bound.get("true_pair_accuracy") is not None:
         ax.plot([bound["requests"]], [bound["true_pair_accuracy"]], "*", color="C0", markersize=12,
                 label="reward model, noise-free labels")
