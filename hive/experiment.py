@@ -61,6 +61,12 @@ class PaperScale:
     image_guidances: tuple[float, ...]
     ema_decay: float | None
     reinit_unet: bool  # the baseline starts from a fresh UNet on the base's VAE and text encoder
+    # the editor's loss, in SFT and fine-tuning alike (hive.train_sft.SFTConfig). The full scale uses
+    # the toy recipe the embedded editor was trained with (docs/toy-zoo-training.md): without it the
+    # small UNet spends its first thousands of steps learning to copy the source
+    change_weight: float = 0.0
+    high_noise_bias: float = 0.0
+    min_snr_gamma: float | None = 5.0
     noise: float = 0.3
     eta: float = 1.0
     clip: float = 4.0
@@ -75,11 +81,11 @@ SCALES: dict[str, PaperScale] = {
                        sample_steps=1, reward_steps=2, reward_batch=2, reward_hidden=16, reward_freeze=1, toy_n=6,
                        ft_steps=2, ft_batch=2, ft_lr=1e-4, eval_n=2, eval_steps=1, pairwise_n=2, tradeoff_n=2,
                        image_guidances=(1.0, 2.2), ema_decay=None, reinit_unet=False, checkpoint_every=1000),
-    "full": PaperScale(sft_steps=4000, sft_batch=32, sft_lr=3e-4, requests=400, variants=4, annotators=5,
-                       per_request=1, sample_steps=20, reward_steps=600, reward_batch=16, reward_hidden=256,
-                       reward_freeze=2, toy_n=2000, ft_steps=2000, ft_batch=32, ft_lr=1e-4, eval_n=300, eval_steps=20,
+    "full": PaperScale(sft_steps=4000, sft_batch=32, sft_lr=8e-4, requests=400, variants=4, annotators=5,
+                       per_request=1, sample_steps=20, reward_steps=800, reward_batch=16, reward_hidden=256,
+                       reward_freeze=-1, toy_n=2000, ft_steps=2000, ft_batch=32, ft_lr=3e-4, eval_n=300, eval_steps=20,
                        pairwise_n=300, tradeoff_n=100, image_guidances=FULL_GUIDANCES, ema_decay=0.999,
-                       reinit_unet=True),
+                       reinit_unet=True, change_weight=4.0, high_noise_bias=1.0, min_snr_gamma=None),
 }
 FT_DATA_SEED = 700_000_000  # the fine-tuning triplets: away from SFT, simulation and evaluation seeds
 GRID_SEED = 900_070_000
@@ -250,14 +256,47 @@ def _run(out: Path, sc: PaperScale, base: str, clip: str | None, docs: Path | No
     if sc.reinit_unet:
         base = step("base", lambda: {"path": str(fresh_unet_base(base, out / "base"))})["path"]
     res = pipeline_resolution(base)
+    loss = {"change_weight": sc.change_weight, "high_noise_bias": sc.high_noise_bias}
     sft = SFTConfig(steps=sc.sft_steps, batch_size=sc.sft_batch, lr=sc.sft_lr, ema_decay=sc.ema_decay,
-                    checkpoint_every=sc.checkpoint_every, warmup_steps=min(200, max(1, sc.sft_steps // 10)))
+                    checkpoint_every=sc.checkpoint_every, warmup_steps=min(200, max(1, sc.sft_steps // 10)),
+                    min_snr_gamma=sc.min_snr_gamma, **loss)
+    loaded: dict[str, Any] = {}  # each editor (and the CLIP) is loaded once for all evaluations
+
+    def editor(path: str):
+        from hive.editor import Editor
+
+        if path not in loaded:
+            loaded[path] = Editor(path)
+        return loaded[path]
+
+    def embedder():
+        if "clip" not in loaded:
+            loaded["clip"] = ev.ClipEmbedder(clip)
+        return loaded["clip"]
+
+    judged: dict[str, dict] = {}
+    pairwise: dict[str, dict] = {}
+    curves: dict[str, dict] = {}
+    curve_models = ("baseline (noisy SFT)", "clean SFT (upper bound)", "hive-condition", "hive-weighted")
+
+    def evaluate(name: str) -> None:
+        """Each model is evaluated as soon as it is trained, so a run cut short has its figures."""
+        path = models[name]
+        judged[name] = step(f"judge_{_slug(name)}", lambda: ev.evaluate_toy(
+            n=sc.eval_n, steps=sc.eval_steps, out=out / "eval" / Path(path).parent.name, editor=editor(path)))
+        if path != baseline:
+            pairwise[name] = step(f"pairwise_{_slug(name)}", lambda: ev.blind_pairwise(
+                editor(path), editor(baseline), n=sc.pairwise_n, steps=sc.eval_steps, progress=progress))
+        if name in curve_models:
+            curves[name] = step(f"tradeoff_{_slug(name)}", lambda: ev.tradeoff_curve(
+                editor(path), n=sc.tradeoff_n, image_guidances=sc.image_guidances, steps=sc.eval_steps,
+                clip=embedder(), progress=progress))
+
     models: dict[str, str] = {}
     models["baseline (noisy SFT)"] = step("sft_noisy", lambda: {"path": str(train_sft(
         base, ToyTriplets(res, noise=sc.noise, seed=0), out / "sft-noisy", sft))})["path"]
-    models["clean SFT (upper bound)"] = step("sft_clean", lambda: {"path": str(train_sft(
-        base, ToyTriplets(res, noise=0.0, seed=0), out / "sft-clean", sft))})["path"]
     baseline = models["baseline (noisy SFT)"]
+    evaluate("baseline (noisy SFT)")
 
     def simulate_step() -> dict:
         from hive.editor import Editor
@@ -299,11 +338,21 @@ def _run(out: Path, sc: PaperScale, base: str, clip: str | None, docs: Path | No
     all_examples = examples_from_jsonl(out / "all_examples.jsonl")
 
     runs: dict[str, dict] = {}
-    for v in variants(sc):
+    # the clean upper bound trains after the two HIVE editors, the ablations last: a run cut short
+    # (hours on a CPU) has the must-show comparison first
+    order = variants(sc)
+    for v in order[:2] + [None] + order[2:]:
+        if v is None:
+            models["clean SFT (upper bound)"] = step("sft_clean", lambda: {"path": str(train_sft(
+                base, ToyTriplets(res, noise=0.0, seed=0), out / "sft-clean", sft))})["path"]
+            evaluate("clean SFT (upper bound)")
+            continue
+
         def train_variant(v: Variant = v) -> dict:
             fc = FinetuneConfig(method=v.method, cycle=v.cycle, steps=sc.ft_steps, batch_size=sc.ft_batch,
                                 lr=sc.ft_lr, eta=sc.eta, clip=sc.clip, ema_decay=sc.ema_decay,
-                                checkpoint_every=sc.checkpoint_every, warmup_steps=min(50, max(1, sc.ft_steps // 10)))
+                                checkpoint_every=sc.checkpoint_every, warmup_steps=min(50, max(1, sc.ft_steps // 10)),
+                                min_snr_gamma=sc.min_snr_gamma, sft=dict(loss))
             ex = subset(all_examples, v.cycle, v.fraction)
             ex, info = prepare(ex, [e.reward for e in ex], fc)
             path = finetune(baseline, ex, out / v.name, fc, extra_info={**info, "reward_model": reward["path"],
@@ -312,32 +361,13 @@ def _run(out: Path, sc: PaperScale, base: str, clip: str | None, docs: Path | No
 
         runs[v.name] = step(f"finetune_{v.name}", train_variant)
         models[v.name] = runs[v.name]["path"]
+        evaluate(v.name)
+    report_order = ["baseline (noisy SFT)", "clean SFT (upper bound)", *(v.name for v in order)]
+    models = {name: models[name] for name in report_order}
+    judged = {name: judged[name] for name in report_order}
+    pairwise = {name: pairwise[name] for name in report_order if name in pairwise}
+    curves = {name: curves[name] for name in curve_models}
 
-    loaded: dict[str, Any] = {}  # each editor (and the CLIP) is loaded once for all evaluations
-
-    def editor(path: str):
-        from hive.editor import Editor
-
-        if path not in loaded:
-            loaded[path] = Editor(path)
-        return loaded[path]
-
-    def embedder():
-        if "clip" not in loaded:
-            loaded["clip"] = ev.ClipEmbedder(clip)
-        return loaded["clip"]
-
-    judged = {name: step(f"judge_{_slug(name)}", lambda p=path: ev.evaluate_toy(
-        n=sc.eval_n, steps=sc.eval_steps, out=out / "eval" / Path(p).parent.name, editor=editor(p)))
-        for name, path in models.items()}
-    pairwise = {name: step(f"pairwise_{_slug(name)}", lambda p=path: ev.blind_pairwise(
-        editor(p), editor(baseline), n=sc.pairwise_n, steps=sc.eval_steps, progress=progress))
-        for name, path in models.items() if path != baseline}
-    curve_models = {k: models[k] for k in ("baseline (noisy SFT)", "clean SFT (upper bound)", "hive-condition",
-                                          "hive-weighted")}
-    curves = {name: step(f"tradeoff_{_slug(name)}", lambda p=path: ev.tradeoff_curve(
-        editor(p), n=sc.tradeoff_n, image_guidances=sc.image_guidances, steps=sc.eval_steps, clip=embedder(),
-        progress=progress)) for name, path in curve_models.items()}
     ev.plot_tradeoff(curves, out / "tradeoff.png", title="CLIP trade-off on fresh toy edits (each model's text guidance)")
     if not (out / "grid.png").exists():
         picture_grid({name: editor(path) for name, path in models.items()}, out / "grid.png", steps=sc.eval_steps)
