@@ -145,7 +145,9 @@ def _json_safe(x):
 
 
 def fresh_unet_base(base: str | Path, dest: Path, seed: int = 0) -> Path:
-    """`base` with its UNet re-initialised from its own config (VAE, text encoder, tokenizer kept)."""
+    """`base` with its UNet re-initialised from its own config (VAE, text encoder, tokenizer kept),
+    and its hive.json: every editor of the experiment samples at the base's measured settings
+    (guidances, local blend), not at SD's 7.5 / 1.5, which suit no toy editor."""
     import torch
     from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
 
@@ -156,6 +158,8 @@ def fresh_unet_base(base: str | Path, dest: Path, seed: int = 0) -> Path:
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
+    if (Path(base) / "hive.json").exists():
+        shutil.copyfile(Path(base) / "hive.json", tmp / "hive.json")
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
     return dest
@@ -389,6 +393,24 @@ def _run(out: Path, sc: PaperScale, base: str, clip: str | None, docs: Path | No
             shutil.copyfile(out / name, docs / f".{name}.tmp")
             os.replace(docs / f".{name}.tmp", docs / name)
     return report
+
+
+SHIPPED = {"noisy-sft": "sft_noisy", "hive-condition": "finetune_hive-condition",
+           "hive-weighted": "finetune_hive-weighted"}  # models/toy-paper/<name>: the step that trained it
+
+
+def ship_paper_editors(out: Path, dest: Path) -> dict[str, Path]:
+    """The experiment's noisy baseline and HIVE editors into `dest` (hive.zoo.ship_editors)."""
+    from hive.zoo import ship_editors
+
+    editors = {}
+    for name, step_name in SHIPPED.items():
+        record = Path(out) / "steps" / f"{step_name}.json"
+        if not record.exists():
+            raise FileNotFoundError(f"{record} is missing: run `python -m hive experiment paper --out {out}` "
+                                    "until that step has finished")
+        editors[name] = Path(json.loads(record.read_text())["path"])
+    return ship_editors(editors, dest)
 
 
 def _slug(name: str) -> str:

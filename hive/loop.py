@@ -739,6 +739,21 @@ def cmd_experiment(args) -> int:
     return 0
 
 
+def cmd_experiment_ship(args) -> int:
+    from hive.experiment import ship_paper_editors
+
+    try:
+        written = ship_paper_editors(Path(args.out), Path(args.dest))
+    except (ValueError, FileNotFoundError) as e:
+        return _err(str(e))
+    if args.json:
+        _print_json({name: str(path) for name, path in written.items()})
+    else:
+        for name, path in written.items():
+            print(f"{name}: {path}")
+    return 0
+
+
 def add_commands(sub) -> None:
     """`finetune`, `loop`, `promote`, `rollback`, `models` and `experiment` for `python -m hive`."""
     import argparse
@@ -814,6 +829,15 @@ def add_commands(sub) -> None:
     q.add_argument("--docs", default=None, help="also copy report.md and the pictures to this folder (e.g. docs/paper)")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_experiment)
+    q = ex.add_parser("ship", help="install the experiment's noisy baseline and HIVE editors under models/",
+                      description="Copies OUT's noisy SFT baseline, HIVE condition and HIVE weighted editors "
+                      "(fp16, one shared copy of the VAE, text encoder, tokenizer and scheduler) into DEST, so "
+                      "anyone can rerun the comparison with `python -m hive evaluate`.")
+    q.add_argument("--out", required=True, help="the experiment folder of `experiment paper`")
+    q.add_argument("--dest", default=str(Path(__file__).resolve().parent.parent / "models" / "toy-paper"),
+                   help="where the editors go (default: models/toy-paper)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_experiment_ship)
 
     p = sub.add_parser("models", help="list the registered model versions")
     p.add_argument("--kind", choices=["editor", "reward"], default=None)

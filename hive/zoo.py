@@ -175,3 +175,56 @@ def ship(editor_dir: Path, clip_dir: Path, models_dir: Path = MODELS_DIR, vae_di
         tmp.rename(dest)
         written[name] = dest
     return written
+
+
+SHARED_COMPONENTS = ("scheduler", "text_encoder", "tokenizer", "vae")
+
+
+def ship_editors(editors: dict[str, Path], dest: Path) -> dict[str, Path]:
+    """Install editors that differ only in their UNet (the paper experiment's) under `dest` with
+    fp16 weights: one copy of the scheduler, text encoder, tokenizer and VAE in dest/shared, and in
+    each editor's folder relative symlinks to them. `from_pretrained` loads every folder as usual,
+    at a third of the bytes of full copies (models/ must stay under 60 MB). Editors whose shared
+    components differ are refused; the whole folder is written beside `dest` and renamed into it."""
+    import filecmp
+    import json
+    import shutil
+
+    import torch
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    if not editors:
+        raise ValueError("no editors to ship")
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for name, src in editors.items():
+            pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(src, dtype=torch.float16)
+            pipe.save_pretrained(tmp / name)
+            if (Path(src) / "hive.json").exists():
+                shutil.copyfile(Path(src) / "hive.json", tmp / name / "hive.json")
+            for config in (tmp / name).rglob("*.json"):  # where this machine loaded it from: noise to others
+                data = json.loads(config.read_text())
+                if isinstance(data, dict) and data.pop("_name_or_path", None) is not None:
+                    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        first = next(iter(editors))
+        (tmp / "shared").mkdir()
+        for component in SHARED_COMPONENTS:
+            shutil.move(tmp / first / component, tmp / "shared" / component)
+            for name in editors:
+                folder = tmp / name / component
+                if name != first:
+                    diff = filecmp.dircmp(folder, tmp / "shared" / component)
+                    if diff.left_only or diff.right_only or filecmp.cmpfiles(
+                            folder, tmp / "shared" / component, diff.common_files, shallow=False)[1:] != ([], []):
+                        raise ValueError(f"{editors[name]} has another {component} than {editors[first]}: "
+                                         "only editors that differ in their UNet can share one folder")
+                    shutil.rmtree(folder)
+                folder.symlink_to(Path("..") / "shared" / component, target_is_directory=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return {name: dest / name for name in editors}

@@ -36,3 +36,60 @@ def test_paper_experiment_tiny_end_to_end(tiny_pipeline, tmp_path, capsys, monke
 
     monkeypatch.setattr(sft, "train_sft", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     assert main(argv) == 0
+
+    # the experiment's editors ship into one folder with one copy of the shared components
+    dest = tmp_path / "models" / "toy-paper"
+    assert main(["experiment", "ship", "--out", str(out), "--dest", str(dest)]) == 0
+    assert sorted(p.name for p in dest.iterdir()) == ["hive-condition", "hive-weighted", "noisy-sft", "shared"]
+    import torch
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    unets = {}
+    for name in ("noisy-sft", "hive-condition", "hive-weighted"):
+        for component in ("vae", "text_encoder", "tokenizer", "scheduler"):
+            assert (dest / name / component).is_symlink(), (name, component)
+        pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(dest / name, dtype=torch.float32)
+        trained = StableDiffusionInstructPix2PixPipeline.from_pretrained(report["models"][
+            {"noisy-sft": "baseline (noisy SFT)"}.get(name, name)], dtype=torch.float32)
+        for mine, theirs in zip(pipe.unet.parameters(), trained.unet.parameters()):
+            torch.testing.assert_close(mine, theirs.half().float())  # the shipped fp16 UNet is the trained one
+        unets[name] = torch.cat([p.flatten() for p in pipe.unet.parameters()])
+    assert not torch.equal(unets["noisy-sft"], unets["hive-condition"])
+    assert json.loads((dest / "hive-condition" / "hive.json").read_text())["reward_suffix"] == cond["reward_suffix"]
+
+
+def test_ship_refuses_editors_with_other_shared_components_and_writes_nothing(tiny_pipeline, tmp_path):
+    import pytest
+    import torch
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    from hive.zoo import ship_editors
+
+    other = StableDiffusionInstructPix2PixPipeline.from_pretrained(tiny_pipeline, dtype=torch.float32)
+    with torch.no_grad():
+        next(other.vae.parameters()).add_(1.0)
+    other.save_pretrained(tmp_path / "other")
+    dest = tmp_path / "models" / "toy-paper"
+    dest.parent.mkdir()
+    with pytest.raises(ValueError, match="another vae"):
+        ship_editors({"a": tiny_pipeline, "b": tmp_path / "other"}, dest)
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_fresh_unet_base_keeps_the_sampling_settings_and_only_resets_the_unet(tiny_pipeline, tmp_path):
+    import shutil
+
+    import torch
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    from hive.experiment import fresh_unet_base
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_pipeline, base)
+    (base / "hive.json").write_text(json.dumps({"sampling": {"guidance": 2.5, "mask_threshold": 0.35}}))
+    fresh = fresh_unet_base(base, tmp_path / "fresh", seed=1)
+    assert json.loads((fresh / "hive.json").read_text()) == json.loads((base / "hive.json").read_text())
+    a = StableDiffusionInstructPix2PixPipeline.from_pretrained(base, dtype=torch.float32)
+    b = StableDiffusionInstructPix2PixPipeline.from_pretrained(fresh, dtype=torch.float32)
+    assert all(torch.equal(x, y) for x, y in zip(a.vae.parameters(), b.vae.parameters()))
+    assert not all(torch.equal(x, y) for x, y in zip(a.unet.parameters(), b.unet.parameters()))
