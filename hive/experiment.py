@@ -68,6 +68,11 @@ class PaperScale:
     high_noise_bias: float = 0.0
     min_snr_gamma: float | None = 5.0
     noise: float = 0.3
+    # the reward model's dataset rankings (hive.dataset_rankings) rank clean toy targets above the toy
+    # noise model's corruptions: here that is knowledge of the very noise HIVE must undo, which the
+    # paper's setting (only the noisy data) does not have. Off: the reward model learns from the
+    # simulated annotators' rankings and its CLIP-direction prior alone
+    dataset_rankings: int = 0
     eta: float = 1.0
     clip: float = 4.0
     fractions: tuple[float, ...] = (0.1, 0.5)
@@ -317,6 +322,7 @@ def _run(out: Path, sc: PaperScale, base: str, clip: str | None, docs: Path | No
 
         cfg = RewardTrainConfig(backbone=clip, steps=sc.reward_steps, batch_size=sc.reward_batch,
                                 hidden=sc.reward_hidden, freeze_layers=sc.reward_freeze,
+                                dataset_rankings=sc.dataset_rankings,
                                 checkpoint_every=max(1, min(200, sc.reward_steps // 2)))
         report = train_reward(rankings_from_db(url, home), out / "reward", cfg, progress=progress)
         return {"path": str(out / "reward" / "model"), **{k: report.get(k) for k in (
