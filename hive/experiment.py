@@ -9,8 +9,9 @@ resumes; the trainers also resume from their checkpoints):
    OUT/home); the reward model is trained on those rankings;
 3. the fine-tuning data: noisy toy triplets + the ranked variants, with their inverses, all scored
    by the reward model;
-4. HIVE with condition reward and with weighted reward (cycle on, all data), and the ablations:
-   condition reward without cycle consistency, and with 10% / 50% of the data;
+4. HIVE with condition reward and with weighted reward (cycle on, all data); the control "no-reward"
+   (the same data and steps, the reward unused); and the ablations: condition reward without cycle
+   consistency, and with 10% / 50% of the data;
 5. evaluation: judge success per kind on fresh edits, blind pairwise against the baseline
    (simulated annotators, Wilson 95% CIs), CLIP trade-off curves, a picture grid of the same inputs
    across models; the share of the baseline-to-clean gap HIVE closes.
@@ -105,8 +106,10 @@ class Variant:
 
 
 def variants(scale: PaperScale) -> list[Variant]:
+    """The fine-tuned editors in training order: the two HIVE editors, the control (HIVE's data and
+    steps without the reward), then the ablations."""
     out = [Variant("hive-condition", "condition", True, 1.0), Variant("hive-weighted", "weighted", True, 1.0),
-           Variant("condition-no-cycle", "condition", False, 1.0)]
+           Variant("no-reward", "plain", True, 1.0), Variant("condition-no-cycle", "condition", False, 1.0)]
     out += [Variant(f"condition-{round(f * 100)}pct", "condition", True, f) for f in scale.fractions]
     return out
 
@@ -351,7 +354,7 @@ def _run(out: Path, sc: PaperScale, base: str, clip: str | None, docs: Path | No
     # the clean upper bound trains after the two HIVE editors, the ablations last: a run cut short
     # (hours on a CPU) has the must-show comparison first
     order = variants(sc)
-    for v in order[:2] + [None] + order[2:]:
+    for v in order[:2] + [None] + order[2:]:  # None: the clean SFT upper bound
         if v is None:
             models["clean SFT (upper bound)"] = step("sft_clean", lambda: {"path": str(train_sft(
                 base, ToyTriplets(res, noise=0.0, seed=0), out / "sft-clean", sft))})["path"]

@@ -36,7 +36,9 @@ from hive.files import write_json_atomic, write_jsonl_atomic
 
 LEVEL_WORDS = ("one", "two", "three", "four", "five")
 SUFFIX_TEMPLATE = ", image quality is {level} out of five"
-METHODS = ("condition", "weighted")
+# "plain": the same examples and trainer with no use of the reward (weights 1, plain prompts): the
+# control that tells a gain from the reward apart from a gain from more training steps
+METHODS = ("condition", "weighted", "plain")
 
 
 # ---------------------------------------------------------------- condition reward: quantiser
@@ -449,7 +451,7 @@ def load_rankings(folder: Path) -> list:
 # ---------------------------------------------------------------- preparing the training set
 @dataclass
 class FinetuneConfig:
-    method: str = "condition"  # "condition" or "weighted"
+    method: str = "condition"  # "condition", "weighted" or "plain" (the control: no reward)
     cycle: bool = False
     steps: int = 1000
     batch_size: int = 32
@@ -466,7 +468,7 @@ class FinetuneConfig:
 
     def check(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}: choose 'condition' or 'weighted'")
+            raise ValueError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch size must be >= 1")
         if not self.eta > 0 or not self.clip >= 1:
@@ -509,6 +511,10 @@ def prepare(examples: list[Example], rewards: list[float], config: FinetuneConfi
         counts = [sum(e.level == k for e in examples) for k in range(1, q.levels + 1)]
         info["condition"] = {"template": SUFFIX_TEMPLATE, "levels": q.levels, "thresholds": q.thresholds,
                              "quantiles": [k / q.levels for k in range(1, q.levels)], "level_counts": counts}
+    elif config.method == "plain":
+        for e in examples:
+            e.weight, e.level = 1.0, None
+            e.prompt = e.instruction + base_suffix
     else:
         w = reward_weights(r, config.eta, config.clip)
         for e, x in zip(examples, w):

@@ -762,7 +762,8 @@ def add_commands(sub) -> None:
                        description="Fine-tune an InstructPix2Pix editor with a reward model: condition reward "
                        "(quality level appended to the instruction) or weighted reward (loss weights exp(R/eta)). "
                        "Writes OUT/pipeline (with hive.json); resumes from OUT/checkpoints.")
-    p.add_argument("--method", choices=["condition", "weighted"], required=True)
+    p.add_argument("--method", choices=["condition", "weighted", "plain"], required=True,
+                   help="plain: the same data and steps without the reward (a control)")
     p.add_argument("--cycle", action="store_true", help="add the inverse example of every invertible edit")
     p.add_argument("--base", required=True, help="editor pipeline folder (or hub id) to fine-tune")
     p.add_argument("--data", action="append", help="triplet dataset folder (metadata.jsonl); repeatable")

@@ -17,7 +17,7 @@ def test_paper_experiment_tiny_end_to_end(tiny_pipeline, tmp_path, capsys, monke
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     models = {"baseline (noisy SFT)", "clean SFT (upper bound)", "hive-condition", "hive-weighted",
-              "condition-no-cycle", "condition-10pct", "condition-50pct"}
+              "no-reward", "condition-no-cycle", "condition-10pct", "condition-50pct"}
     assert set(summary["success"]) == models
     assert set(summary["pairwise_vs_baseline"]) == models - {"baseline (noisy SFT)"}
     report = json.loads((out / "report.json").read_text())
@@ -26,6 +26,9 @@ def test_paper_experiment_tiny_end_to_end(tiny_pipeline, tmp_path, capsys, monke
     runs = report["runs"]
     assert runs["condition-no-cycle"]["by_origin"].keys() == {"data", "db"}  # no inverses without cycle
     assert runs["hive-condition"]["examples"] > runs["condition-50pct"]["examples"] > runs["condition-10pct"]["examples"]
+    assert runs["no-reward"]["examples"] == runs["hive-condition"]["examples"]  # the control: same data
+    plain = json.loads((out / "no-reward" / "pipeline" / "hive.json").read_text())
+    assert "reward_suffix" not in plain and plain["finetune"]["method"] == "plain"
     cond = json.loads((out / "hive-condition" / "pipeline" / "hive.json").read_text())
     assert cond["reward_suffix"] == ", image quality is five out of five"
     for name in ("report.md", "tradeoff.png", "grid.png"):

@@ -79,6 +79,16 @@ def test_weights_have_mean_one_are_clipped_and_grow_with_the_reward():
             reward_weights(r, **kwargs)
 
 
+def test_plain_prepare_ignores_the_reward():
+    ex = [Example(str(i), "s.png", "t.png", f"instruction {i}", "data") for i in range(4)]
+    out, info = prepare(ex, [-3.0, 0.0, 1.0, 9.0], FinetuneConfig(method="plain"))
+    assert [e.prompt for e in out] == [f"instruction {i}" for i in range(4)]
+    assert all(e.weight == 1.0 and e.level is None for e in out)
+    assert "condition" not in info and "weights" not in info
+    with pytest.raises(ValueError, match="plain"):
+        FinetuneConfig(method="unknown").check()
+
+
 def test_weighted_prepare_keeps_the_base_suffix_and_batches_carry_the_weights(tmp_path):
     from PIL import Image
 
