@@ -612,7 +612,9 @@ def cmd_finetune(args) -> int:
     config = FinetuneConfig(method=args.method, cycle=args.cycle, steps=args.steps, batch_size=args.batch_size,
                             lr=args.lr, warmup_steps=args.warmup_steps, eta=args.eta, clip=args.clip,
                             ema_decay=None if args.no_ema else args.ema_decay, checkpoint_every=args.checkpoint_every,
-                            mixed_precision=args.mixed_precision, seed=args.seed)
+                            mixed_precision=args.mixed_precision, seed=args.seed,
+                            min_snr_gamma=args.min_snr_gamma if args.min_snr_gamma > 0 else None,
+                            sft={"change_weight": args.change_weight, "high_noise_bias": args.high_noise_bias})
     started = time.time()
     try:
         result = run_finetune(args.base, [Path(d) for d in args.data or []], Path(args.out), config,
@@ -783,6 +785,12 @@ def add_commands(sub) -> None:
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--min-snr-gamma", type=float, default=5.0, help="min-SNR loss weighting; 0 turns it off "
+                   "(the toy recipe)")
+    p.add_argument("--high-noise-bias", type=float, default=0.0,
+                   help="draw more high-noise timesteps (0: uniform; the toy recipe uses 1)")
+    p.add_argument("--change-weight", type=float, default=0.0,
+                   help="extra loss weight on latent pixels the edit changes (the toy recipe uses 4)")
     p.add_argument("--score-batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
