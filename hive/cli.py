@@ -678,6 +678,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="rankings implied by the toy edit dataset (its target above three corruptions of it) "
                             "added to the training rankings, never to validation or test (default: 1000 with a "
                             "toy backbone, 0 otherwise; see hive/dataset_rankings.py)")
+        p.add_argument("--dataset-noise", type=float,
+                       help="training noise of the edit dataset behind --dataset-rankings (default 0: clean targets; "
+                            "the paper experiment uses its SFT noise, 0.3)")
         p.add_argument("--locator-examples", type=int,
                        help="toy edit triplets to fit the change head's change locator on (where the instruction "
                             "should change the source; e.g. 20000). Default 0: no locator term, it lowered held-out "

@@ -47,17 +47,19 @@ def resolve_count(requested: int | None, toy_backbone: bool) -> int:
 
 
 @functools.lru_cache(maxsize=2)
-def dataset_examples(n: int, vae_dir: str, seed_base: int = DATASET_RANKING_SEED_BASE
+def dataset_examples(n: int, vae_dir: str, seed_base: int = DATASET_RANKING_SEED_BASE, noise: float = 0.0
                      ) -> tuple[tuple[int, str, Image.Image, tuple[Image.Image, ...]], ...]:
     """(seed, instruction, source, (target, corruption, corruption, corruption)) for `n` toy
-    training seeds; kept in memory for the process (an experiment trains several models on them)."""
+    training seeds; kept in memory for the process (an experiment trains several models on them).
+    `noise` > 0: the target is the one a dataset with that much training noise holds (`toy.sample_example`),
+    itself a corruption in about that share of the rankings."""
     from diffusers import AutoencoderKL
 
     from hive.train_vae import vae_roundtrip
 
     examples, renders = [], []
     for k in range(n):
-        ex = toy.sample_example(seed_base + k)
+        ex = toy.sample_example(seed_base + k, noise=noise)
         rng = np.random.default_rng([seed_base + k, 11])
         examples.append(ex)
         renders += [ex.edited_image] + [toy.corrupt(ex.edit, rng)[0] for _ in range(CORRUPTIONS_PER_RANKING)]
@@ -67,13 +69,14 @@ def dataset_examples(n: int, vae_dir: str, seed_base: int = DATASET_RANKING_SEED
                   tuple(Image.fromarray(a) for a in decoded[k * per:(k + 1) * per])) for k, ex in enumerate(examples))
 
 
-def dataset_rankings(n: int, cache, vae_dir: str | Path) -> list:
+def dataset_rankings(n: int, cache, vae_dir: str | Path, noise: float = 0.0) -> list:
     """`n` dataset rankings, their images put into `cache` (a `train_reward.ImageCache`) under
-    `KEY_PREFIX` keys. Request ids are negative, apart from every stored request's."""
+    `KEY_PREFIX` keys. Request ids are negative, apart from every stored request's. `noise`: that of
+    the edit dataset the rankings come from (see `dataset_examples`)."""
     from hive.train_reward import Ranking
 
     rankings = []
-    for seed, instruction, source, variants in dataset_examples(n, str(vae_dir)):
+    for seed, instruction, source, variants in dataset_examples(n, str(vae_dir), noise=float(noise)):
         src_key = f"{KEY_PREFIX}{seed}:source"
         cache.images[src_key] = source
         keys = []

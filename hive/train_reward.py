@@ -339,6 +339,9 @@ class RewardTrainConfig:
     # rankings implied by the edit dataset (hive.dataset_rankings), added to every member's fitted
     # rankings; None: 1000 with a toy backbone, 0 otherwise
     dataset_rankings: int | None = None
+    # training noise of the edit dataset those rankings come from: > 0, the rank-1 target is itself a
+    # corruption in that share of them, as in a noisy dataset (the paper experiment's baseline data)
+    dataset_noise: float = 0.0
     # toy edit triplets the change head's change locator is fitted on (hive.change_locator; 0: no
     # locator term, the default: it lowered held-out accuracy on both toy simulations)
     locator_examples: int = 0
@@ -590,6 +593,8 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
     if not 0 <= config.val_fraction < 1:
         raise ValueError("val_fraction must be in [0, 1)")
     head_lr_at(0, config)  # raises on an unknown head_lr_decay
+    if not 0 <= config.dataset_noise < 1:
+        raise ValueError("dataset_noise must be in [0, 1)")
     train, test = split if split is not None else split_by_request(rankings, config.test_fraction, config.seed)
     train = [r for r in train if r.pairs() and not (config.skip_all_bad and r.all_bad)]
     if not train:
@@ -621,7 +626,7 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
         model.change_locator.load_state_dict(state)
     cache = ImageCache()
     n_dataset = resolve_count(config.dataset_rankings, toy_backbone)
-    extra = dataset_rankings(n_dataset, cache, DEFAULT_EDITOR / "vae") if n_dataset else []
+    extra = dataset_rankings(n_dataset, cache, DEFAULT_EDITOR / "vae", noise=config.dataset_noise) if n_dataset else []
     if any(p.requires_grad for p in model.clip.parameters()):
         model, loss_value, stopped, selected = _train_end_to_end(model, train, out, config, cache, progress, extra)
     else:

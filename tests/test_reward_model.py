@@ -381,6 +381,26 @@ def test_dataset_rankings_rank_the_dataset_target_above_its_corruptions():
         resolve_count(-1, toy_backbone=True)
 
 
+def test_noisy_dataset_rankings_put_the_noisy_datasets_target_first():
+    from hive.dataset_rankings import KEY_PREFIX, dataset_rankings
+    from hive.train_reward import ImageCache
+    from hive.zoo import DEFAULT_EDITOR
+
+    cache = ImageCache()
+    rankings = dataset_rankings(12, cache, DEFAULT_EDITOR / "vae", noise=0.5)
+    corrupted = 0
+    for r in rankings:
+        ex = toy.sample_example(int(r.source_path[len(KEY_PREFIX):].split(":")[0]), noise=0.5)
+        first = np.asarray(cache(r.variant_paths[0]), dtype=float)
+        # rank 1 is near what the noisy dataset holds (its corruption, when it has one), not the clean target
+        assert np.abs(first - np.asarray(ex.edited_image, dtype=float)).mean() < 12
+        if ex.corruption is not None and ex.corruption != "no_change":
+            corrupted += 1
+            assert np.abs(first - np.asarray(ex.edited_image, dtype=float)).mean() < \
+                np.abs(first - np.asarray(ex.clean_image, dtype=float)).mean()
+    assert corrupted >= 2  # the check above ran
+
+
 def test_dataset_rankings_are_fitted_but_never_validated_or_tested(tiny_clip, tmp_path, monkeypatch):
     import dataclasses
 
