@@ -76,7 +76,7 @@ def dataset_rankings(n: int, cache, vae_dir: str | Path, noise: float = 0.0) -> 
     from hive.train_reward import Ranking
 
     rankings = []
-    for seed, instruction, source, variants in dataset_examples(n, str(vae_dir), noise=float(noise)):
+    for seed, instruction, source, variants in dataset_examples(n, str(vae_dir), noise=noise):
         src_key = f"{KEY_PREFIX}{seed}:source"
         cache.images[src_key] = source
         keys = []

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import secrets
+import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -274,3 +275,10 @@ def read_model_info(model: str) -> dict:
     """hive.json of a model folder (reward suffix etc.); {} for hub ids and plain folders."""
     path = Path(model) / "hive.json"
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def copy_model_info(model: str | Path, dest: Path) -> None:
+    """A pipeline saved from `model` keeps its hive.json (sampling settings, reward suffix):
+    `save_pretrained` writes only the diffusers components. A hub id has none."""
+    if (Path(model) / "hive.json").exists():
+        shutil.copyfile(Path(model) / "hive.json", Path(dest) / "hive.json")

@@ -160,6 +160,8 @@ def fresh_unet_base(base: str | Path, dest: Path, seed: int = 0) -> Path:
     import torch
     from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
 
+    from hive.editor import copy_model_info
+
     pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(base, dtype=torch.float32, safety_checker=None,
                                                                   requires_safety_checker=False)
     torch.manual_seed(seed)
@@ -167,8 +169,7 @@ def fresh_unet_base(base: str | Path, dest: Path, seed: int = 0) -> Path:
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
-    if (Path(base) / "hive.json").exists():
-        shutil.copyfile(Path(base) / "hive.json", tmp / "hive.json")
+    copy_model_info(base, tmp)
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
     return dest
@@ -352,17 +353,9 @@ def _run(out: Path, sc: PaperScale, base: str, clip: str | None, docs: Path | No
     all_examples = examples_from_jsonl(out / "all_examples.jsonl")
 
     runs: dict[str, dict] = {}
-    # the clean upper bound trains after the two HIVE editors, the ablations last: a run cut short
-    # (hours on a CPU) has the must-show comparison first
-    order = variants(sc)
-    for v in order[:2] + [None] + order[2:]:  # None: the clean SFT upper bound
-        if v is None:
-            models["clean SFT (upper bound)"] = step("sft_clean", lambda: {"path": str(train_sft(
-                base, ToyTriplets(res, noise=0.0, seed=0), out / "sft-clean", sft))})["path"]
-            evaluate("clean SFT (upper bound)")
-            continue
 
-        def train_variant(v: Variant = v) -> dict:
+    def finetune_and_evaluate(v: Variant) -> None:
+        def train_variant() -> dict:
             fc = FinetuneConfig(method=v.method, cycle=v.cycle, steps=sc.ft_steps, batch_size=sc.ft_batch,
                                 lr=sc.ft_lr, eta=sc.eta, clip=sc.clip, ema_decay=sc.ema_decay,
                                 checkpoint_every=sc.checkpoint_every, warmup_steps=min(50, max(1, sc.ft_steps // 10)),
@@ -376,6 +369,17 @@ def _run(out: Path, sc: PaperScale, base: str, clip: str | None, docs: Path | No
         runs[v.name] = step(f"finetune_{v.name}", train_variant)
         models[v.name] = runs[v.name]["path"]
         evaluate(v.name)
+
+    # the clean upper bound trains after the two HIVE editors, the control and the ablations last:
+    # a run cut short (hours on a CPU) has the must-show comparison first
+    order = variants(sc)
+    for v in order[:2]:
+        finetune_and_evaluate(v)
+    models["clean SFT (upper bound)"] = step("sft_clean", lambda: {"path": str(train_sft(
+        base, ToyTriplets(res, noise=0.0, seed=0), out / "sft-clean", sft))})["path"]
+    evaluate("clean SFT (upper bound)")
+    for v in order[2:]:
+        finetune_and_evaluate(v)
     report_order = ["baseline (noisy SFT)", "clean SFT (upper bound)", *(v.name for v in order)]
     models = {name: models[name] for name in report_order}
     judged = {name: judged[name] for name in report_order}
@@ -409,9 +413,10 @@ SHIPPED = {"noisy-sft": "sft_noisy", "hive-condition": "finetune_hive-condition"
            "hive-weighted": "finetune_hive-weighted"}  # models/toy-paper/<name>: the step that trained it
 
 
-def ship_paper_editors(out: Path, dest: Path) -> dict[str, Path]:
-    """The experiment's noisy baseline and HIVE editors into `dest` (hive.zoo.ship_editors)."""
-    from hive.zoo import ship_editors
+def ship_paper_editors(out: Path, dest: Path | None = None) -> dict[str, Path]:
+    """The experiment's noisy baseline and HIVE editors into `dest` (default models/toy-paper;
+    hive.zoo.ship_editors)."""
+    from hive.zoo import MODELS_DIR, ship_editors
 
     editors = {}
     for name, step_name in SHIPPED.items():
@@ -420,7 +425,7 @@ def ship_paper_editors(out: Path, dest: Path) -> dict[str, Path]:
             raise FileNotFoundError(f"{record} is missing: run `python -m hive experiment paper --out {out}` "
                                     "until that step has finished")
         editors[name] = Path(json.loads(record.read_text())["path"])
-    return ship_editors(editors, dest)
+    return ship_editors(editors, MODELS_DIR / "toy-paper" if dest is None else Path(dest))
 
 
 def _slug(name: str) -> str:

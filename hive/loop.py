@@ -745,7 +745,7 @@ def cmd_experiment_ship(args) -> int:
     from hive.experiment import ship_paper_editors
 
     try:
-        written = ship_paper_editors(Path(args.out), Path(args.dest))
+        written = ship_paper_editors(Path(args.out), args.dest)
     except (ValueError, FileNotFoundError) as e:
         return _err(str(e))
     if args.json:
@@ -843,8 +843,7 @@ def add_commands(sub) -> None:
                       "(fp16, one shared copy of the VAE, text encoder, tokenizer and scheduler) into DEST, so "
                       "anyone can rerun the comparison with `python -m hive evaluate`.")
     q.add_argument("--out", required=True, help="the experiment folder of `experiment paper`")
-    q.add_argument("--dest", default=str(Path(__file__).resolve().parent.parent / "models" / "toy-paper"),
-                   help="where the editors go (default: models/toy-paper)")
+    q.add_argument("--dest", default=None, help="where the editors go (default: models/toy-paper)")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_experiment_ship)
 

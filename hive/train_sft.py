@@ -259,6 +259,8 @@ def save_pipeline(base: Path | str, unet: UNet2DConditionModel, dest: Path) -> P
     written beside `dest` and renamed into place."""
     from diffusers import EulerAncestralDiscreteScheduler
 
+    from hive.editor import copy_model_info
+
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae", dtype=torch.float32)
     text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=torch.float32)
     tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
@@ -269,9 +271,7 @@ def save_pipeline(base: Path | str, unet: UNet2DConditionModel, dest: Path) -> P
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
-    info = Path(base) / "hive.json"  # a hub id has none
-    if info.exists():
-        shutil.copy(info, tmp / "hive.json")
+    copy_model_info(base, tmp)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest

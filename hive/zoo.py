@@ -193,6 +193,8 @@ def ship_editors(editors: dict[str, Path], dest: Path) -> dict[str, Path]:
     import torch
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
+    from hive.editor import copy_model_info
+
     if not editors:
         raise ValueError("no editors to ship")
     dest = Path(dest)
@@ -202,8 +204,7 @@ def ship_editors(editors: dict[str, Path], dest: Path) -> dict[str, Path]:
         for name, src in editors.items():
             pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(src, dtype=torch.float16)
             pipe.save_pretrained(tmp / name)
-            if (Path(src) / "hive.json").exists():
-                shutil.copyfile(Path(src) / "hive.json", tmp / name / "hive.json")
+            copy_model_info(src, tmp / name)
             for config in (tmp / name).rglob("*.json"):  # where this machine loaded it from: noise to others
                 data = json.loads(config.read_text())
                 if isinstance(data, dict) and data.pop("_name_or_path", None) is not None:
@@ -216,8 +217,9 @@ def ship_editors(editors: dict[str, Path], dest: Path) -> dict[str, Path]:
                 folder = tmp / name / component
                 if name != first:
                     diff = filecmp.dircmp(folder, tmp / "shared" / component)
-                    if diff.left_only or diff.right_only or filecmp.cmpfiles(
-                            folder, tmp / "shared" / component, diff.common_files, shallow=False)[1:] != ([], []):
+                    _, mismatch, errors = filecmp.cmpfiles(folder, tmp / "shared" / component, diff.common_files,
+                                                          shallow=False)  # bytes, not sizes and times
+                    if diff.left_only or diff.right_only or mismatch or errors:
                         raise ValueError(f"{editors[name]} has another {component} than {editors[first]}: "
                                          "only editors that differ in their UNet can share one folder")
                     shutil.rmtree(folder)
