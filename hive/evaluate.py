@@ -4,6 +4,8 @@ comparisons of two editors judged by simulated annotators (win / tie / loss with
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import textwrap
 import time
@@ -323,6 +325,45 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / denom
     half = z / denom * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return (float(max(0.0, centre - half)), float(min(1.0, centre + half)))
+
+
+def judgement_of(row: dict) -> toy.Judgement:
+    """A `toy.Judgement` back from a row of judgements.jsonl."""
+    return toy.Judgement(**{f.name: row[f.name] for f in dataclasses.fields(toy.Judgement)})
+
+
+def paired_judgements(judgements_a: Path, judgements_b: Path, tie_margin: float | None = None) -> dict:
+    """A noise-free comparison of two `evaluate_toy` runs on the same edits and seeds: per edit, A
+    wins when its judged quality (hive.simulate.quality) beats B's by more than `tie_margin`.
+
+    A diagnostic beside `blind_pairwise`, not a replacement: the simulated annotators there add
+    noise calibrated to 72% ranking agreement, which turns every pair of equally good (or equally
+    bad) outputs into a coin flip and pulls any win:loss ratio towards 1. This shows what an
+    annotator who never errs would say, and the success-only count (edits one model gets right
+    and the other wrong) beside it."""
+    from hive.simulate import DEFAULT_TIE_MARGIN, quality
+
+    tie_margin = DEFAULT_TIE_MARGIN if tie_margin is None else float(tie_margin)
+
+    def read(path: Path) -> dict[str, dict]:
+        return {row["id"]: row for row in map(json.loads, Path(path).read_text().splitlines())}
+
+    a, b = read(judgements_a), read(judgements_b)
+    if set(a) != set(b):
+        raise ValueError(f"{judgements_a} and {judgements_b} judge different edits; evaluate both with the same n and seed")
+    wins = ties = losses = only_a = only_b = 0
+    for key, row_b in b.items():
+        row_a = a[key]
+        qa, qb = quality(judgement_of(row_a)), quality(judgement_of(row_b))
+        wins, losses = wins + (qa - qb > tie_margin), losses + (qb - qa > tie_margin)
+        ties += abs(qa - qb) <= tie_margin
+        only_a, only_b = only_a + (row_a["success"] and not row_b["success"]), only_b + (row_b["success"] and not row_a["success"])
+    n = len(b)
+    return {"n": n, "tie_margin": tie_margin, "wins": wins, "ties": ties, "losses": losses,
+            "win_rate": wins / n, "tie_rate": ties / n, "loss_rate": losses / n,
+            "win_ci": list(wilson_interval(wins, n)), "tie_ci": list(wilson_interval(ties, n)),
+            "loss_ci": list(wilson_interval(losses, n)),
+            "only_a_succeeds": only_a, "only_b_succeeds": only_b}
 
 
 # The simulated annotators' noise for blind comparisons: `calibrate_noise` (hive.simulate) on the

@@ -10,7 +10,10 @@ import pytest
 from PIL import Image
 
 from hive import toy
-from hive.evaluate import PAIRWISE_SEED_BASE, ClipEmbedder, blind_pairwise, plot_tradeoff, tradeoff_curve, wilson_interval
+from hive.evaluate import (
+    EVAL_SEED_BASE, PAIRWISE_SEED_BASE, ClipEmbedder, blind_pairwise, evaluate_toy, paired_judgements, plot_tradeoff,
+    tradeoff_curve, wilson_interval,
+)
 from tests.test_reward_model import build_tiny_clip
 
 
@@ -70,6 +73,26 @@ def test_clean_target_beats_the_unchanged_source_from_either_side(tiny_editor):
     assert 0.3 * n <= r["a_shown_left"] <= 0.7 * n  # both sides used
     mirrored = blind_pairwise(source, clean, n=n, annotators=3, noise=0.3, progress=False)
     assert mirrored["losses"] >= 0.8 * n and mirrored["wins"] <= 0.15 * n
+
+
+def test_paired_judgements_count_each_edit_once_and_refuse_different_edits(tiny_editor, tmp_path):
+    n = 12
+    clean = fake_editor(tiny_editor, "clean", "clean", EVAL_SEED_BASE, n)
+    source = fake_editor(tiny_editor, "source", "source", EVAL_SEED_BASE, n)
+    evaluate_toy(n=n, editor=clean, out=tmp_path / "clean")
+    evaluate_toy(n=n, editor=source, out=tmp_path / "source")
+    evaluate_toy(n=n, editor=clean, out=tmp_path / "clean2")
+    r = paired_judgements(tmp_path / "clean" / "judgements.jsonl", tmp_path / "source" / "judgements.jsonl")
+    # the clean target follows every instruction; the unchanged source follows none
+    assert (r["wins"], r["ties"], r["losses"]) == (n, 0, 0)
+    assert r["only_a_succeeds"] == n and r["only_b_succeeds"] == 0
+    mirrored = paired_judgements(tmp_path / "source" / "judgements.jsonl", tmp_path / "clean" / "judgements.jsonl")
+    assert (mirrored["wins"], mirrored["losses"], mirrored["only_b_succeeds"]) == (0, n, n)
+    same = paired_judgements(tmp_path / "clean" / "judgements.jsonl", tmp_path / "clean2" / "judgements.jsonl")
+    assert same["ties"] == n and same["tie_ci"][0] > 0.7
+    evaluate_toy(n=n - 1, editor=clean, out=tmp_path / "fewer")
+    with pytest.raises(ValueError, match="different edits"):
+        paired_judgements(tmp_path / "fewer" / "judgements.jsonl", tmp_path / "source" / "judgements.jsonl")
 
 
 def test_annotators_see_shuffled_sides(tiny_editor, monkeypatch):

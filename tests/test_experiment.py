@@ -34,6 +34,9 @@ def test_paper_experiment_tiny_end_to_end(tiny_pipeline, tmp_path, capsys, monke
     for name in ("report.md", "tradeoff.png", "grid.png"):
         assert (docs / name).exists(), name
     assert "Blind pairwise" in (docs / "report.md").read_text()
+    paired = report["paired_vs_baseline"]
+    assert paired.keys() == report["pairwise_vs_baseline"].keys()
+    assert all(p["wins"] + p["ties"] + p["losses"] == p["n"] == report["scale"]["eval_n"] for p in paired.values())
     # a rerun skips every finished step (nothing is trained again)
     import hive.train_sft as sft
 
