@@ -52,6 +52,11 @@ class SFTConfig:
     # > 0: draw more high-noise timesteps (t = T * u ** (1 / (1 + bias))); there the edit must be
     # read from the source and the instruction, as the noisy latent holds (almost) nothing.
     high_noise_bias: float = 0.0
+    # the cross-attention layers (attn2: where the UNet reads the text) learn this many times faster
+    # than the rest. Condition-reward fine-tuning on the toy world needs it: the toy text encoder
+    # has no layers, so the one quality word of ", image quality is five out of five" reaches the
+    # UNet only at its own position, with ~1% of the attention (docs/paper.md, "Why the condition").
+    cross_attention_lr_scale: float = 1.0
     # fast path (hive.fastpath; `python -m hive bench train` measures it): with mixed_precision
     # "bf16" on a GPU, fused AdamW, channels-last weights and torch.compile of the UNet pay;
     # DataLoader workers build the next batches while the current one trains.
@@ -190,7 +195,15 @@ def train_sft(base: Path | str, data: TripletSource, out: Path, config: SFTConfi
     unet.train()
     if config.channels_last:
         unet.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.01,
+    groups = [{"params": list(unet.parameters()), "lr": config.lr}]
+    if config.cross_attention_lr_scale != 1.0:  # one group otherwise: checkpoints of older runs still resume
+        cross = {id(p) for name, p in unet.named_parameters() if ".attn2." in name}
+        if not cross:
+            raise ValueError("cross_attention_lr_scale is set but this UNet has no cross-attention (attn2) layers")
+        groups = [{"params": [p for p in unet.parameters() if id(p) not in cross], "lr": config.lr},
+                  {"params": [p for p in unet.parameters() if id(p) in cross],
+                   "lr": config.lr * config.cross_attention_lr_scale}]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=0.01,
                                   fused=torch.cuda.is_available() if config.fused_optimizer is None
                                   else config.fused_optimizer)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))

@@ -52,6 +52,30 @@ def test_resume_continues_exactly_where_it_stopped(tiny_pipeline, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
+def test_cross_attention_lr_scale_sets_how_fast_the_text_layers_learn(tiny_pipeline, tmp_path):
+    data = ToyTriplets(resolution=32)
+    base = UNet2DConditionModel.from_pretrained(tiny_pipeline, subfolder="unet").state_dict()
+
+    def moved(scale: float, name: str) -> tuple[float, float]:
+        """Mean absolute change of the cross-attention and of the other weights after 3 steps."""
+        config = SFTConfig(steps=3, batch_size=2, lr=1e-3, warmup_steps=1, ema_decay=None, checkpoint_every=1000,
+                           cross_attention_lr_scale=scale)
+        out = UNet2DConditionModel.from_pretrained(train_sft(tiny_pipeline, data, tmp_path / name, config),
+                                                   subfolder="unet").state_dict()
+        change = {k: (out[k].float() - base[k].float()).abs().mean().item() for k in base
+                  if out[k].shape == base[k].shape and k.endswith("weight")}
+        cross = [v for k, v in change.items() if ".attn2." in k]
+        rest = [v for k, v in change.items() if ".attn2." not in k]
+        assert cross and rest
+        return sum(cross) / len(cross), sum(rest) / len(rest)
+
+    frozen_cross, rest_a = moved(0.0, "frozen")
+    assert frozen_cross == 0.0 and rest_a > 0  # scale 0: the text layers stay put, the rest trains
+    same_cross, _ = moved(1.0, "same")
+    fast_cross, _ = moved(10.0, "fast")
+    assert fast_cross > 3 * same_cross > 0
+
+
 def test_sd15_shaped_unet_gets_zeroed_source_channels():
     unet = sd15_unet(in_channels=4, tiny=True)
     before = unet.conv_in.weight.detach().clone()
