@@ -236,6 +236,21 @@ def test_condition_reward_folder_samples_with_the_top_level_suffix(tiny_pipeline
     assert result.records[0].instruction == "make the background white"
     assert result.records[0].prompt == "make the background white" + TOP
 
+    # scripts/condition_check.py reads such a folder: attention shares over the prompt's tokens and
+    # padding add up to 1 (the processor computes diffusers' attention), and the loss table pairs levels
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("condition_check", Path(__file__).parents[1] / "scripts" / "condition_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    rows = check.load_examples(out)
+    shares = check.attention_table(out / "pipeline", rows, 32)
+    assert shares[-1][0] == "(padding)" and sum(x for _, x in shares) == pytest.approx(1.0, abs=1e-4)
+    assert shares[0][0] == "<|startoftext|>" and any(tok.startswith(",") for tok, _ in shares)
+    table = check.loss_table(out / "pipeline", rows, 2, 32, (1, 5))
+    assert set(table) == {1, 5} and all(r["n"] >= 1 and np.isfinite(r["low_minus_top"]) for r in table.values())
+    assert table[1]["low_minus_top"] == pytest.approx(table[1]["prompt_level_1"] - table[1]["prompt_level_5"])
+
 
 def test_cli_weighted_from_db_and_data_with_a_reward_model(tiny_pipeline, hive: HiveEnv, tmp_path, capsys):
     from hive.cli import main
