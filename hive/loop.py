@@ -793,8 +793,8 @@ def add_commands(sub) -> None:
     p.add_argument("--change-weight", type=float, default=0.0,
                    help="extra loss weight on latent pixels the edit changes (the toy recipe uses 4)")
     p.add_argument("--cross-attention-lr-scale", type=float, default=1.0,
-                   help="the UNet's cross-attention layers learn this many times faster (the toy recipe's "
-                   "condition reward uses 10; see docs/paper.md)")
+                   help="the UNet's cross-attention layers learn this many times faster (at 10 the toy editor "
+                   "learns a condition-reward quality word; docs/paper.md)")
     p.add_argument("--score-batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")

@@ -196,6 +196,8 @@ def train_sft(base: Path | str, data: TripletSource, out: Path, config: SFTConfi
     if config.channels_last:
         unet.to(memory_format=torch.channels_last)
     groups = [{"params": list(unet.parameters()), "lr": config.lr}]
+    if config.cross_attention_lr_scale < 0:
+        raise ValueError(f"cross_attention_lr_scale must be >= 0, not {config.cross_attention_lr_scale}")
     if config.cross_attention_lr_scale != 1.0:  # one group otherwise: checkpoints of older runs still resume
         cross = {id(p) for name, p in unet.named_parameters() if ".attn2." in name}
         if not cross:
