@@ -293,11 +293,15 @@ def _run(out: Path, sc: PaperScale, base: str, clip: str | None, docs: Path | No
     curves: dict[str, dict] = {}
     curve_models = ("baseline (noisy SFT)", "clean SFT (upper bound)", "hive-condition", "hive-weighted")
 
+    def eval_dir(name: str) -> Path:
+        """Where the judge keeps a model's outputs and judgements.jsonl."""
+        return out / "eval" / Path(models[name]).parent.name
+
     def evaluate(name: str) -> None:
         """Each model is evaluated as soon as it is trained, so a run cut short has its figures."""
         path = models[name]
         judged[name] = step(f"judge_{_slug(name)}", lambda: ev.evaluate_toy(
-            n=sc.eval_n, steps=sc.eval_steps, out=out / "eval" / Path(path).parent.name, editor=editor(path)))
+            n=sc.eval_n, steps=sc.eval_steps, out=eval_dir(name), editor=editor(path)))
         if path != baseline:
             pairwise[name] = step(f"pairwise_{_slug(name)}", lambda: ev.blind_pairwise(
                 editor(path), editor(baseline), n=sc.pairwise_n, steps=sc.eval_steps, progress=progress))
@@ -390,10 +394,8 @@ def _run(out: Path, sc: PaperScale, base: str, clip: str | None, docs: Path | No
     if not (out / "grid.png").exists():
         picture_grid({name: editor(path) for name, path in models.items()}, out / "grid.png", steps=sc.eval_steps)
 
-    def judgements(name: str) -> Path:
-        return out / "eval" / Path(models[name]).parent.name / "judgements.jsonl"
-
-    paired = {name: ev.paired_judgements(judgements(name), judgements("baseline (noisy SFT)"))
+    paired = {name: ev.paired_judgements(eval_dir(name) / "judgements.jsonl",
+                                         eval_dir("baseline (noisy SFT)") / "judgements.jsonl")
               for name in pairwise}
     b, c = judged["baseline (noisy SFT)"]["success"], judged["clean SFT (upper bound)"]["success"]
     gap = {name: ((judged[name]["success"] - b) / (c - b) if c != b else None) for name in runs}

@@ -135,10 +135,7 @@ def sft_loss(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPT
     text = torch.where(drop_text, null_text.expand_as(text), text)
     source_latents = source_latents * keep_image.view(bsz, 1, 1, 1).to(source_latents.dtype)
     pred = unet(torch.cat([noisy, source_latents], dim=1), timesteps, text).sample
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(target_latents, noise, timesteps)
-    else:
-        target = noise
+    target = training_target(noise_scheduler, target_latents, noise, timesteps)
     err = F.mse_loss(pred.float(), target.float(), reduction="none")
     if change_weight > 0:
         per_example = (err * change_map(batch, err.shape[-2:], change_weight)).mean(dim=(1, 2, 3))
@@ -154,6 +151,14 @@ def sft_loss(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPT
     if weights is not None:
         per_example = per_example * weights
     return per_example.mean()
+
+
+def training_target(noise_scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
+                    timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict: v for a v-prediction schedule, else the noise."""
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    return noise
 
 
 def change_map(batch: TripletBatch, latent_hw: torch.Size, change_weight: float) -> torch.Tensor:

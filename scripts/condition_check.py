@@ -27,7 +27,7 @@ from PIL import Image
 
 from hive.data import TripletBatch, image_to_tensor
 from hive.finetune import LEVEL_WORDS, level_suffix, pipeline_resolution
-from hive.train_sft import change_map, encode_prompts, load_components
+from hive.train_sft import change_map, encode_prompts, load_components, training_target
 
 LOSS_REPEATS = 4  # noise draws per example
 CHANGE_WEIGHT = 4.0  # the toy recipe's loss (hive.train_sft.SFTConfig.change_weight)
@@ -64,14 +64,20 @@ def images(rows: list[dict], resolution: int) -> tuple[torch.Tensor, torch.Tenso
     return torch.stack([load(r["source"]) for r in rows]), torch.stack([load(r["target"]) for r in rows])
 
 
+def load_eval_components(pipeline: Path) -> tuple:
+    """(vae, text encoder, tokenizer, scheduler, UNet in eval mode) of a pipeline folder."""
+    components = load_components(pipeline)
+    components[-1].eval()
+    return components
+
+
 @torch.no_grad()
-def attention_table(pipeline: Path, rows: list[dict], resolution: int) -> list[tuple[str, float]]:
-    vae, text_encoder, tokenizer, scheduler, unet = load_components(pipeline)
-    unet.eval()
+def attention_table(components: tuple, rows: list[dict], resolution: int) -> list[tuple[str, float]]:
+    vae, text_encoder, tokenizer, scheduler, unet = components
     sink: list[torch.Tensor] = []
-    for name, module in unet.named_modules():
-        if name.endswith("attn2"):
-            module.set_processor(AttentionShare(sink))
+    processors = unet.attn_processors
+    unet.set_attn_processor({name: AttentionShare(sink) if ".attn2." in name else proc
+                             for name, proc in processors.items()})
     rows = rows[:16]
     source, target = images(rows, resolution)
     target_latents = vae.encode(target).latent_dist.mode() * vae.config.scaling_factor
@@ -80,6 +86,7 @@ def attention_table(pipeline: Path, rows: list[dict], resolution: int) -> list[t
     t = torch.full((len(rows),), 500)
     noisy = scheduler.add_noise(target_latents, torch.randn(target_latents.shape, generator=torch.Generator().manual_seed(0)), t)
     unet(torch.cat([noisy, source_latents], dim=1), t, text)
+    unet.set_attn_processor(processors)  # the UNet computes as before for whatever runs next
     heads = sink[0].shape[0] // len(rows)
     per_example = torch.stack([s.view(len(rows), heads, -1).mean(dim=1) for s in sink]).mean(dim=0)  # (rows, tokens)
     ids = tokenizer(rows[0]["prompt"]).input_ids
@@ -90,10 +97,9 @@ def attention_table(pipeline: Path, rows: list[dict], resolution: int) -> list[t
 
 
 @torch.no_grad()
-def loss_table(pipeline: Path, rows: list[dict], n: int, resolution: int, levels: tuple[int, int]) -> dict:
+def loss_table(components: tuple, rows: list[dict], n: int, resolution: int, levels: tuple[int, int]) -> dict:
     """{example level: {prompt level: mean loss}} and the paired differences' standard errors."""
-    vae, text_encoder, tokenizer, scheduler, unet = load_components(pipeline)
-    unet.eval()
+    vae, text_encoder, tokenizer, scheduler, unet = components
     generator = torch.Generator()
     result: dict = {}
     for example_level in levels:
@@ -114,9 +120,7 @@ def loss_table(pipeline: Path, rows: list[dict], n: int, resolution: int, levels
                 noise = torch.randn(target_latents.shape, generator=generator)
                 t = torch.randint(0, scheduler.config.num_train_timesteps, (len(chosen),), generator=generator)
                 pred = unet(torch.cat([scheduler.add_noise(target_latents, noise, t), source_latents], dim=1), t, text).sample
-                goal = scheduler.get_velocity(target_latents, noise, t) \
-                    if scheduler.config.prediction_type == "v_prediction" else noise
-                err = (pred - goal) ** 2
+                err = (pred - training_target(scheduler, target_latents, noise, t)) ** 2
                 per_repeat.append((err * change_map(batch, err.shape[-2:], CHANGE_WEIGHT)).mean(dim=(1, 2, 3)))
             losses[prompt_level] = torch.stack(per_repeat).mean(dim=0)
         low, top = levels
@@ -154,10 +158,11 @@ def main() -> None:
     pipeline = args.run / "pipeline"
     rows = load_examples(args.run)
     resolution = pipeline_resolution(pipeline)
+    components = load_eval_components(pipeline)
     print("attention share per token (first example's prompt):")
-    print("  " + "  ".join(f"{tok.replace('</w>', '')}:{share:.3f}" for tok, share in attention_table(pipeline, rows, resolution)))
+    print("  " + "  ".join(f"{tok.replace('</w>', '')}:{share:.3f}" for tok, share in attention_table(components, rows, resolution)))
     print("loss by example level (rows) under each level's prompt:")
-    for level, r in loss_table(pipeline, rows, args.n, resolution, levels).items():
+    for level, r in loss_table(components, rows, args.n, resolution, levels).items():
         print(f"  level {level} ({r['n']} examples): " + ", ".join(f"{k} {v:.4f}" for k, v in r.items() if k.startswith("prompt"))
               + f", low - top {r['low_minus_top']:+.4f} +- {r['sem']:.4f}")
     if args.judge:

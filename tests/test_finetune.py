@@ -244,10 +244,11 @@ def test_condition_reward_folder_samples_with_the_top_level_suffix(tiny_pipeline
     check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(check)
     rows = check.load_examples(out)
-    shares = check.attention_table(out / "pipeline", rows, 32)
+    components = check.load_eval_components(out / "pipeline")
+    shares = check.attention_table(components, rows, 32)
     assert shares[-1][0] == "(padding)" and sum(x for _, x in shares) == pytest.approx(1.0, abs=1e-4)
     assert shares[0][0] == "<|startoftext|>" and any(tok.startswith(",") for tok, _ in shares)
-    table = check.loss_table(out / "pipeline", rows, 2, 32, (1, 5))
+    table = check.loss_table(components, rows, 2, 32, (1, 5))
     assert set(table) == {1, 5} and all(r["n"] >= 1 and np.isfinite(r["low_minus_top"]) for r in table.values())
     assert table[1]["low_minus_top"] == pytest.approx(table[1]["prompt_level_1"] - table[1]["prompt_level_5"])
 
