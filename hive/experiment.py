@@ -439,6 +439,26 @@ def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
 
 
+def ablation_table(report: dict, pct) -> list[str]:
+    """The condition-reward editors side by side (cycle on / off, share of the data), with the
+    control, so the reader sees what each ingredient is worth without searching the big tables."""
+    runs, base = report["runs"], report["success"]["baseline (noisy SFT)"]
+    rows = sorted((name for name, r in runs.items() if r.get("method") == "condition"),
+                  key=lambda name: (not runs[name]["cycle"], -runs[name]["fraction"]))
+    rows += [name for name, r in runs.items() if r.get("method") == "plain"]
+    lines = ["\n## Ablations (condition reward)\n",
+             "| editor | reward | cycle | data | examples | judge success | vs baseline | pairwise wins / losses |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in rows:
+        r, p = runs[name], report["pairwise_vs_baseline"].get(name)
+        s = report["success"][name]
+        duel = f"{pct(p['win_rate'])} / {pct(p['loss_rate'])}" if p else "n/a"
+        lines.append(f"| {name} | {'none' if r['method'] == 'plain' else r['method']} | "
+                     f"{'on' if r['cycle'] else 'off'} | {pct(r['fraction'])} | {r['examples']} | {pct(s)} | "
+                     f"{100 * (s - base):+.1f} points | {duel} |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.1f}%"
@@ -480,6 +500,7 @@ def markdown(report: dict) -> str:
     for name, p in report.get("paired_vs_baseline", {}).items():
         lines.append(f"| {name} | {pct(p['win_rate'])} | {pct(p['tie_rate'])} | {pct(p['loss_rate'])} | "
                      f"{p['only_a_succeeds']} | {p['only_b_succeeds']} |")
+    lines += ablation_table(report, pct)
     lines += ["", "## Trade-off\n", "![trade-off](tradeoff.png)\n", "## The same inputs across models\n",
               "![grid](grid.png)\n"]
     return "\n".join(lines)

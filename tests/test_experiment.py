@@ -34,6 +34,10 @@ def test_paper_experiment_tiny_end_to_end(tiny_pipeline, tmp_path, capsys, monke
     for name in ("report.md", "tradeoff.png", "grid.png"):
         assert (docs / name).exists(), name
     assert "Blind pairwise" in (docs / "report.md").read_text()
+    ablations = (out / "report.md").read_text().split("## Ablations")[1].split("##")[0]
+    rows = [line.split(" | ")[0].strip("| ") for line in ablations.splitlines() if line.startswith("| ")][1:]
+    assert rows == ["hive-condition", "condition-50pct", "condition-10pct", "condition-no-cycle", "no-reward"]
+    assert f"| {runs['condition-10pct']['examples']} |" in ablations
     paired = report["paired_vs_baseline"]
     assert paired.keys() == report["pairwise_vs_baseline"].keys()
     assert all(p["wins"] + p["ties"] + p["losses"] == p["n"] == report["scale"]["eval_n"] for p in paired.values())
