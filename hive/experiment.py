@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from hive.files import write_json_atomic, write_text_atomic
+from hive.files import save_png_atomic, write_json_atomic, write_text_atomic
 
 
 @dataclass
@@ -193,14 +193,17 @@ def picture_grid(models: dict[str, Any], out_png: Path, steps: int, per_kind: in
         outputs[name] = [o[0] for o in outs]
     cell, pad, text_h, label_w = toy.DEFAULT_SIZE * scale, 6, 14, 250
     cols = ["source", "target"] + list(models)
+    titles = [textwrap.wrap(title, 20) for title in cols]  # a long model name takes two lines or more
+    head = 8 + 12 * max(len(t) for t in titles)
     width = label_w + (cell + pad) * len(cols) + pad
-    height = 20 + (cell + text_h + pad) * len(examples) + pad
+    height = head + (cell + text_h + pad) * len(examples) + pad
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    for c, title in enumerate(cols):
-        draw.text((label_w + pad + c * (cell + pad), 5), title[:22], fill=(0, 0, 0))
+    for c, lines in enumerate(titles):
+        for i, line in enumerate(lines):
+            draw.text((label_w + pad + c * (cell + pad), 4 + 12 * i), line, fill=(0, 0, 0))
     for r, e in enumerate(examples):
-        y = 20 + r * (cell + text_h + pad)
+        y = head + r * (cell + text_h + pad)
         draw.text((pad, y + 4), f"[{e.edit.kind}]", fill=(90, 90, 90))
         for i, text in enumerate(textwrap.wrap(e.edit.instruction, 38)):
             draw.text((pad, y + 20 + 12 * i), text, fill=(0, 0, 0))
@@ -212,7 +215,7 @@ def picture_grid(models: dict[str, Any], out_png: Path, steps: int, per_kind: in
                 ok = toy.judge(e.input_image, e.clean_image, im).success
                 draw.text((x + 2, y + cell + 1), "pass" if ok else "fail", fill=(0, 140, 0) if ok else (200, 0, 0))
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out_png)
+    save_png_atomic(canvas, out_png)
     return out_png
 
 
