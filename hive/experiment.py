@@ -397,8 +397,8 @@ def _run(out: Path, sc: PaperScale, base: str, clip: str | None, docs: Path | No
     if not (out / "grid.png").exists():
         picture_grid({name: editor(path) for name, path in models.items()}, out / "grid.png", steps=sc.eval_steps)
 
-    paired = {name: ev.paired_judgements(eval_dir(name) / "judgements.jsonl",
-                                         eval_dir("baseline (noisy SFT)") / "judgements.jsonl")
+    baseline_judgements = eval_dir("baseline (noisy SFT)") / "judgements.jsonl"
+    paired = {name: ev.paired_judgements(eval_dir(name) / "judgements.jsonl", baseline_judgements)
               for name in pairwise}
     b, c = judged["baseline (noisy SFT)"]["success"], judged["clean SFT (upper bound)"]["success"]
     gap = {name: ((judged[name]["success"] - b) / (c - b) if c != b else None) for name in runs}
@@ -442,13 +442,17 @@ def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
 
 
-def ablation_table(report: dict, pct) -> list[str]:
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def ablation_table(report: dict) -> list[str]:
     """The condition-reward editors side by side (cycle on / off, share of the data), with the
     control, so the reader sees what each ingredient is worth without searching the big tables."""
     runs, base = report["runs"], report["success"]["baseline (noisy SFT)"]
-    rows = sorted((name for name, r in runs.items() if r.get("method") == "condition"),
+    rows = sorted((name for name, r in runs.items() if r["method"] == "condition"),
                   key=lambda name: (not runs[name]["cycle"], -runs[name]["fraction"]))
-    rows += [name for name, r in runs.items() if r.get("method") == "plain"]
+    rows += [name for name, r in runs.items() if r["method"] == "plain"]
     lines = ["\n## Ablations (condition reward)\n",
              "| editor | reward | cycle | data | examples | judge success | vs baseline | pairwise wins / losses |",
              "|---|---|---|---|---|---|---|---|"]
@@ -463,9 +467,6 @@ def ablation_table(report: dict, pct) -> list[str]:
 
 
 def markdown(report: dict) -> str:
-    def pct(x):
-        return "n/a" if x is None else f"{100 * x:.1f}%"
-
     sc, sim, rw = report["scale"], report["simulation"], report["reward"]
     kinds = sorted({k for v in report["per_kind"].values() for k in v})
     lines = [
@@ -503,7 +504,7 @@ def markdown(report: dict) -> str:
     for name, p in report.get("paired_vs_baseline", {}).items():
         lines.append(f"| {name} | {pct(p['win_rate'])} | {pct(p['tie_rate'])} | {pct(p['loss_rate'])} | "
                      f"{p['only_a_succeeds']} | {p['only_b_succeeds']} |")
-    lines += ablation_table(report, pct)
+    lines += ablation_table(report)
     lines += ["", "## Trade-off\n", "![trade-off](tradeoff.png)\n", "## The same inputs across models\n",
               "![grid](grid.png)\n"]
     return "\n".join(lines)

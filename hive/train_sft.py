@@ -191,6 +191,8 @@ def train_sft(base: Path | str, data: TripletSource, out: Path, config: SFTConfi
 
     Resumes from the newest checkpoint in OUT/checkpoints. `weight_fn` gives per-example loss
     weights (weighted-reward fine-tuning)."""
+    if config.cross_attention_lr_scale < 0:  # refused before anything is loaded or written
+        raise ValueError(f"cross_attention_lr_scale must be >= 0, not {config.cross_attention_lr_scale}")
     accelerator = make_accelerator(config.mixed_precision, config.seed)
     vae, text_encoder, tokenizer, noise_scheduler, unet = load_components(base, unet_init)
     vae.requires_grad_(False).eval()
@@ -201,8 +203,6 @@ def train_sft(base: Path | str, data: TripletSource, out: Path, config: SFTConfi
     if config.channels_last:
         unet.to(memory_format=torch.channels_last)
     groups = [{"params": list(unet.parameters()), "lr": config.lr}]
-    if config.cross_attention_lr_scale < 0:
-        raise ValueError(f"cross_attention_lr_scale must be >= 0, not {config.cross_attention_lr_scale}")
     if config.cross_attention_lr_scale != 1.0:  # one group otherwise: checkpoints of older runs still resume
         cross = {id(p) for name, p in unet.named_parameters() if ".attn2." in name}
         if not cross:
