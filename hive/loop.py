@@ -615,7 +615,8 @@ def cmd_finetune(args) -> int:
                             mixed_precision=args.mixed_precision, seed=args.seed,
                             min_snr_gamma=args.min_snr_gamma if args.min_snr_gamma > 0 else None,
                             sft={"change_weight": args.change_weight, "high_noise_bias": args.high_noise_bias,
-                                 "cross_attention_lr_scale": args.cross_attention_lr_scale})
+                                 "cross_attention_lr_scale": args.cross_attention_lr_scale,
+                                 "text_layers": args.text_layers})
     started = time.time()
     try:
         result = run_finetune(args.base, [Path(d) for d in args.data or []], Path(args.out), config,
@@ -795,6 +796,10 @@ def add_commands(sub) -> None:
     p.add_argument("--cross-attention-lr-scale", type=float, default=1.0,
                    help="the UNet's cross-attention layers learn this many times faster (at 10 the toy editor "
                    "learns a condition-reward quality word; docs/paper.md)")
+    p.add_argument("--text-layers", type=int, default=0,
+                   help="add this many transformer layers on top of the frozen text encoder, starting as the "
+                   "identity, and train them with the UNet (a text encoder without layers cannot carry a "
+                   "condition-reward quality word into the other token states; docs/paper.md)")
     p.add_argument("--score-batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")

@@ -9,6 +9,7 @@ the weighted-reward fine-tuning), EMA, checkpoints with exact resume.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import time
@@ -57,6 +58,12 @@ class SFTConfig:
     # suffix reaches the UNet only at its own position, with ~1% of the attention: at scale 1 a
     # 2,000-step condition fine-tune does not learn it, at 10 it does (in the loss; docs/paper.md).
     cross_attention_lr_scale: float = 1.0
+    # > 0: this many transformer layers are added on top of the frozen text encoder and trained with
+    # the UNet. They start as the identity (attention and MLP output projections zeroed), so the
+    # model's outputs are the base's until they learn. Why: the toy text encoder has no layers, so a
+    # word reaches the UNet only at its own position; a causal layer can carry the quality word of a
+    # condition-reward suffix into the padding positions after it, as SD's CLIP layers do.
+    text_layers: int = 0
     # fast path (hive.fastpath; `python -m hive bench train` measures it): with mixed_precision
     # "bf16" on a GPU, fused AdamW, channels-last weights and torch.compile of the UNet pay;
     # DataLoader workers build the next batches while the current one trains.
@@ -96,6 +103,24 @@ def expand_conv_in(unet: UNet2DConditionModel, in_channels: int | None = None) -
     return unet
 
 
+def add_text_layers(text_encoder: CLIPTextModel, n: int) -> CLIPTextModel:
+    """`text_encoder` with `n` more transformer layers on top that start as the identity: CLIP's
+    layers are pre-norm residual blocks, so zeroed output projections add nothing until trained."""
+    config = copy.deepcopy(text_encoder.config)
+    config.num_hidden_layers += n
+    grown = CLIPTextModel(config)
+    missing, unexpected = grown.load_state_dict(text_encoder.state_dict(), strict=False)
+    first_new = config.num_hidden_layers - n
+    new_keys = tuple(f"encoder.layers.{i}." for i in range(first_new, config.num_hidden_layers))
+    if unexpected or any(not any(key in k for key in new_keys) for k in missing):
+        raise ValueError(f"cannot grow this text encoder: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for layer in grown.encoder.layers[first_new:]:
+        for proj in (layer.self_attn.out_proj, layer.mlp.fc2):
+            torch.nn.init.zeros_(proj.weight)
+            torch.nn.init.zeros_(proj.bias)
+    return grown.to(text_encoder.dtype)
+
+
 def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str],
                    device: torch.device) -> torch.Tensor:
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
@@ -109,7 +134,8 @@ def sft_loss(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPT
              weights: torch.Tensor | None = None, null_text: torch.Tensor | None = None,
              change_weight: float = 0.0, high_noise_bias: float = 0.0) -> torch.Tensor:
     """The InstructPix2Pix denoising loss of one batch (mean over examples). `null_text`, the
-    embedding of the empty prompt, can be passed in so a training loop computes it once."""
+    embedding of the empty prompt, can be passed in so a training loop computes it once (not when
+    the text encoder trains). The text is encoded with gradients: a frozen encoder builds no graph."""
     device = batch.source.device
     bsz = batch.source.shape[0]
     with torch.no_grad():
@@ -117,9 +143,9 @@ def sft_loss(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPT
         # VAE the two differ by noise of std ~1e-3.
         target_latents = vae.encode(batch.edited).latent_dist.mode() * vae.config.scaling_factor
         source_latents = vae.encode(batch.source).latent_dist.mode()
-        text = encode_prompts(tokenizer, text_encoder, batch.prompts, device)
-        if null_text is None:
-            null_text = encode_prompts(tokenizer, text_encoder, [""], device)
+    text = encode_prompts(tokenizer, text_encoder, batch.prompts, device)
+    if null_text is None:
+        null_text = encode_prompts(tokenizer, text_encoder, [""], device)
     noise = torch.randn(target_latents.shape, generator=generator, device=device)
     num_t = noise_scheduler.config.num_train_timesteps
     if high_noise_bias > 0:
@@ -194,9 +220,18 @@ def train_sft(base: Path | str, data: TripletSource, out: Path, config: SFTConfi
     if config.cross_attention_lr_scale < 0:  # refused before anything is loaded or written
         raise ValueError(f"cross_attention_lr_scale must be >= 0, not {config.cross_attention_lr_scale}")
     accelerator = make_accelerator(config.mixed_precision, config.seed)
+    if config.text_layers < 0:
+        raise ValueError(f"text_layers must be >= 0, not {config.text_layers}")
     vae, text_encoder, tokenizer, noise_scheduler, unet = load_components(base, unet_init)
     vae.requires_grad_(False).eval()
     text_encoder.requires_grad_(False).eval()
+    text_params: list[torch.nn.Parameter] = []  # the added text layers' weights: trained beside the UNet's
+    if config.text_layers > 0:
+        text_encoder = add_text_layers(text_encoder, config.text_layers)
+        text_encoder.requires_grad_(False).eval()  # no dropout in CLIP; eval keeps it so
+        new_layers = text_encoder.encoder.layers[-config.text_layers:]
+        new_layers.requires_grad_(True)
+        text_params = list(new_layers.parameters())
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -210,16 +245,21 @@ def train_sft(base: Path | str, data: TripletSource, out: Path, config: SFTConfi
         groups = [{"params": [p for p in unet.parameters() if id(p) not in cross], "lr": config.lr},
                   {"params": [p for p in unet.parameters() if id(p) in cross],
                    "lr": config.lr * config.cross_attention_lr_scale}]
+    if text_params:
+        groups.append({"params": text_params, "lr": config.lr})
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=0.01,
                                   fused=torch.cuda.is_available() if config.fused_optimizer is None
                                   else config.fused_optimizer)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     ema = None
     if config.ema_decay is not None:
-        ema = EMAModel(unet.parameters(), decay=config.ema_decay, use_ema_warmup=True,
+        # one average over the UNet's weights, then the added text layers' (export_checkpoint relies on the order)
+        ema = EMAModel([*unet.parameters(), *text_params], decay=config.ema_decay, use_ema_warmup=True,
                        model_cls=UNet2DConditionModel, model_config=unet.config)
         accelerator.register_for_checkpointing(ema)
     unet, optimizer, schedule = accelerator.prepare(unet, optimizer, schedule)
+    if text_params:  # a trained module: wrapped for several processes, saved in the checkpoints
+        text_encoder = accelerator.prepare(text_encoder)
     device = accelerator.device
     vae.to(device)
     text_encoder.to(device)
@@ -229,8 +269,10 @@ def train_sft(base: Path | str, data: TripletSource, out: Path, config: SFTConfi
     (out / "config.json").write_text(json.dumps({"base": str(base), **asdict(config)}, indent=2))
     bar, log = resume_with_progress(accelerator, out, config.steps, "train editor")
     running = None
-    with torch.no_grad():
-        null_text = encode_prompts(tokenizer, text_encoder, [""], device)
+    null_text = None  # the empty prompt through a training text encoder changes every step
+    if not text_params:
+        with torch.no_grad():
+            null_text = encode_prompts(tokenizer, text_encoder, [""], device)
     # the compiled UNet shares the parameters of `unet`: optimizer, EMA and checkpoints see no difference
     forward_unet = prepare_unet_for_training(unet, compile=config.compile) if config.compile else unet
     pin = config.pin_memory if config.pin_memory is not None else device.type == "cuda"
@@ -246,12 +288,12 @@ def train_sft(base: Path | str, data: TripletSource, out: Path, config: SFTConfi
             loss = sft_loss(forward_unet, vae, text_encoder, tokenizer, noise_scheduler, batch, generator,
                             config.min_snr_gamma, weights, null_text, config.change_weight, config.high_noise_bias)
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+        accelerator.clip_grad_norm_([*unet.parameters(), *text_params], 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.step(unet.parameters())
+            ema.step([*unet.parameters(), *text_params])
         value = loss.item()
         running = value if running is None else 0.98 * running + 0.02 * value
         bar.set_postfix(loss=f"{running:.4f}")
@@ -267,26 +309,29 @@ def train_sft(base: Path | str, data: TripletSource, out: Path, config: SFTConfi
             break
     accelerator.wait_for_everyone()
     final_unet = accelerator.unwrap_model(unet)
+    final_text = accelerator.unwrap_model(text_encoder) if text_params else None
     if ema is not None:
-        ema.copy_to(final_unet.parameters())
+        ema.copy_to([*final_unet.parameters(), *text_params])
     if accelerator.is_main_process:
-        save_pipeline(base, final_unet, out / "pipeline")
+        save_pipeline(base, final_unet, out / "pipeline", final_text)
     return out / "pipeline"
 
 
-def save_pipeline(base: Path | str, unet: UNet2DConditionModel, dest: Path) -> Path:
-    """Assemble base's VAE, text encoder, tokenizer and scheduler with `unet` into a pipeline folder,
-    written beside `dest` and renamed into place."""
+def save_pipeline(base: Path | str, unet: UNet2DConditionModel, dest: Path,
+                  text_encoder: CLIPTextModel | None = None) -> Path:
+    """Assemble base's VAE, text encoder (or the trained `text_encoder`), tokenizer and scheduler
+    with `unet` into a pipeline folder, written beside `dest` and renamed into place."""
     from diffusers import EulerAncestralDiscreteScheduler
 
     from hive.editor import copy_model_info
 
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae", dtype=torch.float32)
-    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=torch.float32)
+    if text_encoder is None:
+        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=torch.float32)
     tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
     scheduler = EulerAncestralDiscreteScheduler.from_pretrained(base, subfolder="scheduler")
     pipe = StableDiffusionInstructPix2PixPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet.to(torch.float32),
+        vae=vae, text_encoder=text_encoder.to(torch.float32), tokenizer=tokenizer, unet=unet.to(torch.float32),
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -305,16 +350,23 @@ def export_checkpoint(run: Path, dest: Path, use_ema: bool = True) -> Path:
 
     from hive.training import checkpoint_dirs
 
-    base = json.loads((run / "config.json").read_text())["base"]
+    config = json.loads((run / "config.json").read_text())
+    base, text_layers = config["base"], config.get("text_layers", 0)
     ckpts = checkpoint_dirs(run)
     if not ckpts:
         raise FileNotFoundError(f"no checkpoint under {run / 'checkpoints'}")
     unet = expand_conv_in(UNet2DConditionModel.from_pretrained(base, subfolder="unet", dtype=torch.float32))
     unet.load_state_dict(load_file(ckpts[-1] / "model.safetensors"))
+    text_encoder, text_params = None, []
+    if text_layers > 0:  # the trained text encoder is the checkpoint's second model
+        text_encoder = add_text_layers(CLIPTextModel.from_pretrained(base, subfolder="text_encoder",
+                                                                     dtype=torch.float32), text_layers)
+        text_encoder.load_state_dict(load_file(ckpts[-1] / "model_1.safetensors"))
+        text_params = list(text_encoder.encoder.layers[-text_layers:].parameters())
     ema_file = ckpts[-1] / "custom_checkpoint_0.pkl"
     if use_ema and ema_file.exists():
         shadow = torch.load(ema_file, map_location="cpu", weights_only=False)["shadow_params"]
         with torch.no_grad():
-            for param, value in zip(unet.parameters(), shadow):
+            for param, value in zip([*unet.parameters(), *text_params], shadow, strict=True):
                 param.copy_(value)
-    return save_pipeline(base, unet, dest)
+    return save_pipeline(base, unet, dest, text_encoder)

@@ -269,7 +269,7 @@ def test_cli_weighted_from_db_and_data_with_a_reward_model(tiny_pipeline, hive: 
     argv = ["finetune", "--method", "weighted", "--cycle", "--base", str(tiny_pipeline), "--data", str(data),
             "--from-db", "--reward", str(reward), "--out", str(out), "--steps", "2", "--batch-size", "2",
             "--no-ema", "--eta", "0.5", "--change-weight", "4", "--high-noise-bias", "1", "--min-snr-gamma", "0",
-            "--cross-attention-lr-scale", "3", "--json"]
+            "--cross-attention-lr-scale", "3", "--text-layers", "1", "--json"]
     assert main(argv) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["by_origin"] == {"data": 3, "data-inverse": 3, "db": 9, "db-inverse": 9}  # toy requests invert exactly
@@ -280,9 +280,13 @@ def test_cli_weighted_from_db_and_data_with_a_reward_model(tiny_pipeline, hive: 
     assert "reward_suffix" not in info and info["finetune"]["method"] == "weighted"
     assert info["finetune"]["weights"]["eta"] == 0.5
     trained = info["finetune"]["config"]  # the toy recipe's loss options reach the trainer's config
-    assert trained["sft"] == {"change_weight": 4.0, "high_noise_bias": 1.0, "cross_attention_lr_scale": 3.0}
+    assert trained["sft"] == {"change_weight": 4.0, "high_noise_bias": 1.0, "cross_attention_lr_scale": 3.0,
+                              "text_layers": 1}
     assert trained["min_snr_gamma"] is None
-    assert json.loads((out / "config.json").read_text())["cross_attention_lr_scale"] == 3.0  # the SFT trainer's
+    sft_config = json.loads((out / "config.json").read_text())  # the SFT trainer's
+    assert sft_config["cross_attention_lr_scale"] == 3.0 and sft_config["text_layers"] == 1
+    grown = json.loads((out / "pipeline" / "text_encoder" / "config.json").read_text())["num_hidden_layers"]
+    assert grown == json.loads((tiny_pipeline / "text_encoder" / "config.json").read_text())["num_hidden_layers"] + 1
     assert (out / "rankings" / "summary.json").exists()  # the store snapshot a resumed run reuses
     # bad input: a clear error, exit status 2
     assert main(["finetune", "--method", "weighted", "--base", str(tiny_pipeline), "--from-db",

@@ -10,7 +10,8 @@ from diffusers import UNet2DConditionModel
 
 from hive import toy
 from hive.data import FolderTriplets, ToyTriplets, parse_kind_weights
-from hive.train_sft import SFTConfig, expand_conv_in, load_components, sft_loss, train_sft
+from hive.train_sft import (SFTConfig, add_text_layers, expand_conv_in, export_checkpoint, load_components,
+                            sft_loss, train_sft)
 from hive.zoo import sd15_unet
 
 
@@ -74,6 +75,47 @@ def test_cross_attention_lr_scale_sets_how_fast_the_text_layers_learn(tiny_pipel
     same_cross, _ = moved(1.0, "same")
     fast_cross, _ = moved(10.0, "fast")
     assert fast_cross > 3 * same_cross > 0
+
+
+def test_added_text_layers_start_as_the_identity(tiny_pipeline):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    text_encoder = CLIPTextModel.from_pretrained(tiny_pipeline, subfolder="text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_pipeline, subfolder="tokenizer")
+    grown = add_text_layers(text_encoder, 2)
+    assert grown.config.num_hidden_layers == text_encoder.config.num_hidden_layers + 2
+    ids = tokenizer(["make the red circle blue", ""], padding="max_length", max_length=tokenizer.model_max_length,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(grown(ids)[0], text_encoder(ids)[0])
+        layer = grown.encoder.layers[-1]
+        torch.nn.init.normal_(layer.mlp.fc2.weight)  # once the new layer's output is not zero, it mixes the tokens
+        assert not torch.allclose(grown(ids)[0], text_encoder(ids)[0])
+
+
+def test_text_layers_train_with_the_unet_and_ship_in_the_pipeline(tiny_pipeline, tmp_path):
+    from transformers import CLIPTextModel
+
+    data = ToyTriplets(resolution=32)
+    base = CLIPTextModel.from_pretrained(tiny_pipeline, subfolder="text_encoder").state_dict()
+    config = SFTConfig(steps=3, batch_size=2, lr=1e-3, warmup_steps=1, ema_decay=0.9, checkpoint_every=3,
+                       text_layers=1)
+    pipeline = train_sft(tiny_pipeline, data, tmp_path / "run", config)
+    trained = CLIPTextModel.from_pretrained(pipeline, subfolder="text_encoder")
+    n = trained.config.num_hidden_layers - 1  # the added layer's index
+    state = trained.state_dict()
+    for k, v in base.items():  # the base encoder stays frozen
+        torch.testing.assert_close(state[k], v)
+    added = {k: v for k, v in state.items() if f"encoder.layers.{n}." in k}
+    assert added and sum(v.abs().sum() for k, v in added.items() if k.endswith("mlp.fc2.weight")) > 0  # it learned
+    # the checkpoint exports the same pipeline (EMA over the UNet and the text layer alike)
+    exported = export_checkpoint(tmp_path / "run", tmp_path / "exported")
+    again = CLIPTextModel.from_pretrained(exported, subfolder="text_encoder").state_dict()
+    for k, v in state.items():
+        torch.testing.assert_close(again[k], v)
+    with pytest.raises(ValueError, match="text_layers"):
+        train_sft(tiny_pipeline, data, tmp_path / "bad", SFTConfig(steps=1, text_layers=-1))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_sd15_shaped_unet_gets_zeroed_source_channels():
