@@ -11,7 +11,7 @@ resumes; the trainers also resume from their checkpoints):
    by the reward model;
 4. HIVE with condition reward and with weighted reward (cycle on, all data); the control "no-reward"
    (the same data and steps, the reward unused); and the ablations: condition reward without cycle
-   consistency, and with 10% / 50% of the data;
+   consistency, with 10% / 50% of the data, and with one trained text layer (`condition-text-layer`);
 5. evaluation: judge success per kind on fresh edits, blind pairwise against the baseline
    (simulated annotators, Wilson 95% CIs), CLIP trade-off curves, a picture grid of the same inputs
    across models; the share of the baseline-to-clean gap HIVE closes.
@@ -104,6 +104,7 @@ class Variant:
     method: str
     cycle: bool
     fraction: float
+    text_layers: int = 0  # trained layers added on top of the text encoder (hive.train_sft.SFTConfig.text_layers)
 
 
 def variants(scale: PaperScale) -> list[Variant]:
@@ -112,6 +113,9 @@ def variants(scale: PaperScale) -> list[Variant]:
     out = [Variant("hive-condition", "condition", True, 1.0), Variant("hive-weighted", "weighted", True, 1.0),
            Variant("no-reward", "plain", True, 1.0), Variant("condition-no-cycle", "condition", False, 1.0)]
     out += [Variant(f"condition-{round(f * 100)}pct", "condition", True, f) for f in scale.fractions]
+    # last, so a run that finished the others resumes with it: the toy text encoder has no layers, so
+    # the quality word reaches the UNet only at its own position; one trained layer carries it on
+    out.append(Variant("condition-text-layer", "condition", True, 1.0, text_layers=1))
     return out
 
 
@@ -366,7 +370,7 @@ def _run(out: Path, sc: PaperScale, base: str, clip: str | None, docs: Path | No
             fc = FinetuneConfig(method=v.method, cycle=v.cycle, steps=sc.ft_steps, batch_size=sc.ft_batch,
                                 lr=sc.ft_lr, eta=sc.eta, clip=sc.clip, ema_decay=sc.ema_decay,
                                 checkpoint_every=sc.checkpoint_every, warmup_steps=min(50, max(1, sc.ft_steps // 10)),
-                                min_snr_gamma=sc.min_snr_gamma, sft=dict(loss))
+                                min_snr_gamma=sc.min_snr_gamma, sft={**loss, "text_layers": v.text_layers})
             ex = subset(all_examples, v.cycle, v.fraction)
             ex, info = prepare(ex, [e.reward for e in ex], fc)
             path = finetune(baseline, ex, out / v.name, fc, extra_info={**info, "reward_model": reward["path"],
@@ -451,17 +455,19 @@ def ablation_table(report: dict) -> list[str]:
     control, so the reader sees what each ingredient is worth without searching the big tables."""
     runs, base = report["runs"], report["success"]["baseline (noisy SFT)"]
     rows = sorted((name for name, r in runs.items() if r["method"] == "condition"),
-                  key=lambda name: (not runs[name]["cycle"], -runs[name]["fraction"]))
+                  key=lambda name: (not runs[name]["cycle"], -runs[name]["fraction"], runs[name].get("text_layers", 0)))
     rows += [name for name, r in runs.items() if r["method"] == "plain"]
     lines = ["\n## Ablations (condition reward)\n",
-             "| editor | reward | cycle | data | examples | judge success | vs baseline | pairwise wins / losses |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| editor | reward | cycle | data | text layers | examples | judge success | vs baseline | "
+             "pairwise wins / losses |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name in rows:
         r, p = runs[name], report["pairwise_vs_baseline"].get(name)
         s = report["success"][name]
         duel = f"{pct(p['win_rate'])} / {pct(p['loss_rate'])}" if p else "n/a"
         lines.append(f"| {name} | {'none' if r['method'] == 'plain' else r['method']} | "
-                     f"{'on' if r['cycle'] else 'off'} | {pct(r['fraction'])} | {r['examples']} | {pct(s)} | "
+                     f"{'on' if r['cycle'] else 'off'} | {pct(r['fraction'])} | {r.get('text_layers', 0)} | "
+                     f"{r['examples']} | {pct(s)} | "
                      f"{100 * (s - base):+.1f} points | {duel} |")
     return lines
 

@@ -17,7 +17,7 @@ def test_paper_experiment_tiny_end_to_end(tiny_pipeline, tmp_path, capsys, monke
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     models = {"baseline (noisy SFT)", "clean SFT (upper bound)", "hive-condition", "hive-weighted",
-              "no-reward", "condition-no-cycle", "condition-10pct", "condition-50pct"}
+              "no-reward", "condition-no-cycle", "condition-10pct", "condition-50pct", "condition-text-layer"}
     assert set(summary["success"]) == models
     assert set(summary["pairwise_vs_baseline"]) == models - {"baseline (noisy SFT)"}
     report = json.loads((out / "report.json").read_text())
@@ -36,7 +36,11 @@ def test_paper_experiment_tiny_end_to_end(tiny_pipeline, tmp_path, capsys, monke
     assert "Blind pairwise" in (docs / "report.md").read_text()
     ablations = (out / "report.md").read_text().split("## Ablations")[1].split("##")[0]
     rows = [line.split(" | ")[0].strip("| ") for line in ablations.splitlines() if line.startswith("| ")][1:]
-    assert rows == ["hive-condition", "condition-50pct", "condition-10pct", "condition-no-cycle", "no-reward"]
+    assert rows == ["hive-condition", "condition-text-layer", "condition-50pct", "condition-10pct",
+                    "condition-no-cycle", "no-reward"]
+    layered = json.loads((out / "condition-text-layer" / "pipeline" / "text_encoder" / "config.json").read_text())
+    plain_text = json.loads((out / "hive-condition" / "pipeline" / "text_encoder" / "config.json").read_text())
+    assert layered["num_hidden_layers"] == plain_text["num_hidden_layers"] + 1
     assert f"| {runs['condition-10pct']['examples']} |" in ablations
     paired = report["paired_vs_baseline"]
     assert paired.keys() == report["pairwise_vs_baseline"].keys()
