@@ -219,9 +219,9 @@ def train_sft(base: Path | str, data: TripletSource, out: Path, config: SFTConfi
     weights (weighted-reward fine-tuning)."""
     if config.cross_attention_lr_scale < 0:  # refused before anything is loaded or written
         raise ValueError(f"cross_attention_lr_scale must be >= 0, not {config.cross_attention_lr_scale}")
-    accelerator = make_accelerator(config.mixed_precision, config.seed)
     if config.text_layers < 0:
         raise ValueError(f"text_layers must be >= 0, not {config.text_layers}")
+    accelerator = make_accelerator(config.mixed_precision, config.seed)
     vae, text_encoder, tokenizer, noise_scheduler, unet = load_components(base, unet_init)
     vae.requires_grad_(False).eval()
     text_encoder.requires_grad_(False).eval()
