@@ -143,9 +143,11 @@ def sft_loss(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPT
         # VAE the two differ by noise of std ~1e-3.
         target_latents = vae.encode(batch.edited).latent_dist.mode() * vae.config.scaling_factor
         source_latents = vae.encode(batch.source).latent_dist.mode()
-    text = encode_prompts(tokenizer, text_encoder, batch.prompts, device)
-    if null_text is None:
-        null_text = encode_prompts(tokenizer, text_encoder, [""], device)
+    if null_text is None:  # the batch's prompts and the empty one in one pass through the encoder
+        both = encode_prompts(tokenizer, text_encoder, [*batch.prompts, ""], device)
+        text, null_text = both[:-1], both[-1:]
+    else:
+        text = encode_prompts(tokenizer, text_encoder, batch.prompts, device)
     noise = torch.randn(target_latents.shape, generator=generator, device=device)
     num_t = noise_scheduler.config.num_train_timesteps
     if high_noise_bias > 0:
@@ -223,15 +225,14 @@ def train_sft(base: Path | str, data: TripletSource, out: Path, config: SFTConfi
         raise ValueError(f"text_layers must be >= 0, not {config.text_layers}")
     accelerator = make_accelerator(config.mixed_precision, config.seed)
     vae, text_encoder, tokenizer, noise_scheduler, unet = load_components(base, unet_init)
-    vae.requires_grad_(False).eval()
-    text_encoder.requires_grad_(False).eval()
-    text_params: list[torch.nn.Parameter] = []  # the added text layers' weights: trained beside the UNet's
     if config.text_layers > 0:
         text_encoder = add_text_layers(text_encoder, config.text_layers)
-        text_encoder.requires_grad_(False).eval()  # no dropout in CLIP; eval keeps it so
-        new_layers = text_encoder.encoder.layers[-config.text_layers:]
-        new_layers.requires_grad_(True)
-        text_params = list(new_layers.parameters())
+    vae.requires_grad_(False).eval()
+    text_encoder.requires_grad_(False).eval()
+    # the added text layers' weights, trained beside the UNet's (none without text_layers)
+    text_params = list(text_encoder.encoder.layers[-config.text_layers:].parameters()) if config.text_layers else []
+    for param in text_params:
+        param.requires_grad_(True)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -251,10 +252,12 @@ def train_sft(base: Path | str, data: TripletSource, out: Path, config: SFTConfi
                                   fused=torch.cuda.is_available() if config.fused_optimizer is None
                                   else config.fused_optimizer)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    # every trained weight: the UNet's, then the added text layers' (export_checkpoint relies on the order).
+    # The same tensors after accelerator.prepare, so the list serves clipping and the EMA at every step
+    trained = [*unet.parameters(), *text_params]
     ema = None
     if config.ema_decay is not None:
-        # one average over the UNet's weights, then the added text layers' (export_checkpoint relies on the order)
-        ema = EMAModel([*unet.parameters(), *text_params], decay=config.ema_decay, use_ema_warmup=True,
+        ema = EMAModel(trained, decay=config.ema_decay, use_ema_warmup=True,
                        model_cls=UNet2DConditionModel, model_config=unet.config)
         accelerator.register_for_checkpointing(ema)
     unet, optimizer, schedule = accelerator.prepare(unet, optimizer, schedule)
@@ -288,12 +291,12 @@ def train_sft(base: Path | str, data: TripletSource, out: Path, config: SFTConfi
             loss = sft_loss(forward_unet, vae, text_encoder, tokenizer, noise_scheduler, batch, generator,
                             config.min_snr_gamma, weights, null_text, config.change_weight, config.high_noise_bias)
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_([*unet.parameters(), *text_params], 1.0)
+        accelerator.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.step([*unet.parameters(), *text_params])
+            ema.step(trained)
         value = loss.item()
         running = value if running is None else 0.98 * running + 0.02 * value
         bar.set_postfix(loss=f"{running:.4f}")
@@ -311,7 +314,7 @@ def train_sft(base: Path | str, data: TripletSource, out: Path, config: SFTConfi
     final_unet = accelerator.unwrap_model(unet)
     final_text = accelerator.unwrap_model(text_encoder) if text_params else None
     if ema is not None:
-        ema.copy_to([*final_unet.parameters(), *text_params])
+        ema.copy_to(trained)
     if accelerator.is_main_process:
         save_pipeline(base, final_unet, out / "pipeline", final_text)
     return out / "pipeline"
