@@ -328,8 +328,9 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
 
 
 def judgement_of(row: dict) -> toy.Judgement:
-    """A `toy.Judgement` back from a row of judgements.jsonl."""
-    return toy.Judgement(**{f.name: row[f.name] for f in dataclasses.fields(toy.Judgement)})
+    """A `toy.Judgement` back from a row of judgements.jsonl (rows written before `stray_limit`
+    existed take its 64-pixel default)."""
+    return toy.Judgement(**{f.name: row[f.name] for f in dataclasses.fields(toy.Judgement) if f.name in row})
 
 
 def paired_judgements(judgements_a: Path, judgements_b: Path, tie_margin: float | None = None) -> dict:

@@ -38,8 +38,15 @@ REQUESTER = "sim-requester"
 
 
 def quality(j: toy.Judgement) -> float:
-    """Noise-free quality in [0, 1]: instruction following and preservation count alike."""
-    return 0.5 * float(j.following) + 0.5 * float(j.preservation)
+    """Noise-free quality in [0, 1]: instruction following and preservation count alike.
+
+    Stray pixels (specks, the ghost a shrunken object leaves) count against preservation, reaching
+    the judge's preservation bar at the judge's stray limit, so a person ranks lower what the judge
+    fails for them. Without it, resizes the judge failed for their ghosts ranked among the best
+    variants, and the reward learned from those rankings put them in the top quality level.
+    """
+    stray_preservation = 1.0 - (1.0 - toy.PRESERVE_MIN) * j.stray_pixels / j.stray_limit
+    return 0.5 * float(j.following) + 0.5 * max(0.0, min(float(j.preservation), stray_preservation))
 
 
 def true_preference(qa: float, qb: float) -> int:

@@ -400,6 +400,7 @@ class Judgement:
     preservation: float  # worst share, over the regions that should stay, that matches the source
     stray_pixels: int  # pixels outside the edit that changed
     success: bool
+    stray_limit: float = 24.0  # the most stray pixels a success allows (STRAY_MAX_AT_64 at 64 pixels)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -478,4 +479,4 @@ def judge(source: Image.Image | np.ndarray, clean_target: Image.Image | np.ndarr
             preservation = min(preservation, float(close_src[region].mean()))
     stray_max = STRAY_MAX_AT_64 * (size / 64) ** 2
     success = following >= FOLLOW_MIN and preservation >= PRESERVE_MIN and stray <= stray_max
-    return Judgement(following, preservation, stray, bool(success))
+    return Judgement(following, preservation, stray, bool(success), stray_max)

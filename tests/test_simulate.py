@@ -17,9 +17,11 @@ from hive.simulate import (
     expected_agreement,
     noisy_ranks,
     pair_agreement,
+    quality,
     simulate,
     true_preference,
 )
+from hive import toy
 from tests.db_fixtures import HiveEnv, hive, hive_factory  # noqa: F401  (fixtures)
 from tests.test_reward_model import build_tiny_clip
 
@@ -42,6 +44,32 @@ def test_calibration_hits_the_target_agreement():
         calibrate_noise([np.ones(4)])
     with pytest.raises(ValueError, match="cannot calibrate"):  # differences a person cannot see
         calibrate_noise([np.array([0.99, 0.995, 1.0, 0.985])])
+
+
+def test_stray_pixels_lower_quality_as_the_judge_fails_them():
+    ex = toy.sample_example(SIM_SEED_BASE, kind="resize")
+    src, clean = np.asarray(ex.input_image).copy(), np.asarray(ex.clean_image).copy()
+    unchanged = np.all(src == clean, axis=-1)
+    unchanged[:, 1:] &= unchanged[:, :-1]  # away from every pixel that differs
+    rows, cols = np.nonzero(unchanged[::2, ::2])  # specks two pixels apart: no region lost
+    rows, cols = rows * 2, cols * 2
+
+    def specks(n: int) -> np.ndarray:
+        out = clean.copy()
+        out[rows[:n], cols[:n]] = 255 - out[rows[:n], cols[:n]]
+        return out
+
+    perfect = toy.judge(src, clean, clean)
+    assert perfect.success and quality(perfect) == 1.0
+    at_limit = toy.judge(src, clean, specks(24))
+    assert at_limit.stray_pixels == 24 and at_limit.success
+    assert quality(at_limit) == pytest.approx(0.5 + 0.5 * toy.PRESERVE_MIN)  # the preservation bar
+    ghost = toy.judge(src, clean, specks(48))
+    assert not ghost.success and ghost.preservation > 0.95  # the regions alone would not show it
+    assert quality(ghost) == pytest.approx(0.5 + 0.5 * (1 - 2 * (1 - toy.PRESERVE_MIN)))
+    assert true_preference(quality(perfect), quality(ghost)) == 1  # a person ranks it lower
+    rescaled = toy.Judgement(ghost.following, ghost.preservation, 48, False, stray_limit=96.0)  # 128 px
+    assert quality(rescaled) == pytest.approx(quality(at_limit) + 0.5 * 0.05)
 
 
 def test_the_noise_free_order_ties_qualities_a_person_cannot_tell_apart():
