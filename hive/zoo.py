@@ -181,11 +181,12 @@ SHARED_COMPONENTS = ("scheduler", "text_encoder", "tokenizer", "vae")
 
 
 def ship_editors(editors: dict[str, Path], dest: Path) -> dict[str, Path]:
-    """Install editors that differ only in their UNet (the paper experiment's) under `dest` with
-    fp16 weights: one copy of the scheduler, text encoder, tokenizer and VAE in dest/shared, and in
-    each editor's folder relative symlinks to them. `from_pretrained` loads every folder as usual,
-    at a third of the bytes of full copies (models/ must stay under 60 MB). Editors whose shared
-    components differ are refused; the whole folder is written beside `dest` and renamed into it."""
+    """Install editors fine-tuned from one base (the paper experiment's) under `dest` with fp16
+    weights: one copy of the scheduler, text encoder, tokenizer and VAE in dest/shared, and in each
+    editor's folder relative symlinks to them. `from_pretrained` loads every folder as usual, at a
+    third of the bytes of full copies (models/ must stay under 60 MB). A component that differs from
+    the first editor's (a text encoder with trained layers) stays in that editor's own folder. The
+    whole folder is written beside `dest` and renamed into it."""
     import filecmp
     import json
     import shutil
@@ -220,8 +221,7 @@ def ship_editors(editors: dict[str, Path], dest: Path) -> dict[str, Path]:
                     _, mismatch, errors = filecmp.cmpfiles(folder, tmp / "shared" / component, diff.common_files,
                                                           shallow=False)  # bytes, not sizes and times
                     if diff.left_only or diff.right_only or mismatch or errors:
-                        raise ValueError(f"{editors[name]} has another {component} than {editors[first]}: "
-                                         "only editors that differ in their UNet can share one folder")
+                        continue  # its own: stays a real folder
                     shutil.rmtree(folder)
                 folder.symlink_to(Path("..") / "shared" / component, target_is_directory=True)
     except BaseException:
