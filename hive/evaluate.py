@@ -369,8 +369,9 @@ def paired_judgements(judgements_a: Path, judgements_b: Path, tie_margin: float 
 
 # The simulated annotators' noise for blind comparisons: `calibrate_noise` (hive.simulate) on the
 # editor-free stand-in pairs `toy_variant_qualities(100, 2)` at the default 72% agreement and tie
-# margin gives 0.4936 (0.4897 before the annotators' quality counted stray pixels). Fixed here (calibrating takes seconds) so that results do not depend on the
-# two editors compared and stay comparable across comparisons; `calibrated_pairwise_noise` redoes it.
+# margin gives 0.4936 (0.4897 before the annotators' quality counted stray pixels). Fixed here
+# (calibrating takes seconds) so that results do not depend on the two editors compared and stay
+# comparable across comparisons; `calibrated_pairwise_noise` redoes it.
 PAIRWISE_NOISE = 0.4936
 
 

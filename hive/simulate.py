@@ -42,8 +42,7 @@ def quality(j: toy.Judgement) -> float:
 
     Stray pixels (specks, the ghost a shrunken object leaves) count against preservation, reaching
     the judge's preservation bar at the judge's stray limit, so a person ranks lower what the judge
-    fails for them. Without it, resizes the judge failed for their ghosts ranked among the best
-    variants, and the reward learned from those rankings put them in the top quality level.
+    fails for them. Without it, a resize the judge failed for its ghost scored as nearly perfect.
     """
     stray_preservation = 1.0 - (1.0 - toy.PRESERVE_MIN) * j.stray_pixels / j.stray_limit
     return 0.5 * float(j.following) + 0.5 * max(0.0, min(float(j.preservation), stray_preservation))
