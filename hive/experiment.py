@@ -11,7 +11,9 @@ resumes; the trainers also resume from their checkpoints):
    by the reward model;
 4. HIVE with condition reward and with weighted reward (cycle on, all data); the control "no-reward"
    (the same data and steps, the reward unused); and the ablations: condition reward without cycle
-   consistency, with 10% / 50% of the data, and with one trained text layer (`condition-text-layer`);
+   consistency, with 10% / 50% of the data, with one trained text layer (`condition-text-layer`),
+   and with that layer on the scored triplets alone (`condition-triplets-text-layer`, the shipped
+   condition editor) beside its no-reward control;
 5. evaluation: judge success per kind on fresh edits, blind pairwise against the baseline
    (simulated annotators, Wilson 95% CIs), CLIP trade-off curves, a picture grid of the same inputs
    across models; the share of the baseline-to-clean gap HIVE closes.
@@ -98,6 +100,10 @@ FT_DATA_SEED = 700_000_000  # the fine-tuning triplets: away from SFT, simulatio
 GRID_SEED = 900_070_000
 
 
+ALL_ORIGINS = ("data", "db")  # fine-tuning example sources: scored triplets, ranked variants
+SOURCE_NAMES = {"data": "triplets", "db": "ranked"}
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
@@ -105,7 +111,7 @@ class Variant:
     cycle: bool
     fraction: float
     text_layers: int = 0  # trained layers added on top of the text encoder (hive.train_sft.SFTConfig.text_layers)
-    origins: tuple[str, ...] = ("data", "db")  # the example sources: scored triplets, ranked variants
+    origins: tuple[str, ...] = ALL_ORIGINS
 
 
 def variants(scale: PaperScale) -> list[Variant]:
@@ -124,7 +130,7 @@ def variants(scale: PaperScale) -> list[Variant]:
     return out
 
 
-def subset(examples: list, cycle: bool, fraction: float, origins: tuple[str, ...] = ("data", "db")) -> list:
+def subset(examples: list, cycle: bool, fraction: float, origins: tuple[str, ...] = ALL_ORIGINS) -> list:
     """The first ceil(fraction * n) forward examples of each of `origins` (nested: 10% is part of
     50%), and their inverses with `cycle`."""
     keep: set[str] = set()
@@ -461,11 +467,11 @@ def ablation_table(report: dict) -> list[str]:
     """The condition-reward editors side by side (cycle on / off, share of the data), with the
     control, so the reader sees what each ingredient is worth without searching the big tables."""
     runs, base = report["runs"], report["success"]["baseline (noisy SFT)"]
+    origins = {name: r.get("origins", ALL_ORIGINS) for name, r in runs.items()}  # older runs: both sources
     rows = sorted((name for name, r in runs.items() if r["method"] == "condition"),
                   key=lambda name: (not runs[name]["cycle"], -runs[name]["fraction"], runs[name].get("text_layers", 0),
-                                    -len(runs[name].get("origins", ("data", "db")))))
+                                    -len(origins[name])))
     rows += [name for name, r in runs.items() if r["method"] == "plain"]
-    sources = {"data": "triplets", "db": "ranked"}
     lines = ["\n## Ablations (condition reward)\n",
              "| editor | reward | cycle | data | sources | text layers | examples | judge success | vs baseline | "
              "pairwise wins / losses |",
@@ -474,7 +480,7 @@ def ablation_table(report: dict) -> list[str]:
         r, p = runs[name], report["pairwise_vs_baseline"].get(name)
         s = report["success"][name]
         duel = f"{pct(p['win_rate'])} / {pct(p['loss_rate'])}" if p else "n/a"
-        used = " + ".join(sources[o] for o in r.get("origins", ("data", "db")))
+        used = " + ".join(SOURCE_NAMES[o] for o in origins[name])
         lines.append(f"| {name} | {'none' if r['method'] == 'plain' else r['method']} | "
                      f"{'on' if r['cycle'] else 'off'} | {pct(r['fraction'])} | {used} | {r.get('text_layers', 0)} | "
                      f"{r['examples']} | {pct(s)} | "

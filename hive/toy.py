@@ -394,22 +394,23 @@ def vocabulary() -> list[str]:
 
 
 # ---------------------------------------------------------------- the judge
+FOLLOW_MIN = 0.8
+PRESERVE_MIN = 0.9
+STRAY_MAX_AT_64 = 24  # about half the area of the smallest object
+COLOUR_TOL = 60.0  # Euclidean RGB distance; palette colours are at least ~100 apart
+
+
 @dataclass
 class Judgement:
     following: float  # share of the region that should change that matches the clean target
     preservation: float  # worst share, over the regions that should stay, that matches the source
     stray_pixels: int  # pixels outside the edit that changed
     success: bool
-    stray_limit: float = 24.0  # the most stray pixels a success allows (STRAY_MAX_AT_64 at 64 pixels)
+    stray_limit: float = STRAY_MAX_AT_64  # the most stray pixels a success allows (at 64 pixels)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
-
-FOLLOW_MIN = 0.8
-PRESERVE_MIN = 0.9
-STRAY_MAX_AT_64 = 24  # about half the area of the smallest object
-COLOUR_TOL = 60.0  # Euclidean RGB distance; palette colours are at least ~100 apart
 
 
 def _as_array(img: Image.Image | np.ndarray, size: int) -> np.ndarray:
