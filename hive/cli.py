@@ -201,10 +201,13 @@ def _edit_dataset(editor, data: Path, out: Path, args: argparse.Namespace) -> in
 # ---------------------------------------------------------------- evaluate and bench
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from hive.editor import Editor
-    from hive.evaluate import blind_pairwise, evaluate_toy, plot_tradeoff, tradeoff_curve
+    from hive.evaluate import blind_pairwise, evaluate_toy, pairwise_ceiling, plot_tradeoff, tradeoff_curve
     from hive.files import write_json_atomic
 
     out = Path(args.out) if args.out else None
+    if args.ceiling and (args.no_judge or out is None):
+        print("error: --ceiling reads the judge's verdicts: give --out and leave out --no-judge", file=sys.stderr)
+        return 2
     try:
         editor = Editor(args.model, mask_threshold=args.mask_threshold)
         other = Editor(args.against, mask_threshold=args.mask_threshold) if args.against else None
@@ -212,6 +215,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if not args.no_judge:
             report = evaluate_toy(editor=editor, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
                                   image_guidance=args.image_guidance, batch=args.batch, out=out)
+        if args.ceiling:
+            report["pairwise_ceiling"] = pairwise_ceiling(out / "judgements.jsonl", annotators=args.annotators,
+                                                          noise=args.annotator_noise)
+            write_json_atomic(out / "report.json", report)
         if args.tradeoff:
             curves = {}
             for ed in [editor] + ([other] if other else []):
@@ -243,6 +250,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                   f"{p['success']:.1%}")
     if "tradeoff" in report:
         print(f"wrote {report['tradeoff']['png']}")
+    if "pairwise_ceiling" in report:
+        c = report["pairwise_ceiling"]
+        ratio = "no losses" if c["wins_per_loss"] is None else f"{c['wins_per_loss']:.2f} wins per loss"
+        print(f"ceiling of a blind comparison against this model ({c['annotators']} simulated annotators, the clean "
+              f"target, mean of {c['repeats']} draws): win {c['win_rate']:.1%}, tie {c['tie_rate']:.1%}, "
+              f"loss {c['loss_rate']:.1%} ({ratio})")
     if "pairwise" in report:
         r = report["pairwise"]
         print(f"blind pairwise, {r['model_a']} vs {r['model_b']} on {r['n']} edits, {r['annotators']} simulated "
@@ -585,6 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotators", type=int, default=3, help="simulated annotators per blind comparison input")
     p.add_argument("--annotator-noise", type=float, default=None, help="simulated annotators' noise (default: "
                    "hive.evaluate.PAIRWISE_NOISE, one annotator agrees with the true order on 72%% of pairs)")
+    p.add_argument("--ceiling", action="store_true", help="the blind comparison's ceiling against --model: how "
+                   "often the toy world's clean target would win / tie / lose against its judged outputs before the "
+                   "same annotators (expected over 100 draws of their noise); needs the judge and --out")
     p.add_argument("--json", action="store_true")
     sampling_args(p)
     p.set_defaults(func=cmd_evaluate)

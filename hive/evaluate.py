@@ -367,6 +367,66 @@ def paired_judgements(judgements_a: Path, judgements_b: Path, tie_margin: float 
             "only_a_succeeds": only_a, "only_b_succeeds": only_b}
 
 
+def judged_qualities(judgements: Path) -> dict[str, float]:
+    """Each edit's judged quality (hive.simulate.quality, what the simulated annotators see) from an
+    `evaluate_toy` judgements.jsonl, by edit id."""
+    from hive.simulate import quality
+
+    rows = map(json.loads, Path(judgements).read_text().splitlines())
+    return {row["id"]: quality(judgement_of(row)) for row in rows}
+
+
+def annotator_votes(q_left: float, q_right: float, annotators: int, noise: float, rng: np.random.Generator,
+                    tie_margin: float) -> dict[str, int]:
+    """The votes of `annotators` simulated annotators shown one pair: each ranks the two images by
+    their quality plus noise (hive.simulate.noisy_ranks), a tie when the noisy scores are close."""
+    from hive.simulate import noisy_ranks
+
+    votes = {"left": 0, "right": 0, "tie": 0}
+    for _ in range(annotators):
+        r_left, r_right = noisy_ranks(np.array([q_left, q_right]), noise, rng, tie_margin)
+        votes["left" if r_left < r_right else "right" if r_right < r_left else "tie"] += 1
+    return votes
+
+
+def expected_blind_pairwise(qualities_a: list[float], qualities_b: list[float], annotators: int = 3,
+                            noise: float | None = None, tie_margin: float | None = None, repeats: int = 100,
+                            seed: int = 0) -> dict:
+    """The win / tie / loss rates `blind_pairwise` gives on average, over `repeats` draws of the
+    annotators' noise, for two editors whose judged qualities on the same edits are known.
+
+    Why: with A's qualities all 1 (the toy world's clean target, which the judge scores perfect) it
+    is the ceiling of the blind comparison against B. An annotator's vote for A only grows with A's
+    quality, so no editor wins more often or loses less often than that, before these annotators;
+    a target above the ceiling asks for less annotator noise, not a better editor."""
+    from hive.simulate import DEFAULT_TIE_MARGIN
+
+    if len(qualities_a) != len(qualities_b) or not qualities_a:
+        raise ValueError(f"need the same edits for both editors, got {len(qualities_a)} and {len(qualities_b)}")
+    if annotators < 1 or repeats < 1:
+        raise ValueError(f"need annotators >= 1 and repeats >= 1, got {annotators} and {repeats}")
+    noise = PAIRWISE_NOISE if noise is None else float(noise)
+    tie_margin = DEFAULT_TIE_MARGIN if tie_margin is None else float(tie_margin)
+    rng = np.random.default_rng([seed, 4242])
+    counts = {"win": 0, "tie": 0, "loss": 0}
+    for _ in range(repeats):
+        for qa, qb in zip(qualities_a, qualities_b):
+            v = annotator_votes(qa, qb, annotators, noise, rng, tie_margin)
+            counts["win" if v["left"] > v["right"] else "loss" if v["right"] > v["left"] else "tie"] += 1
+    total = repeats * len(qualities_a)
+    rates = {f"{k}_rate": c / total for k, c in counts.items()}
+    return {"n": len(qualities_a), "annotators": annotators, "noise": noise, "tie_margin": tie_margin,
+            "repeats": repeats, **rates,
+            "wins_per_loss": rates["win_rate"] / rates["loss_rate"] if counts["loss"] else None}
+
+
+def pairwise_ceiling(judgements_b: Path, **kwargs) -> dict:
+    """`expected_blind_pairwise` of the clean target (quality 1 on every edit) against the editor
+    judged in `judgements_b`: the most any editor can win against it before these annotators."""
+    qualities_b = list(judged_qualities(judgements_b).values())
+    return expected_blind_pairwise([1.0] * len(qualities_b), qualities_b, **kwargs)
+
+
 # The simulated annotators' noise for blind comparisons: `calibrate_noise` (hive.simulate) on the
 # editor-free stand-in pairs `toy_variant_qualities(100, 2)` at the default 72% agreement and tie
 # margin gives 0.4936 (0.4897 before the annotators' quality counted stray pixels). Fixed here
@@ -406,7 +466,7 @@ def blind_pairwise(model_a: str | Path | Editor | None, model_b: str | Path | Ed
     (inputs are the independent trials; the per-annotator votes are reported too). With `out`,
     every trial (side shown, votes, outcome) goes to OUT/trials.jsonl and the result to
     OUT/report.json."""
-    from hive.simulate import DEFAULT_TIE_MARGIN, noisy_ranks, quality
+    from hive.simulate import DEFAULT_TIE_MARGIN, quality
 
     if n < 1 or annotators < 1:
         raise ValueError(f"need n >= 1 and annotators >= 1, got n={n}, annotators={annotators}")
@@ -440,11 +500,8 @@ def blind_pairwise(model_a: str | Path | Editor | None, model_b: str | Path | Ed
             k = start + j
             # What the annotators see: two images in a random order, nothing about their makers.
             left, right = (oa[0], ob[0]) if a_left[k] else (ob[0], oa[0])
-            q = np.array([quality(toy.judge(e.input_image, e.clean_image, im)) for im in (left, right)])
-            side_votes = {"left": 0, "right": 0, "tie": 0}
-            for _ in range(annotators):
-                r_left, r_right = noisy_ranks(q, noise, rng, tie_margin)
-                side_votes["left" if r_left < r_right else "right" if r_right < r_left else "tie"] += 1
+            q_left, q_right = (quality(toy.judge(e.input_image, e.clean_image, im)) for im in (left, right))
+            side_votes = annotator_votes(q_left, q_right, annotators, noise, rng, tie_margin)
             # Un-shuffle: map sides back to the models.
             va = side_votes["left"] if a_left[k] else side_votes["right"]
             vb = side_votes["right"] if a_left[k] else side_votes["left"]

@@ -415,12 +415,14 @@ def _run(out: Path, sc: PaperScale, base: str, clip: str | None, docs: Path | No
     baseline_judgements = eval_dir("baseline (noisy SFT)") / "judgements.jsonl"
     paired = {name: ev.paired_judgements(eval_dir(name) / "judgements.jsonl", baseline_judgements)
               for name in pairwise}
+    ceiling = ev.pairwise_ceiling(baseline_judgements)
     b, c = judged["baseline (noisy SFT)"]["success"], judged["clean SFT (upper bound)"]["success"]
     gap = {name: ((judged[name]["success"] - b) / (c - b) if c != b else None) for name in runs}
     report = {"scale": asdict(sc), "base": base, "simulation": sim, "reward": reward, "data": data,
               "models": models, "success": {k: v["success"] for k, v in judged.items()},
               "per_kind": {k: {kind: x["success"] for kind, x in v["per_kind"].items()} for k, v in judged.items()},
-              "pairwise_vs_baseline": pairwise, "paired_vs_baseline": paired, "gap_closed": gap,
+              "pairwise_vs_baseline": pairwise, "pairwise_ceiling": ceiling, "paired_vs_baseline": paired,
+              "gap_closed": gap,
               "tradeoff": {k: v["points"] for k, v in curves.items()}, "runs": runs}
     report = _json_safe(report)
     write_json_atomic(out / "report.json", report)
@@ -516,6 +518,13 @@ def markdown(report: dict) -> str:
             return f"{pct(rate)} [{pct(ci[0])}, {pct(ci[1])}]"
         lines.append(f"| {name} | {cell(p['win_rate'], p['win_ci'])} | {cell(p['tie_rate'], p['tie_ci'])} | "
                      f"{cell(p['loss_rate'], p['loss_ci'])} |")
+    if "pairwise_ceiling" in report:  # reports before session 21 lack it
+        c = report["pairwise_ceiling"]
+        ratio = "no losses" if c["wins_per_loss"] is None else f"{c['wins_per_loss']:.2f} wins per loss"
+        lines += [f"| the clean target (ceiling; expected, mean of {c['repeats']} draws) | {pct(c['win_rate'])} | "
+                  f"{pct(c['tie_rate'])} | {pct(c['loss_rate'])} |",
+                  f"\nThe clean target's row is the most any editor can get against this baseline before these "
+                  f"annotators (`hive.evaluate.pairwise_ceiling`): {ratio}.\n"]
     lines += ["\n(The paper: HIVE 49.3% wins, supervised baseline 24.2%, ties 26.5%; cycle consistency 41.2% vs "
               "29.9%.)\n",
               "Diagnostic: the same comparison by an annotator who never errs, on the judge's edits (same inputs "

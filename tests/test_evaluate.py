@@ -11,8 +11,9 @@ from PIL import Image
 
 from hive import toy
 from hive.evaluate import (
-    EVAL_SEED_BASE, PAIRWISE_SEED_BASE, ClipEmbedder, blind_pairwise, evaluate_toy, paired_judgements, plot_tradeoff,
-    tradeoff_curve, wilson_interval,
+    EVAL_SEED_BASE, PAIRWISE_NOISE, PAIRWISE_SEED_BASE, ClipEmbedder, blind_pairwise, evaluate_toy,
+    expected_blind_pairwise, judged_qualities, paired_judgements, pairwise_ceiling, plot_tradeoff, tradeoff_curve,
+    wilson_interval,
 )
 from tests.test_reward_model import build_tiny_clip
 
@@ -131,6 +132,42 @@ def test_an_editor_against_itself_is_even(tiny_editor):
     assert abs(r["wins"] - r["losses"]) <= 3 * np.sqrt(decided)
 
 
+def test_expected_blind_pairwise_counts_and_its_ceiling():
+    # without noise each edit goes to the better quality, a tie within the margin
+    r = expected_blind_pairwise([1.0, 0.5, 0.7], [0.5, 0.51, 0.9], noise=0.0, repeats=3)
+    assert (r["win_rate"], r["tie_rate"], r["loss_rate"]) == pytest.approx((1 / 3, 1 / 3, 1 / 3))
+    assert r["wins_per_loss"] == pytest.approx(1.0)
+    # with noise, equal editors are even, and a better editor wins more (and loses less)
+    same = expected_blind_pairwise([0.7] * 50, [0.7] * 50, repeats=40)
+    assert abs(same["win_rate"] - same["loss_rate"]) < 0.05
+    baseline = [0.6] * 50
+    better = expected_blind_pairwise([0.8] * 50, baseline, repeats=40)
+    clean = expected_blind_pairwise([1.0] * 50, baseline, repeats=40)
+    assert same["win_rate"] < better["win_rate"] < clean["win_rate"]
+    assert clean["loss_rate"] < better["loss_rate"] < same["loss_rate"]
+    assert clean["noise"] == PAIRWISE_NOISE and clean["annotators"] == 3
+    # more annotators per edit, fewer of their mistakes survive the majority
+    assert expected_blind_pairwise([1.0] * 50, baseline, annotators=9, repeats=40)["wins_per_loss"] > clean["wins_per_loss"]
+    with pytest.raises(ValueError, match="same edits"):
+        expected_blind_pairwise([1.0], [0.5, 0.5])
+
+
+def test_pairwise_ceiling_predicts_the_clean_editors_blind_comparison(tiny_editor, tmp_path):
+    """The ceiling from judged qualities matches what blind_pairwise measures for an editor that
+    returns the clean target, on the same edits."""
+    n = 60
+    clean = fake_editor(tiny_editor, "clean", "clean", PAIRWISE_SEED_BASE, n)
+    source = fake_editor(tiny_editor, "source", "source", PAIRWISE_SEED_BASE, n)
+    evaluate_toy(n=n, seed=PAIRWISE_SEED_BASE, editor=clean, out=tmp_path / "clean")
+    evaluate_toy(n=n, seed=PAIRWISE_SEED_BASE, editor=source, out=tmp_path / "source")
+    assert set(judged_qualities(tmp_path / "clean" / "judgements.jsonl").values()) == {1.0}
+    predicted = pairwise_ceiling(tmp_path / "source" / "judgements.jsonl", noise=0.6, repeats=50)
+    measured = blind_pairwise(clean, source, n=n, annotators=3, noise=0.6, progress=False)
+    sd = np.sqrt(predicted["win_rate"] * (1 - predicted["win_rate"]) / n)
+    assert abs(measured["win_rate"] - predicted["win_rate"]) <= 3 * sd
+    assert 0.5 < predicted["win_rate"] < 0.95  # noisy annotators: not every clean target wins
+
+
 def test_blind_pairwise_runs_the_real_pipeline(tiny_editor, tmp_path):
     import json
 
@@ -232,6 +269,21 @@ def test_default_annotator_noise_gives_about_72_percent_agreement():
 
     qualities = toy_variant_qualities(40, 2, seed=77_000)
     assert expected_agreement(qualities, PAIRWISE_NOISE, repeats=50) == pytest.approx(0.72, abs=0.04)
+
+
+def test_cli_evaluate_ceiling(tiny_pipeline, tmp_path, capsys):
+    import json
+
+    from hive.cli import main
+
+    assert main(["evaluate", "--model", str(tiny_pipeline), "--n", "2", "--steps", "1", "--ceiling"]) == 2
+    assert "--ceiling" in capsys.readouterr().err
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(tiny_pipeline), "--n", "2", "--steps", "1", "--ceiling",
+                 "--out", str(out)]) == 0
+    assert "ceiling of a blind comparison" in capsys.readouterr().out
+    ceiling = json.loads((out / "report.json").read_text())["pairwise_ceiling"]
+    assert ceiling["n"] == 2 and ceiling["repeats"] == 100
 
 
 def test_cli_evaluate_prints_the_pairwise_table(tiny_pipeline, capsys):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.test_reward_model import build_tiny_clip
 
 
@@ -52,6 +54,10 @@ def test_paper_experiment_tiny_end_to_end(tiny_pipeline, tmp_path, capsys, monke
     paired = report["paired_vs_baseline"]
     assert paired.keys() == report["pairwise_vs_baseline"].keys()
     assert all(p["wins"] + p["ties"] + p["losses"] == p["n"] == report["scale"]["eval_n"] for p in paired.values())
+    ceiling = report["pairwise_ceiling"]  # the clean target against the baseline's judged edits
+    assert ceiling["n"] == report["scale"]["eval_n"]
+    assert ceiling["win_rate"] + ceiling["tie_rate"] + ceiling["loss_rate"] == pytest.approx(1.0)
+    assert "| the clean target (ceiling; expected" in (out / "report.md").read_text()
     # a rerun skips every finished step (nothing is trained again)
     import hive.train_sft as sft
 
@@ -84,7 +90,6 @@ def test_paper_experiment_tiny_end_to_end(tiny_pipeline, tmp_path, capsys, monke
 
 
 def test_ship_keeps_a_component_that_differs_in_the_editors_folder(tiny_pipeline, tmp_path):
-    import pytest
     import torch
     from diffusers import StableDiffusionInstructPix2PixPipeline
 

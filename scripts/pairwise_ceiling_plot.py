@@ -1,0 +1,91 @@
+"""How many wins per loss a blind comparison against the baseline can give, by judge success
+(docs/paper.md, session 21): the expected blind comparison (hive.evaluate.expected_blind_pairwise,
+3 simulated annotators at the calibrated noise) of judged editors against the baseline's judged
+edits, the clean target (the ceiling), and editors between the first one named and the clean
+target (its failures replaced, in a random order, by the clean target).
+
+    python scripts/pairwise_ceiling_plot.py OUT.png BASELINE/judgements.jsonl \
+        "HIVE condition=runs/paper3/eval/shipped-cond-L5/judgements.jsonl" "clean SFT=..."
+
+Every file must judge the same edits (`python -m hive evaluate --n 300 --out DIR`, same --seed).
+Writes OUT.png and OUT.json (the figures)."""
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, as scripts/reward_curves.py
+from hive.evaluate import expected_blind_pairwise, judged_qualities  # noqa: E402
+from hive.files import write_json_atomic  # noqa: E402
+
+REPEATS = 100
+
+
+def successes(path: Path) -> dict[str, bool]:
+    return {row["id"]: row["success"] for row in map(json.loads, Path(path).read_text().splitlines())}
+
+
+def main(out: str, baseline: str, specs: list[str]) -> None:
+    base_q = judged_qualities(Path(baseline))
+    ids = sorted(base_q)
+    q_b = [base_q[i] for i in ids]
+    points = []
+    for spec in specs:
+        label, path = spec.split("=", 1)
+        q, ok = judged_qualities(Path(path)), successes(Path(path))
+        if sorted(q) != ids:
+            raise SystemExit(f"{path} judges other edits than {baseline}")
+        r = expected_blind_pairwise([q[i] for i in ids], q_b, repeats=REPEATS)
+        points.append({"label": label, "success": float(np.mean([ok[i] for i in ids])), **r})
+        print(f"{label}: success {points[-1]['success']:.1%}, wins {r['win_rate']:.1%}, losses {r['loss_rate']:.1%}, "
+              f"{r['wins_per_loss']:.2f} wins per loss")
+    clean = expected_blind_pairwise([1.0] * len(ids), q_b, repeats=REPEATS)
+    print(f"clean target: wins {clean['win_rate']:.1%}, losses {clean['loss_rate']:.1%}, "
+          f"{clean['wins_per_loss']:.2f} wins per loss")
+    # editors between the first named one and the clean target
+    first_label, first_path = specs[0].split("=", 1)
+    q, ok = judged_qualities(Path(first_path)), successes(Path(first_path))
+    failed = [k for k, i in enumerate(ids) if not ok[i]]
+    np.random.default_rng(0).shuffle(failed)
+    between = []
+    for share in np.linspace(0, 1, 6)[1:-1]:
+        qa = [q[i] for i in ids]
+        for k in failed[:round(share * len(failed))]:
+            qa[k] = 1.0
+        r = expected_blind_pairwise(qa, q_b, repeats=REPEATS)
+        success = (len(ids) - len(failed) + round(share * len(failed))) / len(ids)
+        between.append({"success": success, **r})
+    base_success = float(np.mean(list(successes(Path(baseline)).values())))
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    xs = [points[0]["success"]] + [b["success"] for b in between] + [1.0]
+    ys = [points[0]["wins_per_loss"]] + [b["wins_per_loss"] for b in between] + [clean["wins_per_loss"]]
+    ax.plot([100 * x for x in xs], ys, ":", color="grey",
+            label=f"{first_label} with failures replaced by the clean target")
+    for k, p in enumerate(points):
+        ax.plot(100 * p["success"], p["wins_per_loss"], "o", color=f"C{k}", label=p["label"])
+    ax.plot(100, clean["wins_per_loss"], "*", color="black", markersize=12, label="the clean target (ceiling)")
+    ax.axhline(2.0, color="red", linestyle="--", linewidth=1, label="the issue's target, 2 wins per loss")
+    ax.axhline(1.0, color="grey", linewidth=0.5)
+    ax.set_xlabel(f"judge success on the same {len(ids)} edits (%; the baseline: {100 * base_success:.1f}%)")
+    ax.set_ylabel("wins per loss against the baseline")
+    ax.set_title("Blind comparison against the noisy baseline, 3 simulated annotators\n"
+                 "(expected over the annotators' noise, from the judged edits)", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    write_json_atomic(Path(out).with_suffix(".json"), {"baseline": baseline, "baseline_success": base_success,
+                                                       "editors": points, "clean_target": clean, "between": between})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 4:
+        raise SystemExit(__doc__)
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])
