@@ -62,7 +62,7 @@ def main(out: str, baseline: str, specs: list[str]) -> None:
         between.append({"success": success, **r})
     base_success = float(np.mean(list(successes(Path(baseline)).values())))
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(7, 5.4))
     xs = [points[0]["success"]] + [b["success"] for b in between] + [1.0]
     ys = [points[0]["wins_per_loss"]] + [b["wins_per_loss"] for b in between] + [clean["wins_per_loss"]]
     ax.plot([100 * x for x in xs], ys, ":", color="grey",
@@ -76,7 +76,7 @@ def main(out: str, baseline: str, specs: list[str]) -> None:
     ax.set_ylabel("wins per loss against the baseline")
     ax.set_title("Blind comparison against the noisy baseline, 3 simulated annotators\n"
                  "(expected over the annotators' noise, from the judged edits)", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
