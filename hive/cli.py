@@ -201,7 +201,9 @@ def _edit_dataset(editor, data: Path, out: Path, args: argparse.Namespace) -> in
 # ---------------------------------------------------------------- evaluate and bench
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from hive.editor import Editor
-    from hive.evaluate import blind_pairwise, evaluate_toy, pairwise_ceiling, plot_tradeoff, tradeoff_curve
+    from hive.evaluate import (
+        blind_pairwise, evaluate_toy, pairwise_ceiling, plot_tradeoff, tradeoff_curve, wins_per_loss_text,
+    )
     from hive.files import write_json_atomic
 
     out = Path(args.out) if args.out else None
@@ -252,7 +254,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"wrote {report['tradeoff']['png']}")
     if "pairwise_ceiling" in report:
         c = report["pairwise_ceiling"]
-        ratio = "no losses" if c["wins_per_loss"] is None else f"{c['wins_per_loss']:.2f} wins per loss"
+        ratio = wins_per_loss_text(c["wins_per_loss"])
         print(f"ceiling of a blind comparison against this model ({c['annotators']} simulated annotators, the clean "
               f"target, mean of {c['repeats']} draws): win {c['win_rate']:.1%}, tie {c['tie_rate']:.1%}, "
               f"loss {c['loss_rate']:.1%} ({ratio})")

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from hive import toy
+from hive import simulate, toy
 from hive.editor import DEFAULT_GUIDANCE, Editor
 from hive.files import write_json_atomic, write_jsonl_atomic
 
@@ -333,6 +333,11 @@ def judgement_of(row: dict) -> toy.Judgement:
     return toy.Judgement(**{f.name: row[f.name] for f in dataclasses.fields(toy.Judgement) if f.name in row})
 
 
+def read_judgements(judgements: Path) -> dict[str, dict]:
+    """The rows of an `evaluate_toy` judgements.jsonl, by edit id."""
+    return {row["id"]: row for row in map(json.loads, Path(judgements).read_text().splitlines())}
+
+
 def paired_judgements(judgements_a: Path, judgements_b: Path, tie_margin: float | None = None) -> dict:
     """A noise-free comparison of two `evaluate_toy` runs on the same edits and seeds: per edit, A
     wins when its judged quality (hive.simulate.quality) beats B's by more than `tie_margin`.
@@ -342,20 +347,14 @@ def paired_judgements(judgements_a: Path, judgements_b: Path, tie_margin: float 
     bad) outputs into a coin flip and pulls any win:loss ratio towards 1. This shows what an
     annotator who never errs would say, and the success-only count (edits one model gets right
     and the other wrong) beside it."""
-    from hive.simulate import DEFAULT_TIE_MARGIN, quality
-
-    tie_margin = DEFAULT_TIE_MARGIN if tie_margin is None else float(tie_margin)
-
-    def read(path: Path) -> dict[str, dict]:
-        return {row["id"]: row for row in map(json.loads, Path(path).read_text().splitlines())}
-
-    a, b = read(judgements_a), read(judgements_b)
+    tie_margin = simulate.DEFAULT_TIE_MARGIN if tie_margin is None else float(tie_margin)
+    a, b = read_judgements(judgements_a), read_judgements(judgements_b)
     if set(a) != set(b):
         raise ValueError(f"{judgements_a} and {judgements_b} judge different edits; evaluate both with the same n and seed")
     wins = ties = losses = only_a = only_b = 0
     for key, row_b in b.items():
         row_a = a[key]
-        qa, qb = quality(judgement_of(row_a)), quality(judgement_of(row_b))
+        qa, qb = simulate.quality(judgement_of(row_a)), simulate.quality(judgement_of(row_b))
         wins, losses = wins + (qa - qb > tie_margin), losses + (qb - qa > tie_margin)
         ties += abs(qa - qb) <= tie_margin
         only_a, only_b = only_a + (row_a["success"] and not row_b["success"]), only_b + (row_b["success"] and not row_a["success"])
@@ -370,21 +369,16 @@ def paired_judgements(judgements_a: Path, judgements_b: Path, tie_margin: float 
 def judged_qualities(judgements: Path) -> dict[str, float]:
     """Each edit's judged quality (hive.simulate.quality, what the simulated annotators see) from an
     `evaluate_toy` judgements.jsonl, by edit id."""
-    from hive.simulate import quality
-
-    rows = map(json.loads, Path(judgements).read_text().splitlines())
-    return {row["id"]: quality(judgement_of(row)) for row in rows}
+    return {key: simulate.quality(judgement_of(row)) for key, row in read_judgements(judgements).items()}
 
 
 def annotator_votes(q_left: float, q_right: float, annotators: int, noise: float, rng: np.random.Generator,
                     tie_margin: float) -> dict[str, int]:
     """The votes of `annotators` simulated annotators shown one pair: each ranks the two images by
     their quality plus noise (hive.simulate.noisy_ranks), a tie when the noisy scores are close."""
-    from hive.simulate import noisy_ranks
-
     votes = {"left": 0, "right": 0, "tie": 0}
     for _ in range(annotators):
-        r_left, r_right = noisy_ranks(np.array([q_left, q_right]), noise, rng, tie_margin)
+        r_left, r_right = simulate.noisy_ranks(np.array([q_left, q_right]), noise, rng, tie_margin)
         votes["left" if r_left < r_right else "right" if r_right < r_left else "tie"] += 1
     return votes
 
@@ -399,14 +393,12 @@ def expected_blind_pairwise(qualities_a: list[float], qualities_b: list[float], 
     is the ceiling of the blind comparison against B. An annotator's vote for A only grows with A's
     quality, so no editor wins more often or loses less often than that, before these annotators;
     a target above the ceiling asks for less annotator noise, not a better editor."""
-    from hive.simulate import DEFAULT_TIE_MARGIN
-
     if len(qualities_a) != len(qualities_b) or not qualities_a:
         raise ValueError(f"need the same edits for both editors, got {len(qualities_a)} and {len(qualities_b)}")
     if annotators < 1 or repeats < 1:
         raise ValueError(f"need annotators >= 1 and repeats >= 1, got {annotators} and {repeats}")
     noise = PAIRWISE_NOISE if noise is None else float(noise)
-    tie_margin = DEFAULT_TIE_MARGIN if tie_margin is None else float(tie_margin)
+    tie_margin = simulate.DEFAULT_TIE_MARGIN if tie_margin is None else float(tie_margin)
     rng = np.random.default_rng([seed, 4242])
     counts = {"win": 0, "tie": 0, "loss": 0}
     for _ in range(repeats):
@@ -418,6 +410,11 @@ def expected_blind_pairwise(qualities_a: list[float], qualities_b: list[float], 
     return {"n": len(qualities_a), "annotators": annotators, "noise": noise, "tie_margin": tie_margin,
             "repeats": repeats, **rates,
             "wins_per_loss": rates["win_rate"] / rates["loss_rate"] if counts["loss"] else None}
+
+
+def wins_per_loss_text(wins_per_loss: float | None) -> str:
+    """How reports print `expected_blind_pairwise`'s ratio (None: no losses at all)."""
+    return "no losses" if wins_per_loss is None else f"{wins_per_loss:.2f} wins per loss"
 
 
 def pairwise_ceiling(judgements_b: Path, **kwargs) -> dict:
@@ -437,15 +434,9 @@ PAIRWISE_NOISE = 0.4936
 
 def calibrated_pairwise_noise(n: int = 100, target: float | None = None, tie_margin: float | None = None) -> float:
     """Recalibrate PAIRWISE_NOISE on `n` stand-in pairs (clean, unchanged and corrupted targets)."""
-    from hive.simulate import (
-        DEFAULT_TARGET_AGREEMENT,
-        DEFAULT_TIE_MARGIN,
-        calibrate_noise,
-        toy_variant_qualities,
-    )
-
-    return calibrate_noise(toy_variant_qualities(n, 2), DEFAULT_TARGET_AGREEMENT if target is None else target,
-                           DEFAULT_TIE_MARGIN if tie_margin is None else tie_margin)
+    return simulate.calibrate_noise(
+        simulate.toy_variant_qualities(n, 2), simulate.DEFAULT_TARGET_AGREEMENT if target is None else target,
+        simulate.DEFAULT_TIE_MARGIN if tie_margin is None else tie_margin)
 
 
 def blind_pairwise(model_a: str | Path | Editor | None, model_b: str | Path | Editor | None, n: int = 300,
@@ -466,11 +457,9 @@ def blind_pairwise(model_a: str | Path | Editor | None, model_b: str | Path | Ed
     (inputs are the independent trials; the per-annotator votes are reported too). With `out`,
     every trial (side shown, votes, outcome) goes to OUT/trials.jsonl and the result to
     OUT/report.json."""
-    from hive.simulate import DEFAULT_TIE_MARGIN, quality
-
     if n < 1 or annotators < 1:
         raise ValueError(f"need n >= 1 and annotators >= 1, got n={n}, annotators={annotators}")
-    tie_margin = DEFAULT_TIE_MARGIN if tie_margin is None else float(tie_margin)
+    tie_margin = simulate.DEFAULT_TIE_MARGIN if tie_margin is None else float(tie_margin)
     if noise is None:
         noise = PAIRWISE_NOISE
     if noise < 0:
@@ -500,7 +489,7 @@ def blind_pairwise(model_a: str | Path | Editor | None, model_b: str | Path | Ed
             k = start + j
             # What the annotators see: two images in a random order, nothing about their makers.
             left, right = (oa[0], ob[0]) if a_left[k] else (ob[0], oa[0])
-            q_left, q_right = (quality(toy.judge(e.input_image, e.clean_image, im)) for im in (left, right))
+            q_left, q_right = (simulate.quality(toy.judge(e.input_image, e.clean_image, im)) for im in (left, right))
             side_votes = annotator_votes(q_left, q_right, annotators, noise, rng, tie_margin)
             # Un-shuffle: map sides back to the models.
             va = side_votes["left"] if a_left[k] else side_votes["right"]

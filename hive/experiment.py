@@ -519,12 +519,13 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {cell(p['win_rate'], p['win_ci'])} | {cell(p['tie_rate'], p['tie_ci'])} | "
                      f"{cell(p['loss_rate'], p['loss_ci'])} |")
     if "pairwise_ceiling" in report:  # reports before session 21 lack it
+        from hive.evaluate import wins_per_loss_text
+
         c = report["pairwise_ceiling"]
-        ratio = "no losses" if c["wins_per_loss"] is None else f"{c['wins_per_loss']:.2f} wins per loss"
         lines += [f"| the clean target (ceiling; expected, mean of {c['repeats']} draws) | {pct(c['win_rate'])} | "
                   f"{pct(c['tie_rate'])} | {pct(c['loss_rate'])} |",
                   f"\nThe clean target's row is the most any editor can get against this baseline before these "
-                  f"annotators (`hive.evaluate.pairwise_ceiling`): {ratio}.\n"]
+                  f"annotators (`hive.evaluate.pairwise_ceiling`): {wins_per_loss_text(c['wins_per_loss'])}.\n"]
     lines += ["\n(The paper: HIVE 49.3% wins, supervised baseline 24.2%, ties 26.5%; cycle consistency 41.2% vs "
               "29.9%.)\n",
               "Diagnostic: the same comparison by an annotator who never errs, on the judge's edits (same inputs "

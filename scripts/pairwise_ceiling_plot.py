@@ -9,7 +9,6 @@ target (its failures replaced, in a random order, by the clean target).
 
 Every file must judge the same edits (`python -m hive evaluate --n 300 --out DIR`, same --seed).
 Writes OUT.png and OUT.json (the figures)."""
-import json
 import sys
 from pathlib import Path
 
@@ -20,47 +19,47 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, as scripts/reward_curves.py
-from hive.evaluate import expected_blind_pairwise, judged_qualities  # noqa: E402
+from hive.evaluate import expected_blind_pairwise, judgement_of, read_judgements  # noqa: E402
 from hive.files import write_json_atomic  # noqa: E402
+from hive.simulate import quality  # noqa: E402
 
 REPEATS = 100
 
 
-def successes(path: Path) -> dict[str, bool]:
-    return {row["id"]: row["success"] for row in map(json.loads, Path(path).read_text().splitlines())}
+def judged(path: str, ids: list[str] | None = None) -> tuple[list[str], list[float], list[bool]]:
+    """Edit ids, judged qualities and successes of one judgements.jsonl, read once, in `ids` order."""
+    rows = read_judgements(Path(path))
+    if ids is not None and sorted(rows) != ids:
+        raise SystemExit(f"{path} judges other edits than the baseline")
+    ids = ids or sorted(rows)
+    return ids, [quality(judgement_of(rows[i])) for i in ids], [bool(rows[i]["success"]) for i in ids]
 
 
 def main(out: str, baseline: str, specs: list[str]) -> None:
-    base_q = judged_qualities(Path(baseline))
-    ids = sorted(base_q)
-    q_b = [base_q[i] for i in ids]
+    ids, q_b, base_ok = judged(baseline)
+    editors = [(label, *judged(path, ids)[1:]) for label, path in (spec.split("=", 1) for spec in specs)]
     points = []
-    for spec in specs:
-        label, path = spec.split("=", 1)
-        q, ok = judged_qualities(Path(path)), successes(Path(path))
-        if sorted(q) != ids:
-            raise SystemExit(f"{path} judges other edits than {baseline}")
-        r = expected_blind_pairwise([q[i] for i in ids], q_b, repeats=REPEATS)
-        points.append({"label": label, "success": float(np.mean([ok[i] for i in ids])), **r})
+    for label, q, ok in editors:
+        r = expected_blind_pairwise(q, q_b, repeats=REPEATS)
+        points.append({"label": label, "success": float(np.mean(ok)), **r})
         print(f"{label}: success {points[-1]['success']:.1%}, wins {r['win_rate']:.1%}, losses {r['loss_rate']:.1%}, "
               f"{r['wins_per_loss']:.2f} wins per loss")
     clean = expected_blind_pairwise([1.0] * len(ids), q_b, repeats=REPEATS)
     print(f"clean target: wins {clean['win_rate']:.1%}, losses {clean['loss_rate']:.1%}, "
           f"{clean['wins_per_loss']:.2f} wins per loss")
     # editors between the first named one and the clean target
-    first_label, first_path = specs[0].split("=", 1)
-    q, ok = judged_qualities(Path(first_path)), successes(Path(first_path))
-    failed = [k for k, i in enumerate(ids) if not ok[i]]
+    first_label, q, ok = editors[0]
+    failed = [k for k, success in enumerate(ok) if not success]
     np.random.default_rng(0).shuffle(failed)
     between = []
     for share in np.linspace(0, 1, 6)[1:-1]:
-        qa = [q[i] for i in ids]
-        for k in failed[:round(share * len(failed))]:
+        fixed = failed[:round(share * len(failed))]
+        qa = list(q)
+        for k in fixed:
             qa[k] = 1.0
         r = expected_blind_pairwise(qa, q_b, repeats=REPEATS)
-        success = (len(ids) - len(failed) + round(share * len(failed))) / len(ids)
-        between.append({"success": success, **r})
-    base_success = float(np.mean(list(successes(Path(baseline)).values())))
+        between.append({"success": (len(ids) - len(failed) + len(fixed)) / len(ids), **r})
+    base_success = float(np.mean(base_ok))
 
     fig, ax = plt.subplots(figsize=(7, 5.4))
     xs = [points[0]["success"]] + [b["success"] for b in between] + [1.0]
