@@ -4,78 +4,103 @@
 #   scripts/gpu_check.sh prepare        # HERE, once: the diffusers wheel into .whl/ (the GPU machine lacks it)
 #   scripts/gpu_train_zoo.sh run        # ON THE DEVICE (device tool `run`, carry [".whl"], timeout_s 590)
 #
-# What `run` does inside GPU_TRAIN_BUDGET_S (default 520 s):
-#   1. continues the SFT training of the shipped editor (models/toy-editor: its VAE, text encoder,
-#      scheduler and UNet) on fresh toy edits, batch 256, bf16, DataLoader workers, for the minutes
-#      the budget leaves (the trainer's --max-minutes: it checkpoints and writes the pipeline):
-#      70% of them at a constant rate, then a linear cooldown (--decay-steps) sized by the rate;
-#      the pipeline at the end of the constant phase goes to $OUT/toy-editor-hot.tar, a fallback;
-#   2. packs the trained pipeline, fp16, into $OUT/toy-editor.tar (one file: the tool returns at most 8);
-#   3. judges 300 fresh edits with it at the default sampling settings (`python -m hive evaluate`).
-# Back here: `tar -xf .../toy-editor.tar -C /tmp && python -m hive train ship --editor /tmp/toy-editor
-#   --clip models/toy-clip`, then `python -m hive evaluate --n 300` on the CPU and commit models/.
+# What `run` does inside GPU_TRAIN_BUDGET_S (default 520 s): two runs side by side on the one GPU,
+# each continuing the SFT training of the shipped editor (models/toy-editor: its VAE, text encoder,
+# scheduler and UNet) on fresh toy edits, batch 256, bf16, with its own DataLoader workers and data
+# seed: A as the recipe is, B with resizes drawn 3x as often. Each spends 70% of its minutes at a
+# constant rate, then a linear cooldown (--decay-steps) sized by the rate it measured (the trainer's
+# --max-minutes checkpoints and writes the pipeline), and packs its pipeline, fp16 as shipped, into
+# $OUT/a.tar or $OUT/b.tar (one file each: the tool returns at most 8). A run that fails before its
+# first checkpoint is tried once more without workers and in fp32. Judging is left to the CPU here.
+# The working tree travels with the wheels only if it stays under 64 MiB: move models/toy-paper
+# (35 MB, not needed there) out of the checkout for the call and back after it.
+# Back here: `tar -xf a.tar -C /tmp/a`, validate with `python -m hive evaluate --model /tmp/a/toy-editor
+#   --n 200 --seed 800000000`, ship the better with `python -m hive train ship --editor ... --clip
+#   models/toy-clip`, then `python -m hive evaluate --n 300` and commit models/.
 # Dry run on a CPU (checks the script, not the speed):
-#   GPU_TRAIN_NO_WHEELS=1 GPU_TRAIN_PYTHON=.venv/bin/python GPU_TRAIN_BUDGET_S=200 GPU_TRAIN_EVAL_N=8 \
+#   GPU_TRAIN_NO_WHEELS=1 GPU_TRAIN_PYTHON=.venv/bin/python GPU_TRAIN_BUDGET_S=220 \
 #   OUT=/tmp/gt scripts/gpu_train_zoo.sh run
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 pack() {  # pack PIPELINE NAME: the pipeline, fp16 as shipped, into $out/NAME.tar (the fp32 UNet alone
     # is over the tool's 16 MB a file)
-    rm -rf "$work/$2" && mkdir -p "$work/$2"
-    "$py" -m hive train ship --editor "$1" --clip models/toy-clip --models "$work/$2" > /dev/null \
-        && tar -cf "$out/$2.tar" -C "$work/$2" toy-editor
+    local dest="$work/packed-$2"
+    rm -rf "$dest" && mkdir -p "$dest"
+    "$py" -m hive train ship --editor "$1" --clip models/toy-clip --models "$dest" > /dev/null \
+        && tar -cf "$out/$2.tar" -C "$dest" toy-editor
+}
+
+train_one() {  # train_one NAME WORKERS EXTRA...: one continued SFT run, constant rate then a cooldown,
+    # packed into $out/NAME.tar; its log in $out/NAME.log, its loss curve in $out/NAME-loss.jsonl
+    local name=$1 workers=$2; shift 2
+    local dir="$work/$name" log="$out/$name.log" t0=$SECONDS
+    local common=(--base models/toy-editor --out "$dir" --batch-size $batch --lr 1e-3 --mixed-precision $precision
+                  --change-weight 4 --min-snr-gamma 0 --checkpoint-every 200 "$@")
+    local minutes hot; minutes=$(minutes_left 0.5); hot=$("$py" -c "print(max(0.3, 0.7 * $minutes))")
+    echo "== $name: $hot min at a constant rate (batch $batch, $workers workers): $*"
+    "$py" -m hive train editor "${common[@]}" --workers "$workers" --steps 1000000 --high-noise-bias 1 \
+        --max-minutes "$hot" > "$log" 2>&1
+    local rc=$?
+    if [[ $rc -ne 0 ]] && ! ls -d "$dir"/checkpoints/step-* > /dev/null 2>&1; then
+        # the fast path failed before a checkpoint (workers, bf16): once more, plainly
+        echo "   $name failed (rc=$rc): $(tail -n 3 "$log" | tr '\n' ' ')"
+        echo "   $name: again without workers and in fp32"
+        workers=0; common=("${common[@]/bf16/no}")
+        hot=$("$py" -c "print(max(0.3, 0.7 * $(minutes_left 0.5)))")
+        "$py" -m hive train editor "${common[@]}" --workers 0 --steps 1000000 --high-noise-bias 1 \
+            --max-minutes "$hot" >> "$log" 2>&1
+        rc=$?
+    fi
+    echo "   $name constant phase rc=$rc, $(( SECONDS - start ))s used"
+    local reached left end
+    # the step the cooldown resumes from: the newest checkpoint (the time budget stops at one)
+    reached=$("$py" -c "from pathlib import Path; from hive.training import checkpoint_dirs; \
+print(checkpoint_dirs(Path('$dir'))[-1].name.split('-')[1])") || { echo "   $name: no checkpoint"; return 1; }
+    left=$(minutes_left 0.3)
+    end=$("$py" -c "print(int($reached + 0.85 * $reached / max(1, $SECONDS - $t0) * $left * 60))")
+    echo "== $name cooldown: steps $reached -> $end in $left min"
+    "$py" -m hive train editor "${common[@]}" --workers "$workers" --steps "$end" --decay-steps $(( end - reached )) \
+        --high-noise-bias 1 --max-minutes "$left" >> "$log" 2>&1
+    echo "   $name cooldown rc=$?, $(( SECONDS - start ))s used"
+    cp "$dir/loss.jsonl" "$out/$name-loss.jsonl" 2>/dev/null
+    pack "$dir/pipeline" "$name"
+    echo "   $name packed: $(ls -la "$out/$name.tar" 2>&1)"
 }
 
 run() {
-    local budget=${GPU_TRAIN_BUDGET_S:-520} start=$SECONDS
-    local out=${OUT:-/tmp/gpu_train_out} py=${GPU_TRAIN_PYTHON:-python3} work=/tmp/hive-gpu-train
+    budget=${GPU_TRAIN_BUDGET_S:-520} start=$SECONDS
+    out=${OUT:-/tmp/gpu_train_out} py=${GPU_TRAIN_PYTHON:-python3} work=/tmp/hive-gpu-train
     mkdir -p "$out" "$work"
     export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD
     if [[ -z "${GPU_TRAIN_NO_WHEELS:-}" ]]; then
-        scripts/gpu_check.sh wheels "$py" "$out/imports.log" || exit 3
+        scripts/gpu_check.sh wheels "$py" "$out/machine.log" || exit 3
         export PYTHONPATH=/tmp/site:$PWD
     fi
-    local device workers
+    { nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1
+      "$py" -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
+'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"; nproc; } >> "$out/machine.log" 2>&1
+    cat "$out/machine.log"
     device=$("$py" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
-    workers=$(( $(nproc) > 2 ? $(nproc) - 2 : 0 ))
-    # what is left after training: evaluation (~1 min on a GPU) and packing
-    minutes_left() {  # what the budget leaves after 120 s for evaluating and packing, at least $1 min
-        "$py" -c "print(max($1, ($budget - ($SECONDS - $start) - 120) / 60))"
-    }
-    local minutes
-    minutes=$(minutes_left 0.5)
-    local batch=256 precision=bf16
+    batch=256 precision=bf16
     [[ $device == cpu ]] && batch=8 precision=no
-    # two phases (docs/toy-zoo-training.md, session 5): 70% of the time at a constant rate with
-    # the high-noise bias, then a linear cooldown to 0 over the steps the measured rate leaves
-    local hot cool_bias=${GPU_TRAIN_COOL_BIAS:-1}
-    hot=$("$py" -c "print(max(0.3, 0.7 * $minutes))")
-    local common=(--base models/toy-editor --out "$work/editor" --batch-size $batch --lr 1e-3
-                  --mixed-precision $precision --workers "$workers" --change-weight 4 --min-snr-gamma 0
-                  --checkpoint-every 200)
-    echo "== train editor on $device: $hot min at a constant rate (batch $batch, $workers workers)"
-    local t0=$SECONDS
-    "$py" -m hive train editor "${common[@]}" --steps 1000000 --high-noise-bias 1 \
-        --max-minutes "$hot" > "$out/train.log" 2>&1
-    echo "   rc=$?, $(( SECONDS - start ))s used"; tail -c 400 "$out/train.log"; echo
-    pack "$work/editor/pipeline" toy-editor-hot  # a fallback, should the lease end during the cooldown
-    local reached end left
-    # the step the cooldown resumes from: the newest checkpoint (the time budget stops at one)
-    reached=$("$py" -c "from pathlib import Path; from hive.training import checkpoint_dirs; \
-print(checkpoint_dirs(Path('$work/editor'))[-1].name.split('-')[1])")
-    left=$(minutes_left 0.3)
-    end=$("$py" -c "print(int($reached + 0.85 * $reached / max(1, $SECONDS - $t0) * $left * 60))")
-    echo "== cooldown: steps $reached -> $end in $left min (high-noise bias $cool_bias)"
-    "$py" -m hive train editor "${common[@]}" --steps "$end" --decay-steps $(( end - reached )) \
-        --high-noise-bias "$cool_bias" --max-minutes "$left" >> "$out/train.log" 2>&1
-    echo "   rc=$?, $(( SECONDS - start ))s used"; tail -c 400 "$out/train.log"; echo
-    cp "$work/editor/loss.jsonl" "$out/loss.jsonl" 2>/dev/null
-    pack "$work/editor/pipeline" toy-editor  # before the evaluation, so it comes back even if that runs late
-    echo "== evaluate 300 fresh edits"
-    "$py" -m hive evaluate --model "$work/toy-editor/toy-editor" --n "${GPU_TRAIN_EVAL_N:-300}" --json > "$out/evaluate.log" 2>&1
-    tail -n 1 "$out/evaluate.log" > "$out/evaluate.json"
-    cat "$out/evaluate.json"
+    minutes_left() {  # what the budget leaves after $GPU_TRAIN_RESERVE_S for packing, at least $1 min
+        "$py" -c "print(max($1, ($budget - ($SECONDS - $start) - ${GPU_TRAIN_RESERVE_S:-45}) / 60))"
+    }
+    # Two runs side by side on the one GPU (the 5.6M-parameter UNet leaves most of an H200 idle), each
+    # with its own share of the CPU for building batches and its own data seed: A continues the
+    # recipe as it is; B draws resizes 3x as often (the kind below 60%, docs/toy-zoo-training.md).
+    local workers=$(( $(nproc) > 4 ? ($(nproc) - 2) / 2 : 0 ))
+    [[ $device == cpu ]] && workers=0
+    train_one a "$workers" --seed 31 > "$out/a.out" 2>&1 &
+    train_one b "$workers" --seed 32 --kind-weights resize=3 > "$out/b.out" 2>&1 &
+    wait
+    cat "$out/a.out" "$out/b.out" >> "$out/machine.log"; rm -f "$out/a.out" "$out/b.out"
+    cat "$out/machine.log"
+    for name in a b; do  # the logs are long (progress bars): keep the last lines only
+        [[ -f "$out/$name.log" ]] && tr '\r' '\n' < "$out/$name.log" | grep -v '^$' | grep -v 'Loading\|Writing' \
+            | tail -n 40 > "$out/$name.tail" && mv "$out/$name.tail" "$out/$name.log"
+    done
     ls -la "$out"; echo "done in $(( SECONDS - start ))s"
 }
 
