@@ -202,7 +202,8 @@ def _edit_dataset(editor, data: Path, out: Path, args: argparse.Namespace) -> in
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from hive.editor import Editor
     from hive.evaluate import (
-        blind_pairwise, evaluate_toy, pairwise_ceiling, plot_tradeoff, tradeoff_curve, wins_per_loss_text,
+        blind_pairwise, evaluate_toy, grid_by_kind, pairwise_ceiling, plot_tradeoff, tradeoff_curve,
+        wins_per_loss_text,
     )
     from hive.files import write_json_atomic
 
@@ -230,6 +231,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             png = plot_tradeoff(curves, Path(args.tradeoff))
             write_json_atomic(png.with_suffix(".json"), curves)
             report["tradeoff"] = {"png": str(png), "curves": curves}
+        if args.grid:
+            report["grid"] = str(grid_by_kind(editor, Path(args.grid), steps=args.steps))
         if other is not None:
             report["pairwise"] = blind_pairwise(editor, other, n=args.pairwise_n or args.n, annotators=args.annotators,
                                                 noise=args.annotator_noise, steps=args.steps, guidance=args.guidance,
@@ -252,6 +255,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                   f"{p['success']:.1%}")
     if "tradeoff" in report:
         print(f"wrote {report['tradeoff']['png']}")
+    if "grid" in report:
+        print(f"wrote {report['grid']}")
     if "pairwise_ceiling" in report:
         c = report["pairwise_ceiling"]
         ratio = wins_per_loss_text(c["wins_per_loss"])
@@ -590,6 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--out", help="folder for outputs and the report")
     p.add_argument("--no-judge", action="store_true", help="skip the per-kind judge evaluation")
+    p.add_argument("--grid", metavar="PNG", help="a picture grid of the model's default sampling: one edit of each "
+                   "kind (evaluation seeds), source | instruction | clean target | 4 variants with the judge's verdict")
     p.add_argument("--tradeoff", metavar="PNG", help="plot the CLIP trade-off over image guidance 1.0-2.2 (of "
                    "--model, and of --against if given) to PNG; the curves go to PNG with a .json suffix")
     p.add_argument("--tradeoff-n", type=int, default=100, help="toy edits per trade-off point (default %(default)s)")

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from hive import simulate, toy
 from hive.editor import DEFAULT_GUIDANCE, Editor
-from hive.files import write_json_atomic, write_jsonl_atomic
+from hive.files import save_png_atomic, write_json_atomic, write_jsonl_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -109,7 +109,7 @@ def grid_by_kind(editor: Editor, out_png: Path, seed: int = EVAL_SEED_BASE + 50_
             canvas.paste(im.resize((cell, cell), Image.Resampling.NEAREST), (x, y))
             draw.text((x + 2, y + cell + 3), "pass" if ok else "fail", fill=(0, 140, 0) if ok else (200, 0, 0))
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out_png)
+    save_png_atomic(canvas, out_png)
     return out_png
 
 

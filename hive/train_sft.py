@@ -266,11 +266,11 @@ def train_sft(base: Path | str, data: TripletSource, out: Path, config: SFTConfi
     device = accelerator.device
     vae.to(device)
     text_encoder.to(device)
-    if ema is not None:
-        ema.to(device)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({"base": str(base), **asdict(config)}, indent=2))
     bar, log = resume_with_progress(accelerator, out, config.steps, "train editor")
+    if ema is not None:  # after resuming: a loaded EMA state comes back on the CPU
+        ema.to(device)
     running = None
     null_text = None  # the empty prompt through a training text encoder changes every step
     if not text_params:

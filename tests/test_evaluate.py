@@ -255,6 +255,21 @@ def test_cli_evaluate_tradeoff_and_against(tiny_pipeline, tiny_clip_embedder, tm
     assert all(len(c["points"]) == 7 for c in curves.values())
 
 
+def test_cli_evaluate_grid(tiny_pipeline, tmp_path, capsys):
+    from PIL import Image
+
+    from hive import toy
+    from hive.cli import main
+
+    png = tmp_path / "grid.png"
+    assert main(["evaluate", "--model", str(tiny_pipeline), "--no-judge", "--steps", "1", "--grid", str(png)]) == 0
+    assert f"wrote {png}" in capsys.readouterr().out
+    grid = Image.open(png)
+    cell = 2 * toy.DEFAULT_SIZE  # one row per edit kind, seven picture columns (source, target, 4 variants)
+    assert grid.height > len(toy.EDIT_KINDS) * cell and grid.width > 6 * cell
+    assert not list(tmp_path.glob(".*"))  # no temporary file left beside it
+
+
 def test_cli_evaluate_refuses_a_missing_model(tmp_path, capsys):
     from hive.cli import main
 
