@@ -699,6 +699,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--direction-prior", type=float,
                        help="change head: a term for the backbone's CLIP directional similarity to the instruction, "
                             "with this starting weight (default 1; 0: none)")
+        p.add_argument("--speck-prior", type=float,
+                       help="change head: a term for the share of specks (changed pixels outside any 3x3 block of "
+                            "changed pixels: dots, thin rims, ghosts), standardised, with this starting weight "
+                            "(default 0: none)")
         p.add_argument("--dataset-rankings", type=int,
                        help="rankings implied by the toy edit dataset (its target above three corruptions of it) "
                             "added to the training rankings, never to validation or test (default: 1000 with a "

@@ -66,6 +66,11 @@ class RewardConfig:
     # change head: a term comparing the edit's change with where a `hive.change_locator.ChangeLocator`
     # (fitted apart on edit triplets, frozen) expects it: the expected place's changed share and the rest's
     change_locator: bool = False
+    # change head, != 0: a term for the share of specks, the changed pixels no 3x3 block of changed
+    # pixels covers (isolated dots, one- or two-pixel rims and ghosts: what the annotators count as
+    # stray pixels), standardised, with this starting weight; the share also joins each change token.
+    # 0: no such term or column
+    speck_prior: float = 0.0
     ensemble: int = 1  # heads whose scores are averaged
     score_mean: float = 0.0
     score_std: float = 1.0
@@ -113,18 +118,31 @@ KEEP_COLUMN = PIXEL_EDGES.index(KEEP_TOLERANCE)  # the column of `pixel_change` 
 PROFILE_QUANTILES = (0.0, 0.1, 0.25, 0.5)  # of the patches' share of unchanged pixels: the worst-kept patches
 
 
-def pixel_change(source: torch.Tensor, edited: torch.Tensor, mean, std, patch: int) -> torch.Tensor:
+def speck_map(changed: torch.Tensor) -> torch.Tensor:
+    """The changed pixels (B, 1, H, W; 0 or 1) that no 3x3 block of changed pixels covers: what a
+    morphological opening removes. A recoloured, added or moved object survives the opening; a
+    dot, a thin rim or a one-pixel ghost outline does not."""
+    eroded = -nn.functional.max_pool2d(-changed, 3, stride=1, padding=1)
+    opened = nn.functional.max_pool2d(eroded, 3, stride=1, padding=1)
+    return changed * (1 - opened)
+
+
+def pixel_change(source: torch.Tensor, edited: torch.Tensor, mean, std, patch: int,
+                 specks: bool = False) -> torch.Tensor:
     """Per patch of the vision tower's grid: the share of pixels whose colour moved less than each
-    of `PIXEL_EDGES`, then the patch's mean colour in the source and in the edit. (B, patches,
-    len(PIXEL_EDGES) + 6), from normalised pixel tensors. Not learned, so it needs no data: how
-    much each place changed, and to what colour, is what a few hundred rankings cannot teach a
-    head to read out of pooled CLIP features."""
+    of `PIXEL_EDGES`, then the patch's mean colour in the source and in the edit, and with `specks`
+    the share of `speck_map` pixels. (B, patches, len(PIXEL_EDGES) + 6 [+ 1]), from normalised pixel
+    tensors. Not learned, so it needs no data: how much each place changed, and to what colour, is
+    what a few hundred rankings cannot teach a head to read out of pooled CLIP features."""
     m = torch.as_tensor(mean, dtype=source.dtype, device=source.device).view(1, 3, 1, 1)
     sd = torch.as_tensor(std, dtype=source.dtype, device=source.device).view(1, 3, 1, 1)
     s, e = source * sd + m, edited * sd + m
     d = (e - s).norm(dim=1, keepdim=True)
     close = torch.cat([(d < t).to(s.dtype) for t in PIXEL_EDGES], dim=1)
-    parts = [nn.functional.avg_pool2d(x, patch) for x in (close, s, e)]
+    maps = [close, s, e]
+    if specks:
+        maps.append(speck_map((d >= KEEP_TOLERANCE).to(s.dtype)))
+    parts = [nn.functional.avg_pool2d(x, patch) for x in maps]
     return torch.cat(parts, dim=1).flatten(2).transpose(1, 2)
 
 
@@ -178,10 +196,14 @@ class ChangeHead(nn.Module):
         if self.locator_term:
             self.locator_norm = nn.BatchNorm1d(2, affine=False)
             self.b = nn.Parameter(torch.tensor([1.0, -2.0]))
+        self.speck_prior = config.speck_prior
+        if self.speck_prior:
+            self.speck_norm = nn.BatchNorm1d(1, affine=False)
+            self.c = nn.Parameter(torch.tensor([float(config.speck_prior)]))
         self.residual = config.residual
         if not self.residual:
             return
-        n_pix = len(PIXEL_EDGES) + 6
+        n_pix = len(PIXEL_EDGES) + 6 + (1 if self.speck_prior else 0)
         self.diff_proj = nn.Linear(patch_dim, 8)
         self.tokens_in = nn.Sequential(nn.Linear(n_pix + n_layers + 8, ht), nn.GELU(), nn.Linear(ht, ht),
                                        nn.LayerNorm(ht))
@@ -219,6 +241,8 @@ class ChangeHead(nn.Module):
             cover = (changed * expected).sum(1) / expected.sum(1).clamp(min=1e-6)
             spill = (changed * (1 - expected)).sum(1) / (1 - expected).sum(1).clamp(min=1e-6)
             out = out + (self.locator_norm(torch.stack([cover, spill], dim=1)) * self.b).sum(1)
+        if self.speck_prior:  # the speck share is pixel_change's last column
+            out = out + self.c * self.speck_norm(pix[..., -1].mean(1, keepdim=True))[:, 0]
         if not self.residual:
             return out
         diff = edit["patches"] - src["patches"]
@@ -408,7 +432,7 @@ class RewardModel(nn.Module):
     def pixel_change(self, source_pixels: torch.Tensor, edited_pixels: torch.Tensor) -> torch.Tensor:
         """`pixel_change` of (source, edit) rows on the vision tower's patch grid."""
         return pixel_change(source_pixels, edited_pixels, self.config.image_mean, self.config.image_std,
-                            int(self.clip.config.vision_config.patch_size))
+                            int(self.clip.config.vision_config.patch_size), specks=bool(self.config.speck_prior))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """`pooled`: projected, L2-normalised text features; `tokens` and `mask`: the text tower's

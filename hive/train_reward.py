@@ -336,6 +336,7 @@ class RewardTrainConfig:
     gate_l2: float = 0.0  # L2 penalty on the instruction's weights of the main term
     residual_l2: float = 0.0  # L2 penalty on the residual branch's weights
     direction_prior: float = 1.0  # change head: starting weight of the CLIP-direction term (0: none)
+    speck_prior: float = 0.0  # change head: starting weight of the speck-share term (0: none; hive.reward)
     # rankings implied by the edit dataset (hive.dataset_rankings), added to every member's fitted
     # rankings; None: 1000 with a toy backbone, 0 otherwise
     dataset_rankings: int | None = None

@@ -279,6 +279,44 @@ def test_direction_prior_starts_as_clip_directional_similarity_and_reloads(tiny_
     np.testing.assert_allclose(again.score(src, tgt, instr, normalise=False), raw, rtol=1e-5, atol=1e-6)
 
 
+def test_speck_map_keeps_dots_and_thin_rims_and_drops_solid_changes():
+    from hive.reward import speck_map
+
+    changed = torch.zeros(1, 1, 20, 20)
+    changed[0, 0, 2:8, 2:8] = 1  # a recoloured 6x6 object: survives the opening
+    changed[0, 0, 15, 3] = changed[0, 0, 17, 12] = 1  # two stray dots
+    changed[0, 0, 12, 8:18] = 1  # a one-pixel rim, 10 long
+    specks = speck_map(changed)
+    assert specks.sum() == 12
+    assert specks[0, 0, 2:8, 2:8].sum() == 0 and specks[0, 0, 12, 8:18].sum() == 10
+
+
+def test_speck_prior_scores_specks_down_and_reloads(tiny_clip, tmp_path):
+    from PIL import Image
+
+    torch.manual_seed(3)
+    model = RewardModel.from_backbone(tiny_clip, hidden=16, ensemble=1, speck_prior=-1.0)
+    size = model.config.image_size
+    clean = Image.new("RGB", (size, size), (40, 40, 40))
+    block = clean.copy()
+    block.paste((250, 30, 30), (4, 4, 12, 12))  # a solid change: no specks
+    dotted = block.copy()
+    for x, y in ((20, 3), (25, 20), (5, 25), (14, 28)):
+        dotted.putpixel((x, y), (250, 250, 250))
+    instr = ["add a red square", "add a red square"]
+    raw = model.score([clean, clean], [block, dotted], instr, normalise=False)
+    # untrained, every other term is zero: the score is -1 x the speck share (its running statistics
+    # start at mean 0, variance 1), 0 for the solid change, the dots' share of the image for the dots
+    np.testing.assert_allclose(raw, [0.0, -4 / size**2], atol=1e-4)
+    without = RewardModel.from_backbone(tiny_clip, hidden=16, ensemble=1)
+    pix = model.pixel_change(model.pixel_values([clean]), model.pixel_values([dotted]))
+    assert pix.shape[-1] == without.pixel_change(model.pixel_values([clean]), model.pixel_values([dotted])).shape[-1] + 1
+    again = RewardModel.from_pretrained(model.save_pretrained(tmp_path / "reward"))
+    assert again.config.speck_prior == -1.0
+    np.testing.assert_allclose(again.score([clean, clean], [block, dotted], instr, normalise=False),
+                               model.score([clean, clean], [block, dotted], instr, normalise=False), rtol=1e-5, atol=1e-6)
+
+
 def test_shipped_reward_backbone_matches_edits_to_their_instructions():
     """models/toy-clip-edits (train clip --edits) loads offline, and its directional similarity
     picks each clean toy edit's own instruction over the other edits' instructions."""
