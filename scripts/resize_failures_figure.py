@@ -1,0 +1,60 @@
+"""Failed resizes of an evaluation run, side by side: source | clean target | output.
+
+Usage: python scripts/resize_failures_figure.py EVAL_DIR OUT_PNG [--rows N]
+EVAL_DIR is the --out folder of `python -m hive evaluate` (judgements.jsonl and outputs/). Why: the
+toy editor's resizes fail on shrinks (docs/toy-zoo-training.md, session 22), and a picture shows how.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from hive import toy
+from hive.files import save_png_atomic
+
+
+def is_shrink(example: toy.ToyExample) -> bool:
+    """A resize that leaves fewer non-background pixels (the background is the corner's colour)."""
+    source, target = np.asarray(example.input_image), np.asarray(example.edited_image)
+    background = source[0, 0]
+    return np.any(target != background, axis=-1).sum() < np.any(source != background, axis=-1).sum()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("eval_dir", type=Path)
+    parser.add_argument("out_png", type=Path)
+    parser.add_argument("--rows", type=int, default=6)
+    args = parser.parse_args()
+    rows = []
+    for line in (args.eval_dir / "judgements.jsonl").read_text().splitlines():
+        judgement = json.loads(line)
+        if judgement["kind"] == "resize" and not judgement["success"]:
+            rows.append(judgement)
+    if not rows:
+        raise SystemExit(f"no failed resizes in {args.eval_dir}")
+    rows = rows[: args.rows]
+    scale, pad, label_h = 3, 8, 28
+    cell = toy.DEFAULT_SIZE * scale
+    canvas = Image.new("RGB", (3 * cell + 4 * pad, len(rows) * (cell + label_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, judgement in enumerate(rows):
+        example = toy.sample_example(int(judgement["id"].rsplit("-", 1)[1]))
+        output = Image.open(args.eval_dir / "outputs" / f"{judgement['id']}.png").convert("RGB")
+        y = pad + r * (cell + label_h + pad)
+        direction = "shrink" if is_shrink(example) else "grow"
+        draw.text((pad, y), f"{judgement['instruction']}  ({direction}, following {judgement['following']:.2f})",
+                  fill="black")
+        for c, image in enumerate((example.input_image, example.edited_image, output)):
+            canvas.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (pad + c * (cell + pad), y + label_h - 12))
+    args.out_png.parent.mkdir(parents=True, exist_ok=True)
+    save_png_atomic(canvas, args.out_png)
+    print(f"wrote {args.out_png} ({len(rows)} failed resizes)")
+
+
+if __name__ == "__main__":
+    main()
