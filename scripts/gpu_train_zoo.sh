@@ -31,37 +31,41 @@ pack() {  # pack PIPELINE NAME: the pipeline, fp16 as shipped, into $out/NAME.ta
         && tar -cf "$out/$2.tar" -C "$dest" toy-editor
 }
 
+newest_step() {  # newest_step DIR: the step of DIR's newest checkpoint, or nothing if it has none
+    "$py" -c "from pathlib import Path; from hive.training import checkpoint_dirs; \
+d = checkpoint_dirs(Path('$1')); print(d[-1].name.split('-')[1] if d else '')"
+}
+
 train_one() {  # train_one NAME WORKERS EXTRA...: one continued SFT run, constant rate then a cooldown,
     # packed into $out/NAME.tar; its log in $out/NAME.log, its loss curve in $out/NAME-loss.jsonl
     local name=$1 workers=$2; shift 2
-    local dir="$work/$name" log="$out/$name.log" t0=$SECONDS
-    local common=(--base models/toy-editor --out "$dir" --batch-size $batch --lr 1e-3 --mixed-precision $precision
-                  --change-weight 4 --min-snr-gamma 0 --checkpoint-every 200 "$@")
-    local minutes hot; minutes=$(minutes_left 0.5); hot=$("$py" -c "print(max(0.3, 0.7 * $minutes))")
-    echo "== $name: $hot min at a constant rate (batch $batch, $workers workers): $*"
-    "$py" -m hive train editor "${common[@]}" --workers "$workers" --steps 1000000 --high-noise-bias 1 \
-        --max-minutes "$hot" > "$log" 2>&1
-    local rc=$?
-    if [[ $rc -ne 0 ]] && ! ls -d "$dir"/checkpoints/step-* > /dev/null 2>&1; then
-        # the fast path failed before a checkpoint (workers, bf16): once more, plainly
-        echo "   $name failed (rc=$rc): $(tail -n 3 "$log" | tr '\n' ' ')"
-        echo "   $name: again without workers and in fp32"
-        workers=0; common=("${common[@]/bf16/no}")
+    local dir="$work/$name" log="$out/$name.log" t0=$SECONDS mp=$precision
+    local common=(--base models/toy-editor --out "$dir" --batch-size $batch --lr 1e-3 --change-weight 4
+                  --min-snr-gamma 0 --high-noise-bias 1 --checkpoint-every 200 "$@")
+    local attempt hot reached=""
+    : > "$log"
+    for attempt in fast plain; do
+        if [[ $attempt == plain ]]; then  # the fast path failed before a checkpoint (workers, bf16)
+            echo "   $name wrote no checkpoint: $(tail -n 3 "$log" | tr '\n' ' ')"
+            echo "   $name: again without workers and in fp32"
+            workers=0 mp=no
+        fi
         hot=$("$py" -c "print(max(0.3, 0.7 * $(minutes_left 0.5)))")
-        "$py" -m hive train editor "${common[@]}" --workers 0 --steps 1000000 --high-noise-bias 1 \
+        echo "== $name: $hot min at a constant rate (batch $batch, $workers workers, $mp): $*"
+        "$py" -m hive train editor "${common[@]}" --workers "$workers" --mixed-precision "$mp" --steps 1000000 \
             --max-minutes "$hot" >> "$log" 2>&1
-        rc=$?
-    fi
-    echo "   $name constant phase rc=$rc, $(( SECONDS - start ))s used"
-    local reached left end
-    # the step the cooldown resumes from: the newest checkpoint (the time budget stops at one)
-    reached=$("$py" -c "from pathlib import Path; from hive.training import checkpoint_dirs; \
-print(checkpoint_dirs(Path('$dir'))[-1].name.split('-')[1])") || { echo "   $name: no checkpoint"; return 1; }
+        echo "   $name constant phase rc=$?, $(( SECONDS - start ))s used"
+        # the step the cooldown resumes from: the newest checkpoint (the time budget stops at one)
+        reached=$(newest_step "$dir")
+        [[ -n $reached ]] && break
+    done
+    [[ -z $reached ]] && { echo "   $name: no checkpoint"; return 1; }
+    local left end
     left=$(minutes_left 0.3)
     end=$("$py" -c "print(int($reached + 0.85 * $reached / max(1, $SECONDS - $t0) * $left * 60))")
     echo "== $name cooldown: steps $reached -> $end in $left min"
-    "$py" -m hive train editor "${common[@]}" --workers "$workers" --steps "$end" --decay-steps $(( end - reached )) \
-        --high-noise-bias 1 --max-minutes "$left" >> "$log" 2>&1
+    "$py" -m hive train editor "${common[@]}" --workers "$workers" --mixed-precision "$mp" --steps "$end" \
+        --decay-steps $(( end - reached )) --max-minutes "$left" >> "$log" 2>&1
     echo "   $name cooldown rc=$?, $(( SECONDS - start ))s used"
     cp "$dir/loss.jsonl" "$out/$name-loss.jsonl" 2>/dev/null
     pack "$dir/pipeline" "$name"

@@ -7,13 +7,13 @@ toy editor's resizes fail on shrinks (docs/toy-zoo-training.md, session 22), and
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from hive import toy
+from hive.evaluate import read_judgements
 from hive.files import save_png_atomic
 
 
@@ -30,11 +30,8 @@ def main() -> None:
     parser.add_argument("out_png", type=Path)
     parser.add_argument("--rows", type=int, default=6)
     args = parser.parse_args()
-    rows = []
-    for line in (args.eval_dir / "judgements.jsonl").read_text().splitlines():
-        judgement = json.loads(line)
-        if judgement["kind"] == "resize" and not judgement["success"]:
-            rows.append(judgement)
+    rows = [j for j in read_judgements(args.eval_dir / "judgements.jsonl").values()
+            if j["kind"] == "resize" and not j["success"]]
     if not rows:
         raise SystemExit(f"no failed resizes in {args.eval_dir}")
     rows = rows[: args.rows]
