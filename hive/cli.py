@@ -103,6 +103,15 @@ def cmd_train_editor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_add_attention(args: argparse.Namespace) -> int:
+    from hive.zoo import with_finest_attention
+
+    path = with_finest_attention(args.base, Path(args.out), args.place, cross_only=args.cross_only)
+    print(f"wrote {path}: {args.base} with attention at the UNet's finest level ({args.place}"
+          f"{', cross-attention only' if args.cross_only else ''}); train it with `train editor --base {path}`")
+    return 0
+
+
 def cmd_train_export(args: argparse.Namespace) -> int:
     from hive.train_sft import export_checkpoint
 
@@ -557,6 +566,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train_editor)
+
+    p = train.add_parser("add-attention", help="an editor pipeline with attention added at its UNet's finest "
+                         "level (new blocks start as a no-op), to train further")
+    p.add_argument("--base", required=True, help="editor pipeline folder")
+    p.add_argument("--out", required=True, help="pipeline folder to write")
+    p.add_argument("--place", choices=["down", "up", "both"], default="down",
+                   help="the first down block, the last up block, or both")
+    p.add_argument("--cross-only", action="store_true", help="attend to the instruction only (no self-attention)")
+    p.set_defaults(func=cmd_train_add_attention)
 
     p = train.add_parser("export", help="write the newest checkpoint of an editor run as a pipeline folder")
     p.add_argument("--run", required=True, help="run folder of `train editor`")

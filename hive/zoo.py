@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
+from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
 from hive.tokenizer import MODEL_MAX_LENGTH
@@ -67,6 +68,63 @@ def toy_unet(cross_attention_dim: int = 128, latent_channels: int = 4) -> UNet2D
         # most of the per-channel mean, and flat colours (a background change) are all mean.
         attention_head_dim=8, norm_num_groups=8,
     )
+
+
+FINEST_ATTENTION_PLACES = ("down", "up", "both")
+
+
+def add_finest_attention(unet: UNet2DConditionModel, place: str, cross_only: bool = False) -> UNet2DConditionModel:
+    """`unet` with transformer blocks added at its finest level (the first down block, the last up
+    block, or both), where the toy UNet has none, keeping every trained weight.
+
+    Why: a shrunk toy object is 2-3 latent cells across, and the toy UNet draws its outline at the
+    16x16 level from features that read the instruction only at 8x8 and coarser (resizes were the
+    one kind its training could not lift, docs/toy-zoo-training.md). Each new block's output
+    projection starts at zero, so the new UNet computes exactly what the old one did until
+    training moves it. `cross_only`: the new blocks attend to the instruction only (no 16x16
+    self-attention; cheaper on a CPU)."""
+    if place not in FINEST_ATTENTION_PLACES:
+        raise ValueError(f"place must be one of {FINEST_ATTENTION_PLACES}, not {place!r}")
+    config = dict(unet.config)
+    down, up = list(config["down_block_types"]), list(config["up_block_types"])
+    if place in ("down", "both"):
+        down[0] = "CrossAttnDownBlock2D"
+    if place in ("up", "both"):
+        up[-1] = "CrossAttnUpBlock2D"
+    if (down, up) == (list(config["down_block_types"]), list(config["up_block_types"])):
+        raise ValueError(f"the UNet already has attention at its finest level ({place})")
+    only_cross = config["only_cross_attention"]
+    if isinstance(only_cross, bool):
+        only_cross = [only_cross] * len(down)
+    only_cross = list(only_cross)
+    only_cross[0] = cross_only  # diffusers reverses this list for the up blocks: [0] is the last up block too
+    config.update(down_block_types=down, up_block_types=up, only_cross_attention=only_cross)
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    wider = UNet2DConditionModel.from_config(config)
+    if wider.dtype != unet.dtype:
+        wider = wider.to(dtype=unet.dtype)
+    missing, unexpected = wider.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or any(".attentions." not in name for name in missing):
+        raise RuntimeError(f"weights that do not carry over: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    blocks = ([wider.down_blocks[0]] if place in ("down", "both") else []) + \
+             ([wider.up_blocks[-1]] if place in ("up", "both") else [])
+    for block in blocks:
+        for transformer in block.attentions:
+            nn.init.zeros_(transformer.proj_out.weight)
+            nn.init.zeros_(transformer.proj_out.bias)
+    return wider
+
+
+def with_finest_attention(pipeline_dir: str | Path, dest: Path, place: str, cross_only: bool = False) -> Path:
+    """The pipeline folder with `add_finest_attention` applied to its UNet (everything else as it
+    is): the starting point of `train editor --base` for a UNet that attends at 16x16."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+    import torch
+
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(pipeline_dir, dtype=torch.float32)
+    pipe.register_modules(unet=add_finest_attention(pipe.unet, place, cross_only))
+    pipe.save_pretrained(dest)
+    return dest
 
 
 def sd15_unet(in_channels: int = 4, tiny: bool = True) -> UNet2DConditionModel:

@@ -7,7 +7,12 @@
 # What `run` does inside GPU_TRAIN_BUDGET_S (default 520 s): two runs side by side on the one GPU,
 # each continuing the SFT training of the shipped editor (models/toy-editor: its VAE, text encoder,
 # scheduler and UNet) on fresh toy edits, batch 256, bf16, with its own DataLoader workers and data
-# seed: A as the recipe is, B with resizes drawn 3x as often. Each spends 70% of its minutes at a
+# seed. GPU_TRAIN_PLAN picks the two runs:
+#   attention (default; session 23): resizes drawn 3x as often, on the UNet with attention added at
+#     its 16x16 level (`hive train add-attention`; the new blocks start as a no-op): A in the first
+#     down block (self- and cross-attention), B in the last up block (cross-attention only);
+#   resize (session 22): the UNet as it is; A with every kind drawn evenly, B with resizes 3x.
+# Each spends 70% of its minutes at a
 # constant rate, then a linear cooldown (--decay-steps) sized by the rate it measured (the trainer's
 # --max-minutes checkpoints and writes the pipeline), and packs its pipeline, fp16 as shipped, into
 # $OUT/a.tar or $OUT/b.tar (one file each: the tool returns at most 8). A run that fails before its
@@ -36,11 +41,12 @@ newest_step() {  # newest_step DIR: the step of DIR's newest checkpoint, or noth
 d = checkpoint_dirs(Path('$1')); print(d[-1].name.split('-')[1] if d else '')"
 }
 
-train_one() {  # train_one NAME WORKERS EXTRA...: one continued SFT run, constant rate then a cooldown,
-    # packed into $out/NAME.tar; its log in $out/NAME.log, its loss curve in $out/NAME-loss.jsonl
-    local name=$1 workers=$2; shift 2
+train_one() {  # train_one NAME WORKERS BASE EXTRA...: one SFT run continuing the pipeline BASE, constant
+    # rate then a cooldown, packed into $out/NAME.tar; its log in $out/NAME.log, its loss curve in
+    # $out/NAME-loss.jsonl
+    local name=$1 workers=$2 base=$3; shift 3
     local dir="$work/$name" log="$out/$name.log" t0=$SECONDS mp=$precision
-    local common=(--base models/toy-editor --out "$dir" --batch-size $batch --lr 1e-3 --change-weight 4
+    local common=(--base "$base" --out "$dir" --batch-size $batch --lr 1e-3 --change-weight 4
                   --min-snr-gamma 0 --high-noise-bias 1 --checkpoint-every 200 "$@")
     local attempt hot reached=""
     : > "$log"
@@ -92,12 +98,22 @@ run() {
         "$py" -c "print(max($1, ($budget - ($SECONDS - $start) - ${GPU_TRAIN_RESERVE_S:-45}) / 60))"
     }
     # Two runs side by side on the one GPU (the 5.6M-parameter UNet leaves most of an H200 idle), each
-    # with its own share of the CPU for building batches and its own data seed: A continues the
-    # recipe as it is; B draws resizes 3x as often (the kind below 60%, docs/toy-zoo-training.md).
+    # with its own share of the CPU for building batches and its own data seed (the plans: the header).
     local workers=$(( $(nproc) > 4 ? ($(nproc) - 2) / 2 : 0 ))
     [[ $device == cpu ]] && workers=0
-    train_one a "$workers" --seed 31 > "$out/a.out" 2>&1 &
-    train_one b "$workers" --seed 32 --kind-weights resize=3 > "$out/b.out" 2>&1 &
+    case ${GPU_TRAIN_PLAN:-attention} in
+        attention)
+            "$py" -m hive train add-attention --base models/toy-editor --out "$work/base-a" --place down \
+                >> "$out/machine.log" 2>&1 || exit 4
+            "$py" -m hive train add-attention --base models/toy-editor --out "$work/base-b" --place up \
+                --cross-only >> "$out/machine.log" 2>&1 || exit 4
+            train_one a "$workers" "$work/base-a" --seed 41 --kind-weights resize=3 > "$out/a.out" 2>&1 &
+            train_one b "$workers" "$work/base-b" --seed 42 --kind-weights resize=3 > "$out/b.out" 2>&1 & ;;
+        resize)
+            train_one a "$workers" models/toy-editor --seed 31 > "$out/a.out" 2>&1 &
+            train_one b "$workers" models/toy-editor --seed 32 --kind-weights resize=3 > "$out/b.out" 2>&1 & ;;
+        *) echo "GPU_TRAIN_PLAN must be attention or resize"; exit 2 ;;
+    esac
     wait
     cat "$out/a.out" "$out/b.out" >> "$out/machine.log"; rm -f "$out/a.out" "$out/b.out"
     cat "$out/machine.log"

@@ -186,3 +186,36 @@ def test_swap_text_encoder_keeps_the_unet_and_takes_the_clip_text_tower(tiny_pip
     assert not torch.equal(new.text_encoder.get_input_embeddings().weight, old.text_encoder.get_input_embeddings().weight)
     for name, p in new.unet.state_dict().items():
         assert torch.equal(p, old.unet.state_dict()[name]), name
+
+
+def test_finest_attention_starts_as_the_same_unet_and_loads_as_a_pipeline(tiny_pipeline, tmp_path):
+    import pytest
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    from hive.zoo import add_finest_attention, with_finest_attention
+
+    old = StableDiffusionInstructPix2PixPipeline.from_pretrained(tiny_pipeline).unet.eval()
+    torch.manual_seed(1)
+    x, t, text = torch.randn(2, 8, 8, 8), torch.tensor(700), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        expected = old(x, t, text).sample
+    for place, cross_only in (("down", False), ("up", True), ("both", False)):
+        new = add_finest_attention(old, place, cross_only).eval()
+        assert new.down_blocks[0].attentions if place != "up" else not hasattr(new.down_blocks[0], "attentions")
+        assert new.up_blocks[-1].attentions if place != "down" else not hasattr(new.up_blocks[-1], "attentions")
+        assert sum(p.numel() for p in new.parameters()) > sum(p.numel() for p in old.parameters())
+        with torch.no_grad():
+            assert torch.allclose(new(x, t, text).sample, expected, atol=1e-6), place
+            # the new blocks are real: once their output projection moves, so does the output
+            block = new.down_blocks[0] if place != "up" else new.up_blocks[-1]
+            block.attentions[0].proj_out.weight.normal_()
+            assert not torch.allclose(new(x, t, text).sample, expected, atol=1e-3), place
+        if cross_only:
+            assert new.up_blocks[-1].attentions[0].transformer_blocks[0].only_cross_attention
+    with pytest.raises(ValueError, match="already has attention"):
+        add_finest_attention(add_finest_attention(old, "down"), "down")
+    dest = with_finest_attention(tiny_pipeline, tmp_path / "wider", "down")
+    reloaded = StableDiffusionInstructPix2PixPipeline.from_pretrained(dest).unet.eval()
+    assert reloaded.config.down_block_types[0] == "CrossAttnDownBlock2D"
+    with torch.no_grad():
+        assert torch.allclose(reloaded(x, t, text).sample, expected, atol=1e-6)
