@@ -454,6 +454,26 @@ def _regions(a: np.ndarray, allowed: np.ndarray) -> list[np.ndarray]:
     return regions
 
 
+def _following_pixels(src: np.ndarray, tgt: np.ndarray, out: np.ndarray, band: np.ndarray,
+                      change: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels `following` reads (the change off the edge band; all of it when that leaves
+    almost nothing, as in a resize's thin ring) and where the output has the target's colour."""
+    inner_change = change & ~band
+    if inner_change.sum() < 4:  # a tiny change lies almost wholly on edges
+        inner_change = change
+    return inner_change, np.linalg.norm(out - tgt, axis=-1) < COLOUR_TOL
+
+
+def following_pixels(source: Image.Image | np.ndarray, clean_target: Image.Image | np.ndarray,
+                     output: Image.Image | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(read, right): the boolean maps of the pixels the judge's `following` reads and of the pixels
+    where `output` has the clean target's colour; following = right[read].mean(). For pictures of
+    why an edit failed."""
+    size = clean_target.size[0] if isinstance(clean_target, Image.Image) else clean_target.shape[0]
+    src, tgt, out = (_as_array(x, size) for x in (source, clean_target, output))
+    return _following_pixels(src, tgt, out, _dilate(_edges(src) | _edges(tgt)), np.any(src != tgt, axis=-1))
+
+
 def judge(source: Image.Image | np.ndarray, clean_target: Image.Image | np.ndarray,
           output: Image.Image | np.ndarray) -> Judgement:
     """Did `output` make the edit that turns `source` into `clean_target`, and only that edit?
@@ -466,11 +486,8 @@ def judge(source: Image.Image | np.ndarray, clean_target: Image.Image | np.ndarr
     src, tgt, out = (_as_array(x, size) for x in (source, clean_target, output))
     band = _dilate(_edges(src) | _edges(tgt))
     change = np.any(src != tgt, axis=-1)
-    close_tgt = np.linalg.norm(out - tgt, axis=-1) < COLOUR_TOL
+    inner_change, close_tgt = _following_pixels(src, tgt, out, band, change)
     close_src = np.linalg.norm(out - src, axis=-1) < COLOUR_TOL
-    inner_change = change & ~band
-    if inner_change.sum() < 4:  # a tiny change lies almost wholly on edges
-        inner_change = change
     following = float(close_tgt[inner_change].mean()) if inner_change.any() else 1.0
     keep = ~change & ~band
     stray = int((keep & ~close_src).sum())

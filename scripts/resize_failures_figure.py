@@ -1,4 +1,7 @@
-"""Failed resizes of an evaluation run, side by side: source | clean target | output.
+"""Failed resizes of an evaluation run, side by side: source | clean target | output | judge.
+
+The judge column is the output with the pixels the judge's `following` reads painted green where
+the output has the target's colour and magenta where it has not (hive.toy.following_pixels).
 
 Usage: python scripts/resize_failures_figure.py EVAL_DIR OUT_PNG [--rows N]
 EVAL_DIR is the --out folder of `python -m hive evaluate` (judgements.jsonl and outputs/). Why: the
@@ -37,7 +40,7 @@ def main() -> None:
     rows = rows[: args.rows]
     scale, pad, label_h = 3, 8, 28
     cell = toy.DEFAULT_SIZE * scale
-    canvas = Image.new("RGB", (3 * cell + 4 * pad, len(rows) * (cell + label_h + pad) + pad), "white")
+    canvas = Image.new("RGB", (4 * cell + 5 * pad, len(rows) * (cell + label_h + pad) + pad), "white")
     draw = ImageDraw.Draw(canvas)
     for r, judgement in enumerate(rows):
         example = toy.sample_example(int(judgement["id"].rsplit("-", 1)[1]))
@@ -46,7 +49,11 @@ def main() -> None:
         direction = "shrink" if is_shrink(example) else "grow"
         draw.text((pad, y), f"{judgement['instruction']}  ({direction}, following {judgement['following']:.2f})",
                   fill="black")
-        for c, image in enumerate((example.input_image, example.edited_image, output)):
+        read, right = toy.following_pixels(example.input_image, example.clean_image, output)
+        marked = np.asarray(output.resize(example.clean_image.size, Image.Resampling.BILINEAR)).copy()
+        marked[read & right], marked[read & ~right] = (0, 200, 0), (255, 0, 255)
+        judged = Image.fromarray(marked)
+        for c, image in enumerate((example.input_image, example.edited_image, output, judged)):
             canvas.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (pad + c * (cell + pad), y + label_h - 12))
     args.out_png.parent.mkdir(parents=True, exist_ok=True)
     save_png_atomic(canvas, args.out_png)

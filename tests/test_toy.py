@@ -186,3 +186,15 @@ def test_generated_tokenizer_keeps_toy_words_whole(tmp_path):
         assert len(ids) == 1, word
     # text outside the toy vocabulary still tokenizes, byte by byte
     assert len(tok("zebra!", add_special_tokens=False).input_ids) > 1
+
+
+def test_following_pixels_are_what_the_judge_reads():
+    for seed in range(40):
+        ex = toy.sample_example(seed)
+        for output in (ex.clean_image, ex.input_image):
+            read, right = toy.following_pixels(ex.input_image, ex.clean_image, output)
+            judgement = toy.judge(ex.input_image, ex.clean_image, output)
+            assert read.any()
+            assert judgement.following == pytest.approx(float(right[read].mean()))
+        read, right = toy.following_pixels(ex.input_image, ex.clean_image, ex.input_image)
+        assert not right[read].all()  # the unedited source is wrong somewhere the edit should change
