@@ -53,6 +53,12 @@ class SFTConfig:
     # > 0: draw more high-noise timesteps (t = T * u ** (1 / (1 + bias))); there the edit must be
     # read from the source and the instruction, as the noisy latent holds (almost) nothing.
     high_noise_bias: float = 0.0
+    # > 0: add this weight times a loss in pixels: the VAE decoder (frozen) draws the UNet's estimate
+    # of the clean latent, compared with the target image where the edit changed it (L1, weighted
+    # by the signal share alpha_bar_t, so the noisiest steps, whose estimates must be blurry, count
+    # little). Why: the latent MSE charges a shrunk toy object drawn one pixel too large all around
+    # almost nothing, the judge a third of the edit (docs/toy-zoo-training.md, session 23).
+    pixel_loss_weight: float = 0.0
     # the cross-attention layers (attn2: where the UNet reads the text) learn this many times faster
     # than the rest. The toy text encoder has no layers, so the one quality word of a condition-reward
     # suffix reaches the UNet only at its own position, with ~1% of the attention: at scale 1 a
@@ -132,7 +138,8 @@ def sft_loss(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPT
              tokenizer: CLIPTokenizer, noise_scheduler: DDPMScheduler, batch: TripletBatch,
              generator: torch.Generator, min_snr_gamma: float | None,
              weights: torch.Tensor | None = None, null_text: torch.Tensor | None = None,
-             change_weight: float = 0.0, high_noise_bias: float = 0.0) -> torch.Tensor:
+             change_weight: float = 0.0, high_noise_bias: float = 0.0,
+             pixel_loss_weight: float = 0.0) -> torch.Tensor:
     """The InstructPix2Pix denoising loss of one batch (mean over examples). `null_text`, the
     embedding of the empty prompt, can be passed in so a training loop computes it once (not when
     the text encoder trains). The text is encoded with gradients: a frozen encoder builds no graph."""
@@ -169,6 +176,8 @@ def sft_loss(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPT
         per_example = (err * change_map(batch, err.shape[-2:], change_weight)).mean(dim=(1, 2, 3))
     else:
         per_example = err.mean(dim=(1, 2, 3))
+    if pixel_loss_weight > 0:
+        per_example = per_example + pixel_loss_weight * pixel_loss(vae, noise_scheduler, batch, noisy, pred, timesteps)
     if min_snr_gamma is not None:
         snr = compute_snr(noise_scheduler, timesteps)
         if noise_scheduler.config.prediction_type == "v_prediction":
@@ -179,6 +188,27 @@ def sft_loss(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPT
     if weights is not None:
         per_example = per_example * weights
     return per_example.mean()
+
+
+def pixel_loss(vae: AutoencoderKL, noise_scheduler: DDPMScheduler, batch: TripletBatch, noisy: torch.Tensor,
+               pred: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """(B,) the L1 distance, over the pixels the edit changes (and their neighbours), between the
+    target image and the decoded clean-latent estimate of the UNet's prediction, times alpha_bar_t.
+    The decoder's weights are not trained (the optimizer does not hold them); gradients flow
+    through it to the UNet."""
+    alphas = noise_scheduler.alphas_cumprod.to(device=noisy.device, dtype=torch.float32)[timesteps].view(-1, 1, 1, 1)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        x0 = alphas.sqrt() * noisy.float() - (1 - alphas).sqrt() * pred.float()
+    else:
+        x0 = (noisy.float() - (1 - alphas).sqrt() * pred.float()) / alphas.sqrt().clamp_min(1e-3)
+    decoded = vae.decode(x0 / vae.config.scaling_factor).sample.float()
+    target = batch.edited.float()
+    if decoded.shape[-2:] != target.shape[-2:]:
+        decoded = F.interpolate(decoded, size=target.shape[-2:], mode="bilinear", align_corners=False)
+    changed = (batch.source - batch.edited).abs().amax(dim=1, keepdim=True) > 0.05
+    region = F.max_pool2d(changed.float(), kernel_size=5, stride=1, padding=2)  # the change and 2 px around it
+    err = ((decoded - target).abs().mean(dim=1, keepdim=True) * region).sum(dim=(1, 2, 3))
+    return alphas.view(-1) * err / region.sum(dim=(1, 2, 3)).clamp_min(1.0)
 
 
 def training_target(noise_scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
@@ -289,7 +319,8 @@ def train_sft(base: Path | str, data: TripletSource, out: Path, config: SFTConfi
         weights = weights.to(device) if weights is not None else None
         with accelerator.autocast():
             loss = sft_loss(forward_unet, vae, text_encoder, tokenizer, noise_scheduler, batch, generator,
-                            config.min_snr_gamma, weights, null_text, config.change_weight, config.high_noise_bias)
+                            config.min_snr_gamma, weights, null_text, config.change_weight, config.high_noise_bias,
+                            config.pixel_loss_weight)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(trained, 1.0)
         optimizer.step()

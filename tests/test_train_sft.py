@@ -220,3 +220,36 @@ def test_kind_weights_parse_and_refuse_bad_text():
                 "add=0,remove=0,recolour=0,move=0,resize=0,background=0"):
         with pytest.raises(ValueError):
             parse_kind_weights(bad)
+
+
+def test_pixel_loss_decodes_the_clean_latent_estimate_and_fades_with_noise(tiny_pipeline):
+    from hive.train_sft import pixel_loss, training_target
+
+    vae, text_encoder, tokenizer, scheduler, unet = load_components(tiny_pipeline)
+    batch = ToyTriplets(resolution=32).batch(0, 4)
+    with torch.no_grad():
+        latents = vae.encode(batch.edited).latent_dist.mode() * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+        changed = (batch.source - batch.edited).abs().amax(dim=1, keepdim=True) > 0.05
+        region = torch.nn.functional.max_pool2d(changed.float(), 5, stride=1, padding=2)
+        # the decoder's own error on the target, where the loss looks: what a perfect prediction leaves
+        recon = vae.decode(latents / vae.config.scaling_factor).sample
+        recon_err = ((recon - batch.edited).abs().mean(1, keepdim=True) * region).sum((1, 2, 3)) / region.sum((1, 2, 3))
+        for t in (100, 600):
+            timesteps = torch.full((4,), t)
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            perfect = training_target(scheduler, latents, noise, timesteps)  # the exact v
+            alpha = scheduler.alphas_cumprod[t].item()
+            assert torch.allclose(pixel_loss(vae, scheduler, batch, noisy, perfect, timesteps),
+                                  alpha * recon_err, rtol=1e-3, atol=1e-5)
+        last = torch.full((4,), scheduler.config.num_train_timesteps - 1)  # zero terminal SNR: alpha_bar = 0
+        assert pixel_loss(vae, scheduler, batch, scheduler.add_noise(latents, noise, last),
+                          torch.randn_like(latents), last).abs().max() < 1e-6
+    # in the training loss: it adds to the latent loss, and its own gradient reaches the UNet
+    vae.requires_grad_(False)  # as train_sft does
+    with_pixels = sft_loss(unet, vae, text_encoder, tokenizer, scheduler, batch, torch.Generator().manual_seed(0),
+                           None, pixel_loss_weight=2.0)
+    without = sft_loss(unet, vae, text_encoder, tokenizer, scheduler, batch, torch.Generator().manual_seed(0), None)
+    assert with_pixels.item() > without.item()
+    (pixel_grad,) = torch.autograd.grad(with_pixels - without, unet.conv_out.weight)
+    assert pixel_grad.abs().sum() > 0
