@@ -564,7 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--change-weight", type=float, default=0.0,
                    help="extra loss weight on latent pixels the edit changes (the toy recipe uses 4)")
     p.add_argument("--pixel-loss-weight", type=float, default=0.0,
-                   help="weight of a loss on the decoded clean-latent estimate, in pixels, where the edit changes the image")
+                   help="weight of a squared-error loss on the decoded clean-latent estimate, in pixels, where the edit "
+                   "changes the image (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train_editor)

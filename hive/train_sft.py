@@ -54,10 +54,12 @@ class SFTConfig:
     # read from the source and the instruction, as the noisy latent holds (almost) nothing.
     high_noise_bias: float = 0.0
     # > 0: add this weight times a loss in pixels: the VAE decoder (frozen) draws the UNet's estimate
-    # of the clean latent, compared with the target image where the edit changed it (L1, weighted
-    # by the signal share alpha_bar_t, so the noisiest steps, whose estimates must be blurry, count
-    # little). Why: the latent MSE charges a shrunk toy object drawn one pixel too large all around
-    # almost nothing, the judge a third of the edit (docs/toy-zoo-training.md, session 23).
+    # of the clean latent, compared with the target image where the edit changed it (squared error,
+    # weighted by the signal share alpha_bar_t, so the noisiest steps, whose estimates must be
+    # blurry, count little). Why: the latent MSE charges a shrunk toy object drawn one pixel too
+    # large all around almost nothing, the judge a third of the edit. Off by default: on the toy
+    # editor it fixed shrinks but drew every outline smaller, adds and grows too, with squared and
+    # absolute errors alike (docs/toy-zoo-training.md, session 23).
     pixel_loss_weight: float = 0.0
     # the cross-attention layers (attn2: where the UNet reads the text) learn this many times faster
     # than the rest. The toy text encoder has no layers, so the one quality word of a condition-reward
@@ -192,8 +194,9 @@ def sft_loss(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPT
 
 def pixel_loss(vae: AutoencoderKL, noise_scheduler: DDPMScheduler, batch: TripletBatch, noisy: torch.Tensor,
                pred: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """(B,) the L1 distance, over the pixels the edit changes (and their neighbours), between the
-    target image and the decoded clean-latent estimate of the UNet's prediction, times alpha_bar_t.
+    """(B,) the mean squared distance, over the pixels the edit changes (and their neighbours),
+    between the target image and the decoded clean-latent estimate of the UNet's prediction, times
+    alpha_bar_t.
     The decoder's weights are not trained (the optimizer does not hold them); gradients flow
     through it to the UNet."""
     alphas = noise_scheduler.alphas_cumprod.to(device=noisy.device, dtype=torch.float32)[timesteps].view(-1, 1, 1, 1)
@@ -207,7 +210,7 @@ def pixel_loss(vae: AutoencoderKL, noise_scheduler: DDPMScheduler, batch: Triple
         decoded = F.interpolate(decoded, size=target.shape[-2:], mode="bilinear", align_corners=False)
     changed = (batch.source - batch.edited).abs().amax(dim=1, keepdim=True) > 0.05
     region = F.max_pool2d(changed.float(), kernel_size=5, stride=1, padding=2)  # the change and 2 px around it
-    err = ((decoded - target).abs().mean(dim=1, keepdim=True) * region).sum(dim=(1, 2, 3))
+    err = ((decoded - target).pow(2).mean(dim=1, keepdim=True) * region).sum(dim=(1, 2, 3))
     return alphas.view(-1) * err / region.sum(dim=(1, 2, 3)).clamp_min(1.0)
 
 

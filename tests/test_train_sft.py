@@ -234,7 +234,7 @@ def test_pixel_loss_decodes_the_clean_latent_estimate_and_fades_with_noise(tiny_
         region = torch.nn.functional.max_pool2d(changed.float(), 5, stride=1, padding=2)
         # the decoder's own error on the target, where the loss looks: what a perfect prediction leaves
         recon = vae.decode(latents / vae.config.scaling_factor).sample
-        recon_err = ((recon - batch.edited).abs().mean(1, keepdim=True) * region).sum((1, 2, 3)) / region.sum((1, 2, 3))
+        recon_err = ((recon - batch.edited).pow(2).mean(1, keepdim=True) * region).sum((1, 2, 3)) / region.sum((1, 2, 3))
         for t in (100, 600):
             timesteps = torch.full((4,), t)
             noisy = scheduler.add_noise(latents, noise, timesteps)
