@@ -94,7 +94,8 @@ def cmd_train_editor(args: argparse.Namespace) -> int:
                        ema_decay=None if args.no_ema else args.ema_decay, mixed_precision=args.mixed_precision,
                        checkpoint_every=args.checkpoint_every, gradient_checkpointing=args.gradient_checkpointing,
                        change_weight=args.change_weight, high_noise_bias=args.high_noise_bias,
-                       pixel_loss_weight=args.pixel_loss_weight, max_minutes=args.max_minutes, decay_steps=args.decay_steps,
+                       pixel_loss_weight=args.pixel_loss_weight,
+                       pixel_loss_min_signal=args.pixel_loss_min_signal, max_minutes=args.max_minutes, decay_steps=args.decay_steps,
                        min_snr_gamma=args.min_snr_gamma if args.min_snr_gamma > 0 else None,
                        channels_last=args.channels_last, compile=args.compile, dataloader_workers=args.workers)
     t = time.time()
@@ -566,6 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixel-loss-weight", type=float, default=0.0,
                    help="weight of a squared-error loss on the decoded clean-latent estimate, in pixels, where the edit "
                    "changes the image (0: off)")
+    p.add_argument("--pixel-loss-min-signal", type=float, default=0.0,
+                   help="the pixel loss counts only where alpha_bar_t is at least this (0: at every timestep)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train_editor)

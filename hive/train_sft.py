@@ -61,6 +61,9 @@ class SFTConfig:
     # editor it fixed shrinks but drew every outline smaller, adds and grows too, with squared and
     # absolute errors alike (docs/toy-zoo-training.md, session 23).
     pixel_loss_weight: float = 0.0
+    # the pixel loss counts only at timesteps whose signal share alpha_bar_t is at least this (0: all),
+    # where the estimate of the clean image is nearly decided
+    pixel_loss_min_signal: float = 0.0
     # the cross-attention layers (attn2: where the UNet reads the text) learn this many times faster
     # than the rest. The toy text encoder has no layers, so the one quality word of a condition-reward
     # suffix reaches the UNet only at its own position, with ~1% of the attention: at scale 1 a
@@ -141,7 +144,7 @@ def sft_loss(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPT
              generator: torch.Generator, min_snr_gamma: float | None,
              weights: torch.Tensor | None = None, null_text: torch.Tensor | None = None,
              change_weight: float = 0.0, high_noise_bias: float = 0.0,
-             pixel_loss_weight: float = 0.0) -> torch.Tensor:
+             pixel_loss_weight: float = 0.0, pixel_loss_min_signal: float = 0.0) -> torch.Tensor:
     """The InstructPix2Pix denoising loss of one batch (mean over examples). `null_text`, the
     embedding of the empty prompt, can be passed in so a training loop computes it once (not when
     the text encoder trains). The text is encoded with gradients: a frozen encoder builds no graph."""
@@ -179,7 +182,8 @@ def sft_loss(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPT
     else:
         per_example = err.mean(dim=(1, 2, 3))
     if pixel_loss_weight > 0:
-        per_example = per_example + pixel_loss_weight * pixel_loss(vae, noise_scheduler, batch, noisy, pred, timesteps)
+        per_example = per_example + pixel_loss_weight * pixel_loss(vae, noise_scheduler, batch, noisy, pred, timesteps,
+                                                                 pixel_loss_min_signal)
     if min_snr_gamma is not None:
         snr = compute_snr(noise_scheduler, timesteps)
         if noise_scheduler.config.prediction_type == "v_prediction":
@@ -193,10 +197,10 @@ def sft_loss(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPT
 
 
 def pixel_loss(vae: AutoencoderKL, noise_scheduler: DDPMScheduler, batch: TripletBatch, noisy: torch.Tensor,
-               pred: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+               pred: torch.Tensor, timesteps: torch.Tensor, min_signal: float = 0.0) -> torch.Tensor:
     """(B,) the mean squared distance, over the pixels the edit changes (and their neighbours),
     between the target image and the decoded clean-latent estimate of the UNet's prediction, times
-    alpha_bar_t.
+    alpha_bar_t (0 where alpha_bar_t < `min_signal`).
     The decoder's weights are not trained (the optimizer does not hold them); gradients flow
     through it to the UNet."""
     alphas = noise_scheduler.alphas_cumprod.to(device=noisy.device, dtype=torch.float32)[timesteps].view(-1, 1, 1, 1)
@@ -211,7 +215,8 @@ def pixel_loss(vae: AutoencoderKL, noise_scheduler: DDPMScheduler, batch: Triple
     changed = (batch.source - batch.edited).abs().amax(dim=1, keepdim=True) > 0.05
     region = F.max_pool2d(changed.float(), kernel_size=5, stride=1, padding=2)  # the change and 2 px around it
     err = ((decoded - target).pow(2).mean(dim=1, keepdim=True) * region).sum(dim=(1, 2, 3))
-    return alphas.view(-1) * err / region.sum(dim=(1, 2, 3)).clamp_min(1.0)
+    signal = alphas.view(-1) * (alphas.view(-1) >= min_signal)
+    return signal * err / region.sum(dim=(1, 2, 3)).clamp_min(1.0)
 
 
 def training_target(noise_scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
@@ -323,7 +328,7 @@ def train_sft(base: Path | str, data: TripletSource, out: Path, config: SFTConfi
         with accelerator.autocast():
             loss = sft_loss(forward_unet, vae, text_encoder, tokenizer, noise_scheduler, batch, generator,
                             config.min_snr_gamma, weights, null_text, config.change_weight, config.high_noise_bias,
-                            config.pixel_loss_weight)
+                            config.pixel_loss_weight, config.pixel_loss_min_signal)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(trained, 1.0)
         optimizer.step()

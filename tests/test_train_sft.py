@@ -242,6 +242,10 @@ def test_pixel_loss_decodes_the_clean_latent_estimate_and_fades_with_noise(tiny_
             alpha = scheduler.alphas_cumprod[t].item()
             assert torch.allclose(pixel_loss(vae, scheduler, batch, noisy, perfect, timesteps),
                                   alpha * recon_err, rtol=1e-3, atol=1e-5)
+            # counted only where alpha_bar_t reaches min_signal
+            gated = pixel_loss(vae, scheduler, batch, noisy, perfect, timesteps, min_signal=0.5)
+            assert torch.allclose(gated, alpha * recon_err if alpha >= 0.5 else torch.zeros(4), rtol=1e-3, atol=1e-5)
+        assert scheduler.alphas_cumprod[100] > 0.5 > scheduler.alphas_cumprod[600]  # both cases above ran
         last = torch.full((4,), scheduler.config.num_train_timesteps - 1)  # zero terminal SNR: alpha_bar = 0
         assert pixel_loss(vae, scheduler, batch, scheduler.add_noise(latents, noise, last),
                           torch.randn_like(latents), last).abs().max() < 1e-6
