@@ -59,7 +59,7 @@ class SFTConfig:
     # blurry, count little). Why: the latent MSE charges a shrunk toy object drawn one pixel too
     # large all around almost nothing, the judge a third of the edit. Off by default: on the toy
     # editor it fixed shrinks but drew every outline smaller, adds and grows too, with squared and
-    # absolute errors alike (docs/toy-zoo-training.md, session 23).
+    # absolute errors alike and at low noise only (docs/toy-zoo-training.md, session 23).
     pixel_loss_weight: float = 0.0
     # the pixel loss counts only at timesteps whose signal share alpha_bar_t is at least this (0: all),
     # where the estimate of the clean image is nearly decided
@@ -212,8 +212,7 @@ def pixel_loss(vae: AutoencoderKL, noise_scheduler: DDPMScheduler, batch: Triple
     target = batch.edited.float()
     if decoded.shape[-2:] != target.shape[-2:]:
         decoded = F.interpolate(decoded, size=target.shape[-2:], mode="bilinear", align_corners=False)
-    changed = (batch.source - batch.edited).abs().amax(dim=1, keepdim=True) > 0.05
-    region = F.max_pool2d(changed.float(), kernel_size=5, stride=1, padding=2)  # the change and 2 px around it
+    region = F.max_pool2d(changed_pixels(batch), kernel_size=5, stride=1, padding=2)  # the change and 2 px around it
     err = ((decoded - target).pow(2).mean(dim=1, keepdim=True) * region).sum(dim=(1, 2, 3))
     signal = alphas.view(-1) * (alphas.view(-1) >= min_signal)
     return signal * err / region.sum(dim=(1, 2, 3)).clamp_min(1.0)
@@ -227,11 +226,16 @@ def training_target(noise_scheduler: DDPMScheduler, latents: torch.Tensor, noise
     return noise
 
 
+def changed_pixels(batch: TripletBatch) -> torch.Tensor:
+    """(B, 1, H, W) 1.0 where the edit changed a pixel of the source (any channel by more than
+    0.05 of the [-1, 1] range), else 0.0."""
+    return ((batch.source - batch.edited).abs().amax(dim=1, keepdim=True) > 0.05).float()
+
+
 def change_map(batch: TripletBatch, latent_hw: torch.Size, change_weight: float) -> torch.Tensor:
     """(B, 1, h, w) loss weights at latent resolution: 1 + change_weight where the edit changed a
     pixel of the latent cell, normalised to mean 1 per example so the loss scale stays put."""
-    changed = (batch.source - batch.edited).abs().amax(dim=1, keepdim=True) > 0.05
-    changed = F.adaptive_max_pool2d(changed.float(), tuple(latent_hw))
+    changed = F.adaptive_max_pool2d(changed_pixels(batch), tuple(latent_hw))
     w = 1.0 + change_weight * changed
     return w / w.mean(dim=(2, 3), keepdim=True)
 
