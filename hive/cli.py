@@ -94,8 +94,8 @@ def cmd_train_editor(args: argparse.Namespace) -> int:
                        ema_decay=None if args.no_ema else args.ema_decay, mixed_precision=args.mixed_precision,
                        checkpoint_every=args.checkpoint_every, gradient_checkpointing=args.gradient_checkpointing,
                        change_weight=args.change_weight, high_noise_bias=args.high_noise_bias,
-                       pixel_loss_weight=args.pixel_loss_weight,
-                       pixel_loss_min_signal=args.pixel_loss_min_signal, max_minutes=args.max_minutes, decay_steps=args.decay_steps,
+                       pixel_loss_weight=args.pixel_loss_weight, pixel_loss_min_signal=args.pixel_loss_min_signal,
+                       max_minutes=args.max_minutes, decay_steps=args.decay_steps,
                        min_snr_gamma=args.min_snr_gamma if args.min_snr_gamma > 0 else None,
                        channels_last=args.channels_last, compile=args.compile, dataloader_workers=args.workers)
     t = time.time()

@@ -208,14 +208,11 @@ def pixel_loss(vae: AutoencoderKL, noise_scheduler: DDPMScheduler, batch: Triple
         x0 = alphas.sqrt() * noisy.float() - (1 - alphas).sqrt() * pred.float()
     else:
         x0 = (noisy.float() - (1 - alphas).sqrt() * pred.float()) / alphas.sqrt().clamp_min(1e-3)
-    decoded = vae.decode(x0 / vae.config.scaling_factor).sample.float()
-    target = batch.edited.float()
-    if decoded.shape[-2:] != target.shape[-2:]:
-        decoded = F.interpolate(decoded, size=target.shape[-2:], mode="bilinear", align_corners=False)
+    decoded = vae.decode(x0 / vae.config.scaling_factor).sample.float()  # the batch's size: its latents' decode
     region = F.max_pool2d(changed_pixels(batch), kernel_size=5, stride=1, padding=2)  # the change and 2 px around it
-    err = ((decoded - target).pow(2).mean(dim=1, keepdim=True) * region).sum(dim=(1, 2, 3))
-    signal = alphas.view(-1) * (alphas.view(-1) >= min_signal)
-    return signal * err / region.sum(dim=(1, 2, 3)).clamp_min(1.0)
+    err = ((decoded - batch.edited.float()).pow(2).mean(dim=1, keepdim=True) * region).sum(dim=(1, 2, 3))
+    alphas = alphas.view(-1)
+    return alphas * (alphas >= min_signal) * err / region.sum(dim=(1, 2, 3)).clamp_min(1.0)
 
 
 def training_target(noise_scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,

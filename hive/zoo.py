@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
-from torch import nn
+import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
 from hive.tokenizer import MODEL_MAX_LENGTH
@@ -85,14 +85,15 @@ def add_finest_attention(unet: UNet2DConditionModel, place: str, cross_only: boo
     self-attention; cheaper on a CPU)."""
     if place not in FINEST_ATTENTION_PLACES:
         raise ValueError(f"place must be one of {FINEST_ATTENTION_PLACES}, not {place!r}")
+    at_down, at_up = place in ("down", "both"), place in ("up", "both")
     config = dict(unet.config)
     down, up = list(config["down_block_types"]), list(config["up_block_types"])
-    if place in ("down", "both"):
-        down[0] = "CrossAttnDownBlock2D"
-    if place in ("up", "both"):
-        up[-1] = "CrossAttnUpBlock2D"
-    if (down, up) == (list(config["down_block_types"]), list(config["up_block_types"])):
+    if (at_down and down[0].startswith("CrossAttn")) or (at_up and up[-1].startswith("CrossAttn")):
         raise ValueError(f"the UNet already has attention at its finest level ({place})")
+    if at_down:
+        down[0] = "CrossAttnDownBlock2D"
+    if at_up:
+        up[-1] = "CrossAttnUpBlock2D"
     only_cross = config["only_cross_attention"]
     if isinstance(only_cross, bool):
         only_cross = [only_cross] * len(down)
@@ -106,12 +107,11 @@ def add_finest_attention(unet: UNet2DConditionModel, place: str, cross_only: boo
     missing, unexpected = wider.load_state_dict(unet.state_dict(), strict=False)
     if unexpected or any(".attentions." not in name for name in missing):
         raise RuntimeError(f"weights that do not carry over: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    blocks = ([wider.down_blocks[0]] if place in ("down", "both") else []) + \
-             ([wider.up_blocks[-1]] if place in ("up", "both") else [])
-    for block in blocks:
+    new_blocks = ([wider.down_blocks[0]] if at_down else []) + ([wider.up_blocks[-1]] if at_up else [])
+    for block in new_blocks:
         for transformer in block.attentions:
-            nn.init.zeros_(transformer.proj_out.weight)
-            nn.init.zeros_(transformer.proj_out.bias)
+            torch.nn.init.zeros_(transformer.proj_out.weight)
+            torch.nn.init.zeros_(transformer.proj_out.bias)
     return wider
 
 
@@ -119,7 +119,6 @@ def with_finest_attention(pipeline_dir: str | Path, dest: Path, place: str, cros
     """The pipeline folder with `add_finest_attention` applied to its UNet (everything else as it
     is): the starting point of `train editor --base` for a UNet that attends at 16x16."""
     from diffusers import StableDiffusionInstructPix2PixPipeline
-    import torch
 
     pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(pipeline_dir, dtype=torch.float32)
     pipe.register_modules(unet=add_finest_attention(pipe.unet, place, cross_only))
@@ -178,7 +177,6 @@ def swap_text_encoder(pipeline_dir: str | Path, clip_dir: Path, dest: Path) -> P
     """The pipeline folder with its text encoder and tokenizer taken from another CLIP (same
     width): to continue training an editor on a better text tower without losing its UNet."""
     from diffusers import StableDiffusionInstructPix2PixPipeline
-    import torch
     from transformers import CLIPTextModel, CLIPTokenizer
 
     pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(pipeline_dir, dtype=torch.float32)
@@ -202,7 +200,6 @@ def ship(editor_dir: Path, clip_dir: Path, models_dir: Path = MODELS_DIR, vae_di
     from hive.editor import read_model_info, sampling_defaults
     from hive.files import write_json_atomic
 
-    import torch
     from diffusers import StableDiffusionInstructPix2PixPipeline
     from transformers import CLIPImageProcessor, CLIPTokenizer
 
@@ -249,7 +246,6 @@ def ship_editors(editors: dict[str, Path], dest: Path) -> dict[str, Path]:
     import json
     import shutil
 
-    import torch
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
     from hive.editor import copy_model_info
