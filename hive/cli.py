@@ -48,6 +48,23 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_decoder(args: argparse.Namespace) -> int:
+    from hive.train_decoder import DECODER_SEED_BASE, finetune_decoder, sample_editor_latents, summary
+
+    t = time.time()
+    out = Path(args.out)
+    sample_editor_latents(args.editor, out / "latents", args.edits, seed=DECODER_SEED_BASE,
+                          batch=args.sample_batch, max_minutes=args.max_sample_minutes)
+    path = finetune_decoder(args.editor, out / "latents", out, steps=args.steps, batch_size=args.batch_size,
+                            lr=args.lr, object_boost=args.object_boost, recon_share=args.recon_share,
+                            crop=args.crop or None, held_out=args.held_out, checkpoint_every=args.checkpoint_every,
+                            max_minutes=args.max_minutes)
+    if not args.json:
+        print(summary(out / "metrics.json"))
+    _report_training(args, path, t)
+    return 0
+
+
 def cmd_train_clip(args: argparse.Namespace) -> int:
     from hive.train_clip import train_clip
 
@@ -517,6 +534,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --init: train the decoder alone, so the latent space (and editors trained on it) stay valid")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train_vae)
+    p = train.add_parser("decoder", help="fine-tune an editor's VAE decoder on the latents the editor samples "
+                                         "(the encoder, and so the UNet, stay valid)")
+    p.add_argument("--editor", default="models/toy-editor", help="editor pipeline folder")
+    p.add_argument("--out", required=True,
+                   help="run folder (latents/, checkpoints, loss.jsonl, metrics.json, model/, pipeline/)")
+    p.add_argument("--edits", type=int, default=3000, help="toy training edits to sample (one variant each)")
+    p.add_argument("--sample-batch", type=int, default=32, help="edits per pipeline call while sampling")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate, falling linearly to 0")
+    p.add_argument("--object-boost", type=float, default=1.0,
+                   help="extra loss weight of object pixels (the toy VAE was trained with 9)")
+    p.add_argument("--recon-share", type=float, default=0.5,
+                   help="share of each batch that are clean targets' own latents")
+    p.add_argument("--crop", type=int, default=8, help="train on random crops of this many latent cells (0: whole)")
+    p.add_argument("--held-out", type=int, default=500, help="last sampled edits kept out of training and judged")
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--max-sample-minutes", type=float, help="sample fewer edits if this time runs out")
+    p.add_argument("--max-minutes", type=float, help="stop training early when this time runs out")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_train_decoder)
     p = train.add_parser("clip", help="train the tiny CLIP on toy scenes and captions")
     p.add_argument("--out", required=True, help="run folder (checkpoints, loss.jsonl, model/)")
     p.add_argument("--tokenizer", required=True, help="tokenizer folder (from `train tokenizer`)")
