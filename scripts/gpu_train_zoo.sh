@@ -11,7 +11,13 @@
 #   attention (default; session 23): resizes drawn 3x as often, on the UNet with attention added at
 #     its 16x16 level (`hive train add-attention`; the new blocks start as a no-op): A in the first
 #     down block (self- and cross-attention), B in the last up block (cross-attention only);
-#   resize (session 22): the UNet as it is; A with every kind drawn evenly, B with resizes 3x.
+#   resize (session 22): the UNet as it is; A with every kind drawn evenly, B with resizes 3x;
+#   decoder (session 24): no UNet training. The shipped editor samples its final latents for fresh
+#     toy edits (GPU_DECODER_SAMPLE_MIN minutes, default 2.5), then two `hive train decoder` runs
+#     side by side fine-tune its VAE decoder on them (GPU_DECODER_A / GPU_DECODER_B: their options),
+#     each returned as $OUT/NAME-decoder/ (the AutoencoderKL folder, metrics.json, loss.jsonl);
+#     ship one with `python -m hive train ship --editor models/toy-editor --clip models/toy-clip
+#     --vae DIR` after validating OUT/NAME-decoder with `evaluate` (the pipeline: the editor with it).
 # Each spends 70% of its minutes at a
 # constant rate, then a linear cooldown (--decay-steps) sized by the rate it measured (the trainer's
 # --max-minutes checkpoints and writes the pipeline), and packs its pipeline, fp16 as shipped, into
@@ -78,6 +84,20 @@ train_one() {  # train_one NAME WORKERS BASE EXTRA...: one SFT run continuing th
     echo "   $name packed: $(ls -la "$out/$name.tar" 2>&1)"
 }
 
+decoder_one() {  # decoder_one NAME EDITS OPTIONS...: one decoder fine-tune on the shared latents, copied
+    # into $out/NAME-decoder
+    local name=$1 edits=$2; shift 2
+    local dir="$work/dec-$name"
+    mkdir -p "$dir" && ln -sfn "$work/latents" "$dir/latents"
+    echo "== decoder $name: $edits edits, $*"
+    "$py" -m hive train decoder --editor models/toy-editor --out "$dir" --edits "$edits" \
+        --max-minutes "$(minutes_left 0.5)" "$@" > "$out/$name.log" 2>&1
+    echo "   decoder $name rc=$?, $(( SECONDS - start ))s used"
+    mkdir -p "$out/$name-decoder"
+    cp -r "$dir/model/." "$out/$name-decoder/" 2>/dev/null
+    cp "$dir/metrics.json" "$dir/loss.jsonl" "$out/$name-decoder/" 2>/dev/null
+}
+
 run() {
     budget=${GPU_TRAIN_BUDGET_S:-520} start=$SECONDS
     out=${OUT:-/tmp/gpu_train_out} py=${GPU_TRAIN_PYTHON:-python3} work=/tmp/hive-gpu-train
@@ -112,7 +132,19 @@ run() {
         resize)
             train_one a "$workers" models/toy-editor --seed 31 > "$out/a.out" 2>&1 &
             train_one b "$workers" models/toy-editor --seed 32 --kind-weights resize=3 > "$out/b.out" 2>&1 & ;;
-        *) echo "GPU_TRAIN_PLAN must be attention or resize"; exit 2 ;;
+        decoder)
+            "$py" -c "from pathlib import Path; from hive.train_decoder import sample_editor_latents; \
+sample_editor_latents('models/toy-editor', Path('$work/latents'), 102400, batch=512, \
+max_minutes=${GPU_DECODER_SAMPLE_MIN:-2.5})" > "$out/sample.log" 2>&1
+            echo "latents sampled: rc=$?, $(ls "$work"/latents/chunk-*.pt 2>/dev/null | wc -l) chunks, $(( SECONDS - start ))s used" \
+                | tee -a "$out/machine.log"
+            local edits=$(( $(ls "$work"/latents/chunk-*.pt 2>/dev/null | wc -l) * 512 ))
+            (( edits > 0 )) || { tail -n 20 "$out/sample.log"; exit 5; }
+            decoder_one a "$edits" ${GPU_DECODER_A:---crop 8 --object-boost 1 --steps 6000 --batch-size 128} \
+                > "$out/a.out" 2>&1 &
+            decoder_one b "$edits" ${GPU_DECODER_B:---crop 0 --object-boost 1 --steps 6000 --batch-size 128} \
+                > "$out/b.out" 2>&1 & ;;
+        *) echo "GPU_TRAIN_PLAN must be attention, resize or decoder"; exit 2 ;;
     esac
     wait
     cat "$out/a.out" "$out/b.out" >> "$out/machine.log"; rm -f "$out/a.out" "$out/b.out"
