@@ -151,7 +151,10 @@ def test_editor_blends_from_the_model_folder_and_records_it(tiny_pipeline, tmp_p
         assert np.array_equal(x[~big], src[~big])  # the source's own pixels outside the mask
         assert np.array_equal(x[big], y[big])  # the raw output inside it
     again = blended.edit(scene.input_image, instruction, variants=1, seed=4)  # seed 4 = variant 1 above
-    assert np.array_equal(np.asarray(again.images[0]), np.asarray(a.images[1]))
+    # alone or in a batch: the same variant up to float rounding (as in test_editor's seeds test;
+    # oneDNN picks other kernels for another batch size on some CPUs)
+    diff = np.abs(np.asarray(again.images[0], dtype=int) - np.asarray(a.images[1], dtype=int))
+    assert diff.max() <= 2
     with pytest.raises(EditorInputError, match="mask_threshold"):
         Editor(folder, device="cpu", mask_threshold=1.5)
     (folder / "hive.json").write_text(json.dumps({"sampling": {"mask_threshold": -0.1}}))
