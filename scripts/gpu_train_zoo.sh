@@ -13,11 +13,11 @@
 #     down block (self- and cross-attention), B in the last up block (cross-attention only);
 #   resize (session 22): the UNet as it is; A with every kind drawn evenly, B with resizes 3x;
 #   decoder (session 24): no UNet training. The shipped editor samples its final latents for fresh
-#     toy edits (GPU_DECODER_SAMPLE_MIN minutes, default 2.5), then two `hive train decoder` runs
-#     side by side fine-tune its VAE decoder on them (GPU_DECODER_A / GPU_DECODER_B: their options),
-#     each returned as $OUT/NAME-decoder/ (the AutoencoderKL folder, metrics.json, loss.jsonl);
-#     ship one with `python -m hive train ship --editor models/toy-editor --clip models/toy-clip
-#     --vae DIR` after validating OUT/NAME-decoder with `evaluate` (the pipeline: the editor with it).
+#     toy edits (GPU_DECODER_SAMPLE_MIN minutes, default 2.5), then two `hive train decoder` runs,
+#     one after the other, fine-tune its VAE decoder on them (GPU_DECODER_A / GPU_DECODER_B: options),
+#     each returned as $OUT/NAME-decoder.tar (model/: the AutoencoderKL folder with metrics.json and
+#     loss.jsonl); validate the editor with it (models/toy-editor with vae/ replaced) with `evaluate`,
+#     then ship with `python -m hive train ship --editor models/toy-editor --clip models/toy-clip --vae DIR`.
 # Each spends 70% of its minutes at a
 # constant rate, then a linear cooldown (--decay-steps) sized by the rate it measured (the trainer's
 # --max-minutes checkpoints and writes the pipeline), and packs its pipeline, fp16 as shipped, into
@@ -84,18 +84,18 @@ train_one() {  # train_one NAME WORKERS BASE EXTRA...: one SFT run continuing th
     echo "   $name packed: $(ls -la "$out/$name.tar" 2>&1)"
 }
 
-decoder_one() {  # decoder_one NAME EDITS OPTIONS...: one decoder fine-tune on the shared latents, copied
-    # into $out/NAME-decoder
-    local name=$1 edits=$2; shift 2
+decoder_one() {  # decoder_one NAME EDITS SHARE OPTIONS...: one decoder fine-tune on the shared latents in
+    # SHARE of the minutes left, packed into $out/NAME-decoder.tar
+    local name=$1 edits=$2 share=$3; shift 3
     local dir="$work/dec-$name"
     mkdir -p "$dir" && ln -sfn "$work/latents" "$dir/latents"
     echo "== decoder $name: $edits edits, $*"
     "$py" -m hive train decoder --editor models/toy-editor --out "$dir" --edits "$edits" \
-        --max-minutes "$(minutes_left 0.5)" "$@" > "$out/$name.log" 2>&1
+        --max-minutes "$("$py" -c "print(max(0.5, $(minutes_left 0.5) * $share))")" "$@" > "$out/$name.log" 2>&1
     echo "   decoder $name rc=$?, $(( SECONDS - start ))s used"
-    mkdir -p "$out/$name-decoder"
-    cp -r "$dir/model/." "$out/$name-decoder/" 2>/dev/null
-    cp "$dir/metrics.json" "$dir/loss.jsonl" "$out/$name-decoder/" 2>/dev/null
+    # one tar per run: the tool returns at most 8 files (session 24 lost run b's four loose files)
+    cp "$dir/metrics.json" "$dir/loss.jsonl" "$dir/model/" 2>/dev/null
+    tar -cf "$out/$name-decoder.tar" -C "$dir" model
 }
 
 run() {
@@ -140,10 +140,11 @@ max_minutes=${GPU_DECODER_SAMPLE_MIN:-2.5})" > "$out/sample.log" 2>&1
                 | tee -a "$out/machine.log"
             local edits=$(( $(ls "$work"/latents/chunk-*.pt 2>/dev/null | wc -l) * 512 ))
             (( edits > 0 )) || { tail -n 20 "$out/sample.log"; exit 5; }
-            decoder_one a "$edits" ${GPU_DECODER_A:---crop 8 --object-boost 1 --steps 6000 --batch-size 128} \
-                > "$out/a.out" 2>&1 &
-            decoder_one b "$edits" ${GPU_DECODER_B:---crop 0 --object-boost 1 --steps 6000 --batch-size 128} \
-                > "$out/b.out" 2>&1 & ;;
+            # one after the other: side by side each ran at 10 steps/s, alone at 45 (session 24)
+            { decoder_one a "$edits" 0.5 ${GPU_DECODER_A:---crop 0 --object-boost 1 --steps 5000 --batch-size 128} \
+                > "$out/a.out" 2>&1
+              decoder_one b "$edits" 1 ${GPU_DECODER_B:---crop 0 --object-boost 0.5 --steps 5000 --batch-size 128} \
+                > "$out/b.out" 2>&1; } & ;;
         *) echo "GPU_TRAIN_PLAN must be attention, resize or decoder"; exit 2 ;;
     esac
     wait
