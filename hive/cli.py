@@ -49,12 +49,12 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
 
 
 def cmd_train_decoder(args: argparse.Namespace) -> int:
-    from hive.train_decoder import DECODER_SEED_BASE, finetune_decoder, sample_editor_latents, summary
+    from hive.train_decoder import finetune_decoder, sample_editor_latents, summary
 
     t = time.time()
     out = Path(args.out)
-    sample_editor_latents(args.editor, out / "latents", args.edits, seed=DECODER_SEED_BASE,
-                          batch=args.sample_batch, max_minutes=args.max_sample_minutes)
+    sample_editor_latents(args.editor, out / "latents", args.edits, batch=args.sample_batch,
+                          max_minutes=args.max_sample_minutes)
     path = finetune_decoder(args.editor, out / "latents", out, steps=args.steps, batch_size=args.batch_size,
                             lr=args.lr, object_boost=args.object_boost, recon_share=args.recon_share,
                             crop=args.crop or None, held_out=args.held_out, checkpoint_every=args.checkpoint_every,

@@ -188,6 +188,13 @@ def _pick(rng: np.random.Generator, options: list[str]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
+def resize_grows(edit: Edit) -> bool:
+    """A resize that makes its object large (a grow), not small (a shrink)."""
+    if edit.kind != "resize":
+        raise ValueError(f"not a resize: {edit.kind}")
+    return edit.target.objects[edit.touched[0]].size == "large"
+
+
 def make_edit(scene: Scene, kind: str, rng: np.random.Generator) -> Edit | None:
     """One edit of `kind` on `scene`, or None when the scene does not allow it."""
     n = len(scene.objects)

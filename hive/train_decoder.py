@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from hive import toy
 from hive.files import write_json_atomic
-from hive.train_vae import object_weight
+from hive.train_vae import decode_to_uint8, object_weight, to_pixels
 from hive.training import cooldown, make_accelerator, resume_with_progress, save_checkpoint
 
 # Toy edits whose sampled latents train the decoder: far from the UNet's training seeds (1e8+),
@@ -36,6 +36,20 @@ CHUNK = 512  # edits per chunk file: a crash loses at most one chunk of sampling
 
 def _chunk_path(folder: Path, index: int) -> Path:
     return folder / f"chunk-{index:05d}.pt"
+
+
+def editor_final_latents(editor, examples: list[toy.ToyExample], seeds: list[int]) -> torch.Tensor:
+    """The final latents of one variant of each example (variant seed `seeds[i]`), at the editor's
+    default settings, divided by the VAE's scaling factor (what the decoder reads), on the CPU. One
+    pipeline call; `editor` is a `hive.editor.Editor`."""
+    steps, guidance, image_guidance = editor.settings()
+    with torch.inference_mode():
+        z = editor.pipe(prompt=[editor.prompt_for(e.edit.instruction) for e in examples],
+                        image=[e.input_image for e in examples], num_inference_steps=steps,
+                        guidance_scale=guidance, image_guidance_scale=image_guidance,
+                        generator=[torch.Generator(device="cpu").manual_seed(s) for s in seeds],
+                        output_type="latent").images
+    return z.float().cpu() / editor.pipe.vae.config.scaling_factor
 
 
 def sample_editor_latents(editor_dir: str | Path, folder: Path, n: int, seed: int = DECODER_SEED_BASE,
@@ -50,8 +64,6 @@ def sample_editor_latents(editor_dir: str | Path, folder: Path, n: int, seed: in
     folder.mkdir(parents=True, exist_ok=True)
     # fp32 also on a GPU: the decoder learns the latents the editor samples where it is used (CPU, fp32)
     editor = Editor(editor_dir, device=device, dtype=torch.float32, fast=False, mask_threshold=0)
-    steps, guidance, image_guidance = editor.settings()
-    scale = editor.pipe.vae.config.scaling_factor
     paths = []
     started = time.time()
     chunks = range(0, n, CHUNK)
@@ -65,14 +77,9 @@ def sample_editor_latents(editor_dir: str | Path, folder: Path, n: int, seed: in
         seeds = list(range(seed + index, seed + min(n, index + CHUNK)))
         latents, targets, kinds = [], [], []
         for start in range(0, len(seeds), batch):
-            examples = [toy.sample_example(s) for s in seeds[start:start + batch]]
-            generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[start:start + batch]]
-            with torch.inference_mode():
-                z = editor.pipe(prompt=[editor.prompt_for(e.edit.instruction) for e in examples],
-                                image=[e.input_image for e in examples], num_inference_steps=steps,
-                                guidance_scale=guidance, image_guidance_scale=image_guidance,
-                                generator=generators, output_type="latent").images
-            latents.append((z.float() / scale).half().cpu())
+            batch_seeds = seeds[start:start + batch]
+            examples = [toy.sample_example(s) for s in batch_seeds]
+            latents.append(editor_final_latents(editor, examples, batch_seeds).half())
             targets.append(torch.from_numpy(np.stack([np.asarray(e.clean_image) for e in examples])))
             kinds += [e.edit.kind for e in examples]
         tmp = path.with_name(f".{path.name}.tmp")
@@ -92,29 +99,19 @@ def load_latents(folder: Path) -> dict:
             "latents": torch.cat([p["latents"] for p in parts]), "targets": torch.cat([p["targets"] for p in parts])}
 
 
-def _pixels(u8: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W, 3) to float (N, 3, H, W) in [-1, 1]."""
-    return u8.permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
 def judge_decoded(vae, data: dict, index: list[int], batch: int = 128) -> dict:
     """Judge success of the decoded latents `index` of `data` (raw outputs: no local blend), per
     kind, and of resizes split into shrinks and grows."""
     per_kind: dict[str, list[bool]] = defaultdict(list)
-    device = next(vae.parameters()).device
     for start in range(0, len(index), batch):
         idx = index[start:start + batch]
-        with torch.no_grad():
-            x = vae.decode(data["latents"][idx].float().to(device)).sample.clamp(-1, 1)
-        images = ((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        for i, image in zip(idx, images):
+        for i, image in zip(idx, decode_to_uint8(vae, data["latents"][idx].float())):
             example = toy.sample_example(data["seeds"][i])
             ok = toy.judge(example.input_image, example.clean_image, image).success
             kind = data["kinds"][i]
             per_kind[kind].append(ok)
             if kind == "resize":
-                grows = example.edit.target.objects[example.edit.touched[0]].size == "large"
-                per_kind["resize: grow" if grows else "resize: shrink"].append(ok)
+                per_kind["resize: grow" if toy.resize_grows(example.edit) else "resize: shrink"].append(ok)
     every = [ok for kind, oks in per_kind.items() if not kind.startswith("resize:") for ok in oks]
     return {"success": float(np.mean(every)), "n": len(every),
             "per_kind": {k: {"success": float(np.mean(v)), "n": len(v)} for k, v in sorted(per_kind.items())}}
@@ -149,6 +146,10 @@ def finetune_decoder(editor_dir: str | Path, latents_dir: Path, out: Path, steps
         module.requires_grad_(True)
     params = [p for p in vae.parameters() if p.requires_grad]
     before = judge_decoded(vae, data, test_index) if held_out and accelerator.is_main_process else None
+    vae.to(accelerator.device)
+    with torch.no_grad():  # the frozen encoder's latents of the clean targets, once for every step
+        target_latents = torch.cat([vae.encode(to_pixels(data["targets"][i:i + 256]).to(accelerator.device))
+                                    .latent_dist.mode().cpu() for i in range(0, n_train, 256)])
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     vae, optimizer = accelerator.prepare(vae, optimizer)
     model = accelerator.unwrap_model(vae)
@@ -162,10 +163,8 @@ def finetune_decoder(editor_dir: str | Path, latents_dir: Path, out: Path, steps
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)  # batch `step` is the same after a resume
         sampled = torch.randint(0, n_train, (batch_size - n_recon,), generator=g)
         recon = torch.randint(0, n_train, (n_recon,), generator=g)
-        x = _pixels(torch.cat([data["targets"][sampled], data["targets"][recon]])).to(accelerator.device)
-        with torch.no_grad():
-            z_recon = model.encode(x[len(sampled):]).latent_dist.mode()
-        z = torch.cat([data["latents"][sampled].float().to(accelerator.device), z_recon])
+        x = to_pixels(torch.cat([data["targets"][sampled], data["targets"][recon]])).to(accelerator.device)
+        z = torch.cat([data["latents"][sampled].float(), target_latents[recon]]).to(accelerator.device)
         if crop is not None and crop < side:
             oy, ox = (int(v) for v in torch.randint(0, side - crop + 1, (2,), generator=g))
             f = x.shape[-1] // side
@@ -193,8 +192,8 @@ def finetune_decoder(editor_dir: str | Path, latents_dir: Path, out: Path, steps
         pipe.vae = model
         pipe.save_pretrained(out / "pipeline")
         copy_model_info(editor_dir, out / "pipeline")
-        metrics = {"steps": steps, "stopped_at": stopped_at, "train_edits": n_train, "held_out_edits": held_out, "object_boost": object_boost,
-                   "recon_share": recon_share, "crop": crop, "lr": lr,
+        metrics = {"steps": steps, "stopped_at": stopped_at, "train_edits": n_train, "held_out_edits": held_out,
+                   "object_boost": object_boost, "recon_share": recon_share, "crop": crop, "lr": lr,
                    "held_out_judge_before": before,
                    "held_out_judge_after": judge_decoded(model, data, test_index) if held_out else None}
         write_json_atomic(out / "metrics.json", metrics)

@@ -45,14 +45,26 @@ def random_crops(x: torch.Tensor, crop: int, step: int) -> torch.Tensor:
     return torch.stack([x[i, :, ys[i]:ys[i] + crop, xs[i]:xs[i] + crop] for i in range(n)])
 
 
+def to_pixels(images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """uint8 RGB images (N, H, W, 3) as the VAE reads them: float (N, 3, H, W) in [-1, 1]."""
+    images = torch.from_numpy(images) if isinstance(images, np.ndarray) else images
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def decode_to_uint8(vae, latents: torch.Tensor) -> np.ndarray:
+    """Decode unscaled latents (N, C, h, w) into uint8 RGB images (N, H, W, 3), as the editor's are."""
+    with torch.no_grad():
+        x = vae.decode(latents.to(vae.device)).sample.clamp(-1, 1)
+    return ((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
 def vae_roundtrip(vae, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Encode (mode) and decode uint8 RGB images (N, H, W, 3), as every edit the editor makes is decoded."""
     out = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            x = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float().to(vae.device) / 127.5 - 1
-            recon = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-            out.append(((recon + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    for start in range(0, len(images), batch_size):
+        with torch.no_grad():
+            latents = vae.encode(to_pixels(images[start:start + batch_size]).to(vae.device)).latent_dist.mode()
+        out.append(decode_to_uint8(vae, latents))
     return np.concatenate(out)
 
 

@@ -14,20 +14,16 @@ import argparse
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionInstructPix2PixPipeline
+from diffusers import AutoencoderKL
 from PIL import Image, ImageDraw
 
 from hive import toy
-from hive.editor import read_model_info, sampling_defaults
+from hive.editor import Editor
 from hive.files import save_png_atomic
+from hive.train_decoder import editor_final_latents
+from hive.train_vae import decode_to_uint8
 
 VALIDATION_SEED = 800_000_000
-
-
-def decode(vae: AutoencoderKL, latent: torch.Tensor) -> Image.Image:
-    with torch.no_grad():
-        x = vae.decode(latent[None]).sample[0].clamp(-1, 1)
-    return Image.fromarray(((x + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
 
 
 def main() -> None:
@@ -38,10 +34,8 @@ def main() -> None:
     parser.add_argument("--kind", default="resize")
     parser.add_argument("--rows", type=int, default=6)
     args = parser.parse_args()
-    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(args.model, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    editor = Editor(args.model, device="cpu", dtype=torch.float32, fast=False, mask_threshold=0)
     old_vae = AutoencoderKL.from_pretrained(args.old_vae, dtype=torch.float32)
-    settings = sampling_defaults(read_model_info(args.model))
     examples = []
     seed = VALIDATION_SEED
     while len(examples) < args.rows:
@@ -54,17 +48,12 @@ def main() -> None:
     canvas = Image.new("RGB", (4 * cell + 5 * pad, len(examples) * (cell + label_h + pad) + pad), "white")
     draw = ImageDraw.Draw(canvas)
     for r, (seed, example) in enumerate(examples):
-        with torch.inference_mode():
-            latent = pipe(prompt=[example.edit.instruction], image=[example.input_image],
-                          num_inference_steps=int(settings["steps"]), guidance_scale=settings["guidance"],
-                          image_guidance_scale=settings["image_guidance"],
-                          generator=[torch.Generator().manual_seed(seed)], output_type="latent").images[0]
-        latent = latent / pipe.vae.config.scaling_factor
+        latent = editor_final_latents(editor, [example], [seed])
         y = pad + r * (cell + label_h + pad)
         draw.text((pad, y), example.edit.instruction, fill="black")
         columns = [(example.input_image, "source"), (example.clean_image, "clean target")]
-        for name, vae in (("old decoder", old_vae), ("new decoder", pipe.vae)):
-            image = decode(vae, latent)
+        for name, vae in (("old decoder", old_vae), ("new decoder", editor.pipe.vae)):
+            image = Image.fromarray(decode_to_uint8(vae, latent)[0])
             verdict = "pass" if toy.judge(example.input_image, example.clean_image, image).success else "fail"
             columns.append((image, f"{name}: {verdict}"))
         for c, (image, label) in enumerate(columns):

@@ -87,11 +87,12 @@ train_one() {  # train_one NAME WORKERS BASE EXTRA...: one SFT run continuing th
 decoder_one() {  # decoder_one NAME EDITS SHARE OPTIONS...: one decoder fine-tune on the shared latents in
     # SHARE of the minutes left, packed into $out/NAME-decoder.tar
     local name=$1 edits=$2 share=$3; shift 3
-    local dir="$work/dec-$name"
+    local dir="$work/dec-$name" minutes
+    minutes=$("$py" -c "print(max(0.5, $(minutes_left 0.5) * $share))")
     mkdir -p "$dir" && ln -sfn "$work/latents" "$dir/latents"
-    echo "== decoder $name: $edits edits, $*"
-    "$py" -m hive train decoder --editor models/toy-editor --out "$dir" --edits "$edits" \
-        --max-minutes "$("$py" -c "print(max(0.5, $(minutes_left 0.5) * $share))")" "$@" > "$out/$name.log" 2>&1
+    echo "== decoder $name: $edits edits, $minutes min, $*"
+    "$py" -m hive train decoder --editor models/toy-editor --out "$dir" --edits "$edits" --max-minutes "$minutes" \
+        "$@" > "$out/$name.log" 2>&1
     echo "   decoder $name rc=$?, $(( SECONDS - start ))s used"
     # one tar per run: the tool returns at most 8 files (session 24 lost run b's four loose files)
     cp "$dir/metrics.json" "$dir/loss.jsonl" "$dir/model/" 2>/dev/null
@@ -136,9 +137,10 @@ run() {
             "$py" -c "from pathlib import Path; from hive.train_decoder import sample_editor_latents; \
 sample_editor_latents('models/toy-editor', Path('$work/latents'), 102400, batch=512, \
 max_minutes=${GPU_DECODER_SAMPLE_MIN:-2.5})" > "$out/sample.log" 2>&1
-            echo "latents sampled: rc=$?, $(ls "$work"/latents/chunk-*.pt 2>/dev/null | wc -l) chunks, $(( SECONDS - start ))s used" \
-                | tee -a "$out/machine.log"
-            local edits=$(( $(ls "$work"/latents/chunk-*.pt 2>/dev/null | wc -l) * 512 ))
+            local rc=$? chunks
+            chunks=$(ls "$work"/latents/chunk-*.pt 2>/dev/null | wc -l)
+            echo "latents sampled: rc=$rc, $chunks chunks, $(( SECONDS - start ))s used" | tee -a "$out/machine.log"
+            local edits=$(( chunks * 512 ))
             (( edits > 0 )) || { tail -n 20 "$out/sample.log"; exit 5; }
             # one after the other: side by side each ran at 10 steps/s, alone at 45 (session 24)
             { decoder_one a "$edits" 0.5 ${GPU_DECODER_A:---crop 0 --object-boost 1 --steps 5000 --batch-size 128} \

@@ -20,13 +20,6 @@ from hive.evaluate import read_judgements
 from hive.files import save_png_atomic
 
 
-def is_shrink(example: toy.ToyExample) -> bool:
-    """A resize that leaves fewer non-background pixels (the background is the corner's colour)."""
-    source, target = np.asarray(example.input_image), np.asarray(example.edited_image)
-    background = source[0, 0]
-    return np.any(target != background, axis=-1).sum() < np.any(source != background, axis=-1).sum()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("eval_dir", type=Path)
@@ -46,7 +39,7 @@ def main() -> None:
         example = toy.sample_example(int(judgement["id"].rsplit("-", 1)[1]))
         output = Image.open(args.eval_dir / "outputs" / f"{judgement['id']}.png").convert("RGB")
         y = pad + r * (cell + label_h + pad)
-        direction = "shrink" if is_shrink(example) else "grow"
+        direction = "grow" if toy.resize_grows(example.edit) else "shrink"
         draw.text((pad, y), f"{judgement['instruction']}  ({direction}, following {judgement['following']:.2f})",
                   fill="black")
         read, right = toy.following_pixels(example.input_image, example.clean_image, output)
