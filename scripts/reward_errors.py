@@ -3,7 +3,10 @@
     python scripts/reward_errors.py SIM_HOME REWARD_MODEL [--test-requests 300] [--sheet errors.png]
 
 Prints pairwise accuracy against the noise-free order for the reward model, one simulated
-annotator and CLIP direction with the captions, by quality gap (under 0.05, 0.05-0.14, 0.14
+annotator, CLIP direction with the captions and two scorers no reward model can be (they say what
+the pairs ask for): "target", the pixel distance of each variant to the request's clean toy
+target (a scorer that knew the answer image), and "consensus", its mean pixel distance to the
+request's other variants (how typical of the editor it is), by quality gap (under 0.05, 0.05-0.14, 0.14
 and over) and by edit kind, on the experiment's split (`split_experiment`: the last
 `--test-requests` requests by toy seed), and 95% intervals of the reward model's lead over the
 annotator and over CLIP, from a bootstrap over requests (pairs of one request are not
@@ -23,6 +26,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hive import toy  # noqa: E402
 from hive.reward import RewardModel  # noqa: E402
 from hive.simulate import score_agreement, truly_ordered_pairs  # noqa: E402
 from hive.train_reward import (ImageCache, bootstrap_lead, clip_direction_scores, rankings_from_db,  # noqa: E402
@@ -41,6 +45,17 @@ def stored_kinds(home: Path, request_ids: set[int]) -> dict[int, str]:
     with session_scope(f"sqlite:///{home / 'hive.db'}", write=False) as s:
         rows = s.execute(select(EditRequest.id, EditRequest.params).where(EditRequest.id.in_(request_ids))).all()
     return {int(i): (p or {}).get("kind", "unknown") for i, p in rows}
+
+
+def reference_scores(r, cache: ImageCache) -> tuple[list[float], list[float]]:
+    """Minus each variant's mean squared pixel distance (0-1 channels) to the clean toy target of the
+    request's seed, and minus its mean distance to the request's other variants."""
+    variants = np.stack([np.asarray(cache(p), dtype=np.float32) / 255 for p in r.variant_paths])
+    target = np.asarray(toy.sample_example(r.toy_seed).clean_image, dtype=np.float32) / 255
+    to_target = [-float(((v - target) ** 2).mean()) for v in variants]
+    to_others = [-float(np.mean([((variants[i] - variants[j]) ** 2).mean() for j in range(len(variants)) if j != i]))
+                 for i in range(len(variants))]
+    return to_target, to_others
 
 
 def agreement(q: list[float], scores: list[float], a: int, b: int) -> float:
@@ -62,20 +77,22 @@ def main() -> None:
     rewards = score_rankings(model, test, cache)
     captions = clip_direction_scores(model.clip, model.tokenizer, test, cache)
     kinds = stored_kinds(args.home, {r.request_id for r in test})
-    rows = []  # gap, kind, reward model right, annotator right, CLIP captions right, request
+    # gap, kind, right by: reward model, annotator, CLIP captions, target, consensus; request
+    rows = []
     for r, s, c in zip(test, rewards, captions):
         q = list(r.true_quality)
         unranked = len(q) + 1  # a variant the annotator left unranked comes after every ranked one
         by_rank = [-(unranked if k is None else k) for k in r.ranks]  # higher is better, as the scores
+        to_target, to_others = reference_scores(r, cache)
         for a, b, _ in truly_ordered_pairs(q):
             rows.append((abs(q[a] - q[b]), kinds[r.request_id],
-                         agreement(q, s, a, b), agreement(q, by_rank, a, b), agreement(q, c, a, b), r.request_id))
-    print(f"{'pairs':<22}{'n':>5}  reward  annotator  CLIP(captions)")
+                         *(agreement(q, x, a, b) for x in (s, by_rank, c, to_target, to_others)), r.request_id))
+    print(f"{'pairs':<22}{'n':>5}  reward  annotator  CLIP(captions)  target  consensus")
 
     def line(name: str, sel: list) -> None:
         if sel:
-            m = np.array([x[2:5] for x in sel]).mean(0)
-            print(f"{name:<22}{len(sel):>5}  {m[0]:.3f}   {m[1]:.3f}      {m[2]:.3f}")
+            m = np.array([x[2:7] for x in sel]).mean(0)
+            print(f"{name:<22}{len(sel):>5}  {m[0]:.3f}   {m[1]:.3f}      {m[2]:.3f}           {m[3]:.3f}   {m[4]:.3f}")
     line("all", rows)
     for lo, hi in GAPS:
         line(f"gap {lo:g}-{hi:g}", [x for x in rows if lo <= x[0] < hi])
@@ -84,7 +101,7 @@ def main() -> None:
     for name, column in (("annotator", 3), ("CLIP(captions)", 4)):
         per_request: dict[int, list[float]] = {}
         for x in rows:
-            acc = per_request.setdefault(x[5], [0.0, 0.0, 0])
+            acc = per_request.setdefault(x[-1], [0.0, 0.0, 0])
             acc[0], acc[1], acc[2] = acc[0] + x[2], acc[1] + x[column], acc[2] + 1
         lead = bootstrap_lead(np.array(list(per_request.values())))
         print(f"reward model minus {name}: {lead['lead']:+.3f} "

@@ -244,3 +244,25 @@ def test_a_cached_simulation_is_reused_only_for_the_same_settings(tmp_path):
     (sim / "simulation.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"variant_mask_threshold: \[0.0, 0.2, 0.35, 0.5\] there, None asked"):
         prepare_simulation(sim, None, True, 3, 4, 1, 20, 8, progress=False)
+
+
+def test_reward_errors_reference_scorers_put_the_clean_target_first_and_the_odd_variant_last():
+    """scripts/reward_errors.py's two reference columns: distance to the clean toy target, and to the
+    request's other variants."""
+    import importlib.util
+
+    from hive.train_reward import ImageCache, Ranking
+
+    path = Path(__file__).parents[1] / "scripts" / "reward_errors.py"
+    spec = importlib.util.spec_from_file_location("reward_errors", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ex = toy.sample_example(SIM_SEED_BASE + 3)
+    cache = ImageCache()
+    cache.images.update({"source": ex.input_image, "target": ex.clean_image})
+    ranking = Ranking(ranking_id=1, request_id=1, annotator_id=1, is_simulated=True, instruction=ex.edit.instruction,
+                      source_path="source", variant_ids=[0, 1, 2], variant_paths=["source", "target", "target"],
+                      ranks=[2, 1, 1], toy_seed=SIM_SEED_BASE + 3)
+    to_target, to_others = module.reference_scores(ranking, cache)
+    assert to_target[1] == to_target[2] == 0.0 and to_target[0] < 0  # the unedited source is the one off target
+    assert to_others[0] < to_others[1] == to_others[2]  # and the one unlike the others
