@@ -8,8 +8,9 @@ annotators' quality sees, from the editor's own variants ranked by distance to t
 away from the dataset rankings', the locator's and the simulations') with the shipped editor, 4
 variants each: every other batch at image guidance 1.2/1.6/2/2.4 (the second simulation's spread),
 the rest at local-blend thresholds 0/0.2/0.35/0.5 (the first's). Chunks of 256 requests go to
-OUT/chunkNNNNNNN.npz (atomic; a rerun skips the chunks it has). No judge is involved: each chunk
-holds the source, the dataset's clean target, the variants and the instruction.
+OUT/chunkNNNNNNN.npz (atomic; a rerun skips the chunks it has), each holding only the variants:
+request k of chunk N is toy seed SEED_BASE + N + k, whose source, clean target and instruction
+`train` renders again. No judge is involved.
 
 `train` fits a text-conditioned CNN (source, edit and their difference at 64x64; the instruction's
 words through an embedding and a GRU, FiLM on the conv features) with Bradley-Terry on the pairs
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hive import toy  # noqa: E402
 from hive.data import TOY_TRAIN_SEED_BASE  # noqa: E402
+from hive.train_vae import to_pixels  # noqa: E402
 
 SEED_BASE = TOY_TRAIN_SEED_BASE + 70_000_000
 CHUNK = 256
@@ -55,7 +57,7 @@ def sample(out: Path, start: int, requests: int, batch: int = 8) -> None:
         path = out / f"chunk{c0:07d}.npz"
         if path.exists():
             continue
-        rows: dict[str, list] = {"src": [], "tgt": [], "var": [], "ins": []}
+        rows = []
         for b0 in range(c0, c0 + CHUNK, batch):
             examples = [toy.sample_example(SEED_BASE + k) for k in range(b0, b0 + batch)]
             sources = [e.input_image for e in examples]
@@ -68,14 +70,9 @@ def sample(out: Path, start: int, requests: int, batch: int = 8) -> None:
                 seeds = [[(SEED_BASE + b0 + j) * 16 + v] for j in range(batch)]
                 for row, images in zip(variants, editor.sample(sources, prompts, seeds, steps, guidance, g, threshold)):
                     row[v] = np.asarray(images[0])
-            for e, row in zip(examples, variants):
-                rows["src"].append(np.asarray(e.input_image))
-                rows["tgt"].append(np.asarray(e.clean_image))
-                rows["var"].append(np.stack(row))
-                rows["ins"].append(e.edit.instruction)
+            rows += [np.stack(row) for row in variants]
         tmp = out / f"chunk{c0:07d}.tmp.npz"
-        np.savez(tmp, src=np.stack(rows["src"]), tgt=np.stack(rows["tgt"]), var=np.stack(rows["var"]),
-                 ins=np.array(rows["ins"]))
+        np.savez(tmp, var=np.stack(rows))
         os.replace(tmp, path)
         print(f"chunk {c0} written", flush=True)
 
@@ -107,10 +104,6 @@ class PixelRanker(nn.Module):
         return self.out(torch.cat([x.mean((2, 3)), x.amax((2, 3)), text], 1)).squeeze(-1)
 
 
-def pixels(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a)).float().permute(0, 3, 1, 2) / 127.5 - 1
-
-
 def held_out(spec: str) -> tuple[str, list]:
     """(name, [(source, variants, instruction, true quality)]) of a simulation's held-out requests."""
     from hive.train_reward import ImageCache, rankings_from_db, split_experiment
@@ -123,12 +116,20 @@ def held_out(spec: str) -> tuple[str, list]:
 
 
 def train(data: Path, steps: int, margin: float, evals: list[str], eval_every: int, batch: int = 32) -> None:
-    from hive.simulate import score_agreement, truly_ordered_pairs
+    from hive.simulate import score_agreement
 
     torch.manual_seed(0)
-    chunks = [np.load(c) for c in sorted(glob.glob(str(data / "chunk???????.npz")))]
-    src, tgt, var = (np.concatenate([c[k] for c in chunks]) for k in ("src", "tgt", "var"))
-    instructions = [str(s) for c in chunks for s in c["ins"]]
+    rng = np.random.default_rng(0)  # the batches: a rerun gives the same figures
+    var, seeds = [], []
+    for path in sorted(glob.glob(str(data / "chunk???????.npz"))):
+        var.append(np.load(path)["var"])
+        first = SEED_BASE + int(Path(path).stem[len("chunk"):])
+        seeds += range(first, first + len(var[-1]))
+    var = np.concatenate(var)
+    examples = [toy.sample_example(seed) for seed in seeds]
+    src = np.stack([np.asarray(e.input_image) for e in examples])
+    tgt = np.stack([np.asarray(e.clean_image) for e in examples])
+    instructions = [e.edit.instruction for e in examples]
     tests = [held_out(spec) for spec in evals]
     words = {w for s in instructions for w in s.lower().split()}
     words |= {w for _, t in tests for _, _, s, _ in t for w in s.lower().split()}
@@ -150,12 +151,13 @@ def train(data: Path, steps: int, margin: float, evals: list[str], eval_every: i
         result = {}
         with torch.no_grad():
             for name, test in tests:
-                right = []
+                right, pairs = 0.0, 0
                 for source, variants, instruction, q in test:
-                    s = net(pixels(np.repeat(source[None], len(variants), 0)), pixels(variants),
+                    s = net(to_pixels(np.repeat(source[None], len(variants), 0)), to_pixels(variants),
                             torch.tensor([tokens(instruction)] * len(variants))).numpy()
-                    right += [score_agreement([q[a], q[b]], [s[a], s[b]])[0] for a, b, _ in truly_ordered_pairs(q)]
-                result[name] = round(float(np.mean(right)), 3)
+                    t, k = score_agreement(q, s)
+                    right, pairs = right + t, pairs + k
+                result[name] = round(right / pairs, 3)
         net.train()
         return result
 
@@ -165,13 +167,13 @@ def train(data: Path, steps: int, margin: float, evals: list[str], eval_every: i
             print(f"step {step} ({time.time() - started:.0f} s): held-out accuracy {evaluate()}", flush=True)
         if step == steps:
             break
-        idx = np.random.randint(0, len(src), batch)
-        scores = net(pixels(np.repeat(src[idx], 4, 0)), pixels(var[idx].reshape(-1, 64, 64, 3)),
+        idx = rng.integers(0, len(src), batch)
+        scores = net(to_pixels(np.repeat(src[idx], 4, 0)), to_pixels(var[idx].reshape(-1, 64, 64, 3)),
                      word_ids[idx].repeat_interleave(4, 0)).view(batch, 4)
         d = torch.from_numpy(distance[idx])
         gap = d[:, j] - d[:, i]  # > 0: variant i is nearer the target
         keep = gap.abs() > margin
-        target_scores = net(pixels(src[idx]), pixels(tgt[idx]), word_ids[idx])
+        target_scores = net(to_pixels(src[idx]), to_pixels(tgt[idx]), word_ids[idx])
         loss = F.binary_cross_entropy_with_logits((target_scores[:, None] - scores)[d > margin],
                                                   torch.ones_like(scores)[d > margin])
         if keep.any():

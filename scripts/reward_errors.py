@@ -52,10 +52,9 @@ def reference_scores(r, cache: ImageCache) -> tuple[list[float], list[float]]:
     request's seed, and minus its mean distance to the request's other variants."""
     variants = np.stack([np.asarray(cache(p), dtype=np.float32) / 255 for p in r.variant_paths])
     target = np.asarray(toy.sample_example(r.toy_seed).clean_image, dtype=np.float32) / 255
-    to_target = [-float(((v - target) ** 2).mean()) for v in variants]
-    to_others = [-float(np.mean([((variants[i] - variants[j]) ** 2).mean() for j in range(len(variants)) if j != i]))
-                 for i in range(len(variants))]
-    return to_target, to_others
+    between = ((variants[:, None] - variants[None]) ** 2).mean(axis=(2, 3, 4))  # (n, n), 0 on the diagonal
+    to_target = -((variants - target) ** 2).mean(axis=(1, 2, 3))
+    return to_target.tolist(), (-between.sum(1) / (len(variants) - 1)).tolist()
 
 
 def agreement(q: list[float], scores: list[float], a: int, b: int) -> float:

@@ -238,11 +238,9 @@ def test_condition_reward_folder_samples_with_the_top_level_suffix(tiny_pipeline
 
     # scripts/condition_check.py reads such a folder: attention shares over the prompt's tokens and
     # padding add up to 1 (the processor computes diffusers' attention), and the loss table pairs levels
-    import importlib.util
+    from tests.script_loader import load_script
 
-    spec = importlib.util.spec_from_file_location("condition_check", Path(__file__).parents[1] / "scripts" / "condition_check.py")
-    check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(check)
+    check = load_script("condition_check")
     rows = check.load_examples(out)
     components = check.load_eval_components(out / "pipeline")
     shares = check.attention_table(components, rows, 32)

@@ -249,14 +249,10 @@ def test_a_cached_simulation_is_reused_only_for_the_same_settings(tmp_path):
 def test_reward_errors_reference_scorers_put_the_clean_target_first_and_the_odd_variant_last():
     """scripts/reward_errors.py's two reference columns: distance to the clean toy target, and to the
     request's other variants."""
-    import importlib.util
-
     from hive.train_reward import ImageCache, Ranking
+    from tests.script_loader import load_script
 
-    path = Path(__file__).parents[1] / "scripts" / "reward_errors.py"
-    spec = importlib.util.spec_from_file_location("reward_errors", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("reward_errors")
     ex = toy.sample_example(SIM_SEED_BASE + 3)
     cache = ImageCache()
     cache.images.update({"source": ex.input_image, "target": ex.clean_image})
