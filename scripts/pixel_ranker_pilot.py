@@ -104,6 +104,16 @@ class PixelRanker(nn.Module):
         return self.out(torch.cat([x.mean((2, 3)), x.amax((2, 3)), text], 1)).squeeze(-1)
 
 
+def load_chunks(data: Path) -> tuple[np.ndarray, list[toy.ToyExample]]:
+    """The variants of every chunk in `data` (requests, 4, 64, 64, 3) and each request's toy example."""
+    var, seeds = [], []
+    for path in sorted(glob.glob(str(data / "chunk???????.npz"))):
+        var.append(np.load(path)["var"])
+        first = SEED_BASE + int(Path(path).stem[len("chunk"):])
+        seeds += range(first, first + len(var[-1]))
+    return np.concatenate(var), [toy.sample_example(seed) for seed in seeds]
+
+
 def held_out(spec: str) -> tuple[str, list]:
     """(name, [(source, variants, instruction, true quality)]) of a simulation's held-out requests."""
     from hive.train_reward import ImageCache, rankings_from_db, split_experiment
@@ -120,13 +130,7 @@ def train(data: Path, steps: int, margin: float, evals: list[str], eval_every: i
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)  # the batches: a rerun gives the same figures
-    var, seeds = [], []
-    for path in sorted(glob.glob(str(data / "chunk???????.npz"))):
-        var.append(np.load(path)["var"])
-        first = SEED_BASE + int(Path(path).stem[len("chunk"):])
-        seeds += range(first, first + len(var[-1]))
-    var = np.concatenate(var)
-    examples = [toy.sample_example(seed) for seed in seeds]
+    var, examples = load_chunks(data)
     src = np.stack([np.asarray(e.input_image) for e in examples])
     tgt = np.stack([np.asarray(e.clean_image) for e in examples])
     instructions = [e.edit.instruction for e in examples]

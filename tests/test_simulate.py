@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from db.engine import session_scope
 from db.models import ModelVersion, User, Variant
@@ -262,3 +263,30 @@ def test_reward_errors_reference_scorers_put_the_clean_target_first_and_the_odd_
     to_target, to_others = module.reference_scores(ranking, cache)
     assert to_target[1] == to_target[2] == 0.0 and to_target[0] < 0  # the unedited source is the one off target
     assert to_others[0] < to_others[1] == to_others[2]  # and the one unlike the others
+
+
+def test_flaw_map_pilot_attempts_flaw_only_near_the_change_and_the_labels_mark_them():
+    """scripts/flaw_map_pilot.py: a synthetic attempt moves the edit's outline by a few pixels, so far
+    from the change it keeps the source (up to specks and pixel noise), and its flaw labels are the
+    pixels off the clean target by more than the judge's tolerance."""
+    from scipy import ndimage
+
+    from tests.script_loader import load_script
+
+    module = load_script("flaw_map_pilot")
+    rng = np.random.default_rng(0)
+    for k in range(20):
+        ex = toy.sample_example(SIM_SEED_BASE + k)
+        source, target = np.asarray(ex.input_image), np.asarray(ex.clean_image)
+        change = np.any(source != target, axis=-1)
+        attempt = module.attempt(source, target, rng)
+        assert attempt.shape == source.shape and attempt.dtype == np.uint8
+        far = ndimage.distance_transform_edt(~change) > 5 if change.any() else np.ones(change.shape, bool)
+        moved = np.linalg.norm(attempt.astype(np.float32) - source.astype(np.float32), axis=-1) > toy.COLOUR_TOL
+        assert (moved & far).sum() <= 3 * 4 * 9  # at most three 2x2 specks, each softened into its 3x3 neighbourhood
+        assert not module.flaws(target[None], target[None]).any()
+        assert module.flaws(source[None], target[None])[0].sum() == (
+            np.linalg.norm(source.astype(np.float32) - target.astype(np.float32), axis=-1) > toy.COLOUR_TOL).sum()
+    net = module.FlawMap(len(module.vocabulary()), width=8)
+    logits = net(torch.zeros(2, 3, 64, 64), torch.zeros(2, 3, 64, 64), module.word_ids([toy.sample_example(SIM_SEED_BASE + k).edit.instruction for k in range(2)]))
+    assert logits.shape == (2, 64, 64)
