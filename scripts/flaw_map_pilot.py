@@ -43,7 +43,7 @@ from hive import toy  # noqa: E402
 from hive.data import TOY_TRAIN_SEED_BASE  # noqa: E402
 from hive.simulate import score_agreement  # noqa: E402
 from hive.train_vae import to_pixels  # noqa: E402
-from pixel_ranker_pilot import held_out, load_chunks  # noqa: E402
+from pixel_ranker_pilot import example_arrays, held_out, load_chunks  # noqa: E402
 
 SYNTHETIC_SEED_BASE = TOY_TRAIN_SEED_BASE + 80_000_000  # away from the pilot's own, the locator's, the dataset rankings'
 MAX_WORDS = 12
@@ -56,7 +56,7 @@ def attempt(source: np.ndarray, target: np.ndarray, rng: np.random.Generator) ->
     pixel's target colour: a bulge), then specks and soft edges."""
     src, tgt = source.astype(np.float32), target.astype(np.float32)
     change = np.any(src != tgt, axis=-1)
-    out = src.copy()
+    out = src  # a float copy already: the specks below write into it
     if change.any():
         distance, (iy, ix) = ndimage.distance_transform_edt(~change, return_indices=True)
         grown = tgt[iy, ix]
@@ -130,10 +130,7 @@ def train(data: Path, steps: int, evals: list[str], eval_every: int, real_share:
           save: Path | None) -> None:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    var, examples = load_chunks(data)
-    src = np.stack([np.asarray(e.input_image) for e in examples])
-    tgt = np.stack([np.asarray(e.clean_image) for e in examples])
-    instructions = [e.edit.instruction for e in examples]
+    var, src, tgt, instructions = load_chunks(data)
     wrong = flaws(var, tgt[:, None])
     tests = [held_out(spec) for spec in evals]
     held = np.arange(len(src)) >= len(src) - 256  # the last chunk
@@ -175,14 +172,13 @@ def train(data: Path, steps: int, evals: list[str], eval_every: int, real_share:
             print(f"step {step} ({time.time() - started:.0f} s) loss {loss:.4f} held-out accuracy {evaluate()}", flush=True)
         if step == steps:
             break
-        fresh = [toy.sample_example(SYNTHETIC_SEED_BASE + step * (BATCH - n_real) + k) for k in range(BATCH - n_real)]
-        f_src = np.stack([np.asarray(e.input_image) for e in fresh])
-        f_tgt = np.stack([np.asarray(e.clean_image) for e in fresh])
+        f_src, f_tgt, f_instructions = example_arrays(
+            [toy.sample_example(SYNTHETIC_SEED_BASE + step * (BATCH - n_real) + k) for k in range(BATCH - n_real)])
         f_att = np.stack([attempt(s, t, rng) for s, t in zip(f_src, f_tgt)])
         idx = rng.choice(train_idx, n_real)
         v = rng.integers(0, 4, n_real)
         logits = net(to_pixels(np.concatenate([src[idx], f_src])), to_pixels(np.concatenate([var[idx, v], f_att])),
-                     word_ids([instructions[i] for i in idx] + [e.edit.instruction for e in fresh]))
+                     word_ids([instructions[i] for i in idx] + f_instructions))
         labels = torch.from_numpy(np.concatenate([wrong[idx, v], flaws(f_att, f_tgt)])).float()
         loss = F.binary_cross_entropy_with_logits(logits, labels)
         opt.zero_grad()

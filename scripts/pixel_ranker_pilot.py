@@ -104,14 +104,21 @@ class PixelRanker(nn.Module):
         return self.out(torch.cat([x.mean((2, 3)), x.amax((2, 3)), text], 1)).squeeze(-1)
 
 
-def load_chunks(data: Path) -> tuple[np.ndarray, list[toy.ToyExample]]:
-    """The variants of every chunk in `data` (requests, 4, 64, 64, 3) and each request's toy example."""
+def example_arrays(examples: list[toy.ToyExample]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The examples' sources and clean targets as uint8 arrays (N, 64, 64, 3), and their instructions."""
+    return (np.stack([np.asarray(e.input_image) for e in examples]), np.stack([np.asarray(e.clean_image) for e in examples]),
+            [e.edit.instruction for e in examples])
+
+
+def load_chunks(data: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """The variants of every chunk in `data` (requests, 4, 64, 64, 3), then each request's source,
+    clean target and instruction (`example_arrays`)."""
     var, seeds = [], []
     for path in sorted(glob.glob(str(data / "chunk???????.npz"))):
         var.append(np.load(path)["var"])
         first = SEED_BASE + int(Path(path).stem[len("chunk"):])
         seeds += range(first, first + len(var[-1]))
-    return np.concatenate(var), [toy.sample_example(seed) for seed in seeds]
+    return np.concatenate(var), *example_arrays([toy.sample_example(seed) for seed in seeds])
 
 
 def held_out(spec: str) -> tuple[str, list]:
@@ -130,10 +137,7 @@ def train(data: Path, steps: int, margin: float, evals: list[str], eval_every: i
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)  # the batches: a rerun gives the same figures
-    var, examples = load_chunks(data)
-    src = np.stack([np.asarray(e.input_image) for e in examples])
-    tgt = np.stack([np.asarray(e.clean_image) for e in examples])
-    instructions = [e.edit.instruction for e in examples]
+    var, src, tgt, instructions = load_chunks(data)
     tests = [held_out(spec) for spec in evals]
     words = {w for s in instructions for w in s.lower().split()}
     words |= {w for _, t in tests for _, _, s, _ in t for w in s.lower().split()}
