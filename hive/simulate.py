@@ -1,6 +1,7 @@
 """Simulated annotators: rank editor variants of toy edits by the ground-truth judge plus noise.
 
-A simulated annotator sees the noise-free quality q of each variant (from `toy.judge`), adds
+A simulated annotator sees the noise-free quality q of each variant (from `toy.judge`, against
+the best of the targets the instruction describes equally well: `judged_quality`), adds
 Gaussian noise of scale `noise`, and ranks by the noisy score; variants whose noisy scores are
 within `tie_margin` share a rank. The noise-free order has the same resolution: two variants
 whose qualities differ by at most TRUE_ORDER_RESOLUTION are equally good to a person (a faint
@@ -46,6 +47,19 @@ def quality(j: toy.Judgement) -> float:
     """
     stray_preservation = 1.0 - (1.0 - toy.PRESERVE_MIN) * j.stray_pixels / j.stray_limit
     return 0.5 * float(j.following) + 0.5 * max(0.0, min(float(j.preservation), stray_preservation))
+
+
+def judged_quality(example: toy.ToyExample, output: Image.Image) -> float:
+    """What a simulated annotator sees of `output`: its `quality` against the best of the
+    targets the instruction describes equally well (`toy.admissible_targets`), so that where an
+    added or moved object sits within its cell, which no instruction names, orders nothing."""
+    size = example.clean_image.size[0]
+    best = 0.0
+    for target in toy.admissible_targets(example.edit, size):
+        best = max(best, quality(toy.judge(example.input_image, target, output)))
+        if best == 1.0:
+            break
+    return best
 
 
 def true_preference(qa: float, qb: float) -> int:
@@ -144,7 +158,7 @@ def toy_variant_qualities(n: int = 200, variants: int = 4, seed: int = SIM_SEED_
     for k in range(n):
         ex = toy.sample_example(seed + k)
         imgs = stand_in_variants(ex, variants, seed + k)
-        out.append(np.array([quality(toy.judge(ex.input_image, ex.clean_image, im)) for im in imgs]))
+        out.append(np.array([judged_quality(ex, im) for im in imgs]))
     return out
 
 
@@ -235,7 +249,7 @@ def simulate(editor, requests: int, variants: int = 4, annotators: int = 1, per_
                 for v, img in zip(vs, imgs):
                     row[v] = img
         outputs += outs
-    qualities = [np.array([quality(toy.judge(e.input_image, e.clean_image, o)) for o in outs])
+    qualities = [np.array([judged_quality(e, o) for o in outs])
                  for e, outs in zip(examples, outputs)]
     calibrated = noise is None
     if noise is None:

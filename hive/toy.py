@@ -339,6 +339,31 @@ class ToyExample:
     corruption: str | None
 
 
+def admissible_targets(edit: Edit, size: int = DEFAULT_SIZE) -> list[Image.Image]:
+    """Every target image the instruction describes as well as the dataset's own.
+
+    An added or moved object lands at a random offset within its cell (`JITTER`), and no
+    instruction names that offset ("add a small red circle at the top left"): a person reading
+    it accepts the object anywhere in that range, so judging against the one offset the dataset
+    drew would order two equally right edits by luck. The first image is the dataset's target;
+    the others put the placed object at every whole-pixel offset in the range.
+    """
+    targets = [edit.target.render(size)]
+    if edit.kind == "add":
+        index = len(edit.target.objects) - 1
+    elif edit.kind == "move":
+        index = edit.touched[0]
+    else:
+        return targets
+    steps = np.linspace(-JITTER, JITTER, 2 * round(JITTER * size) + 1)
+    placed = edit.target.objects[index]
+    for jx in steps:
+        for jy in steps:
+            moved = dataclasses.replace(placed, jitter=(float(jx), float(jy)))
+            targets.append(edit.target.replace(index, moved).render(size))
+    return targets
+
+
 def sample_example(seed: int, size: int = DEFAULT_SIZE, noise: float = 0.0, kind: str | None = None) -> ToyExample:
     """The example for `seed`: the same seed always gives the same example."""
     rng = np.random.default_rng([seed, 7919])
