@@ -34,6 +34,8 @@ DEFAULT_TIE_MARGIN = 0.02
 # variants are mostly all-good with qualities a few thousandths apart, and a noiseless annotator
 # "agrees" with that order on only ~60% of pairs, so no noise level reaches the 65-80% band.
 TRUE_ORDER_RESOLUTION = DEFAULT_TIE_MARGIN
+# How the noise-free quality is judged; a simulated store made under another rule is not reused.
+QUALITY_RULE = "admissible-targets"  # since session 27: an unnamed offset within a cell orders nothing
 SIM_SEED_BASE = 500_000_000  # away from training (hive.data) and evaluation (hive.evaluate) seeds
 REQUESTER = "sim-requester"
 

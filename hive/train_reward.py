@@ -964,7 +964,7 @@ def prepare_simulation(sim_dir: Path, model: str | None, stand_in: bool, total: 
     store without it is an unfinished run. A store made for other settings, or by another editor,
     is an error unless `resample`, which samples it again."""
     from db.engine import dispose_engine
-    from hive.simulate import simulate
+    from hive.simulate import QUALITY_RULE, simulate
 
     variant_image_guidance = None if stand_in or not variant_image_guidance else list(variant_image_guidance)
     variant_mask_threshold = None if stand_in or not variant_mask_threshold else list(variant_mask_threshold)
@@ -972,7 +972,8 @@ def prepare_simulation(sim_dir: Path, model: str | None, stand_in: bool, total: 
             "steps": None if stand_in else steps,
             "editor": "stand-in" if stand_in else editor_fingerprint(model),
             "model": "stand-in" if stand_in else str(model or "default"),
-            "variant_image_guidance": variant_image_guidance, "variant_mask_threshold": variant_mask_threshold}
+            "variant_image_guidance": variant_image_guidance, "variant_mask_threshold": variant_mask_threshold,
+            "quality_rule": QUALITY_RULE}
     meta_path = sim_dir / "simulation.json"
     if meta_path.exists() and not resample:
         import json

@@ -4,8 +4,8 @@
 
 Prints pairwise accuracy against the noise-free order for the reward model, one simulated
 annotator, CLIP direction with the captions and two scorers no reward model can be (they say what
-the pairs ask for): "target", the pixel distance of each variant to the request's clean toy
-target (a scorer that knew the answer image), and "consensus", its mean pixel distance to the
+the pairs ask for): "target", the pixel distance of each variant to the request's nearest clean
+toy target (a scorer that knew the answer image), and "consensus", its mean pixel distance to the
 request's other variants (how typical of the editor it is), by quality gap (under 0.05, 0.05-0.14, 0.14
 and over) and by edit kind, on the experiment's split (`split_experiment`: the last
 `--test-requests` requests by toy seed), and 95% intervals of the reward model's lead over the
@@ -48,12 +48,14 @@ def stored_kinds(home: Path, request_ids: set[int]) -> dict[int, str]:
 
 
 def reference_scores(r, cache: ImageCache) -> tuple[list[float], list[float]]:
-    """Minus each variant's mean squared pixel distance (0-1 channels) to the clean toy target of the
-    request's seed, and minus its mean distance to the request's other variants."""
+    """Minus each variant's mean squared pixel distance (0-1 channels) to the nearest clean toy
+    target of the request's seed (`toy.admissible_targets`: an added or moved object at any offset
+    in its cell), and minus its mean distance to the request's other variants."""
     variants = np.stack([np.asarray(cache(p), dtype=np.float32) / 255 for p in r.variant_paths])
-    target = np.asarray(toy.sample_example(r.toy_seed).clean_image, dtype=np.float32) / 255
+    targets = np.stack([np.asarray(t, dtype=np.float32) / 255
+                        for t in toy.admissible_targets(toy.sample_example(r.toy_seed).edit)])
     between = ((variants[:, None] - variants[None]) ** 2).mean(axis=(2, 3, 4))  # (n, n), 0 on the diagonal
-    to_target = -((variants - target) ** 2).mean(axis=(1, 2, 3))
+    to_target = -((variants[:, None] - targets[None]) ** 2).mean(axis=(2, 3, 4)).min(axis=1)
     return to_target.tolist(), (-between.sum(1) / (len(variants) - 1)).tolist()
 
 

@@ -16,6 +16,7 @@ from hive.simulate import (
     SIM_SEED_BASE,
     calibrate_noise,
     expected_agreement,
+    judged_quality,
     noisy_ranks,
     pair_agreement,
     quality,
@@ -87,6 +88,39 @@ def test_the_noise_free_order_ties_qualities_a_person_cannot_tell_apart():
     assert expected_agreement(qualities, 0.0) == 1.0
     noise = calibrate_noise(qualities, target=0.72)
     assert expected_agreement(qualities, noise, seed=5) == pytest.approx(0.72, abs=0.03)
+
+
+@pytest.mark.parametrize("kind", ["add", "move"])
+def test_an_added_or_moved_object_anywhere_in_its_cell_is_as_right(kind: str):
+    """The instruction names the cell, not the random offset the dataset drew within it."""
+    import dataclasses
+
+    for k in range(40):  # an example whose object is at least a pixel off the cell centre on x
+        ex = toy.sample_example(SIM_SEED_BASE + k, kind=kind)
+        index = len(ex.edit.target.objects) - 1 if kind == "add" else ex.edit.touched[0]
+        placed = ex.edit.target.objects[index]
+        if abs(placed.jitter[0]) * toy.DEFAULT_SIZE >= 1:
+            break
+    mirrored = dataclasses.replace(placed, jitter=(-placed.jitter[0], placed.jitter[1]))
+    elsewhere_in_cell = ex.edit.target.replace(index, mirrored).render()
+    against_the_dataset = quality(toy.judge(ex.input_image, ex.clean_image, elsewhere_in_cell))
+    assert against_the_dataset < 1.0 - 0.02  # the one drawn offset would rank it below the target
+    assert judged_quality(ex, elsewhere_in_cell) == 1.0 == judged_quality(ex, ex.clean_image)
+    # what the instruction does name still counts: nothing done, or the object in another cell
+    assert judged_quality(ex, ex.input_image) < 0.8
+    other_cell = next(c for c in toy.CELLS if c not in {o.cell for o in ex.edit.target.objects})
+    wrong_place = ex.edit.target.replace(index, dataclasses.replace(placed, cell=other_cell)).render()
+    assert judged_quality(ex, wrong_place) < 0.8
+    targets = toy.admissible_targets(ex.edit)
+    assert len(targets) == 26 and np.array_equal(np.asarray(targets[0]), np.asarray(ex.clean_image))
+
+
+def test_edits_that_name_everything_have_one_target():
+    for kind in ("remove", "recolour", "resize", "background"):
+        ex = toy.sample_example(SIM_SEED_BASE, kind=kind)
+        (only,) = toy.admissible_targets(ex.edit)
+        assert np.array_equal(np.asarray(only), np.asarray(ex.clean_image))
+        assert judged_quality(ex, ex.input_image) == quality(toy.judge(ex.input_image, ex.clean_image, ex.input_image))
 
 
 def test_simulate_writes_simulated_rankings(tiny_editor, hive: HiveEnv):
@@ -239,6 +273,14 @@ def test_a_cached_simulation_is_reused_only_for_the_same_settings(tmp_path):
     assert prepare_simulation(sim, None, True, 3, 4, 1, 20, 8, progress=False) == first  # reused
     with pytest.raises(ValueError, match="requests: 3 there, 4 asked"):
         prepare_simulation(sim, None, True, 4, 4, 1, 20, 8, progress=False)
+    # a store judged under an older quality rule (before the key existed) is not reused either
+    meta = json.loads((sim / "simulation.json").read_text())
+    del meta["settings"]["quality_rule"]
+    (sim / "simulation.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="quality_rule: None there, admissible-targets asked"):
+        prepare_simulation(sim, None, True, 3, 4, 1, 20, 8, progress=False)
+    meta["settings"]["quality_rule"] = "admissible-targets"
+    (sim / "simulation.json").write_text(json.dumps(meta))
     # a setting only the store has (e.g. variants at several mask thresholds) is a difference too
     meta = json.loads((sim / "simulation.json").read_text())
     meta["settings"]["variant_mask_threshold"] = [0.0, 0.2, 0.35, 0.5]
