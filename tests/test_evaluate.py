@@ -4,6 +4,7 @@ the CLIP trade-off metrics on known outputs, and the trade-off plot."""
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -83,6 +84,8 @@ def test_paired_judgements_count_each_edit_once_and_refuse_different_edits(tiny_
     evaluate_toy(n=n, editor=clean, out=tmp_path / "clean")
     evaluate_toy(n=n, editor=source, out=tmp_path / "source")
     evaluate_toy(n=n, editor=clean, out=tmp_path / "clean2")
+    rows = [json.loads(line) for line in (tmp_path / "clean" / "judgements.jsonl").read_text().splitlines()]
+    assert [row["annotator_quality"] for row in rows] == [1.0] * n  # what the simulated annotators see
     r = paired_judgements(tmp_path / "clean" / "judgements.jsonl", tmp_path / "source" / "judgements.jsonl")
     # the clean target follows every instruction; the unchanged source follows none
     assert (r["wins"], r["ties"], r["losses"]) == (n, 0, 0)
@@ -94,6 +97,15 @@ def test_paired_judgements_count_each_edit_once_and_refuse_different_edits(tiny_
     evaluate_toy(n=n - 1, editor=clean, out=tmp_path / "fewer")
     with pytest.raises(ValueError, match="different edits"):
         paired_judgements(tmp_path / "fewer" / "judgements.jsonl", tmp_path / "source" / "judgements.jsonl")
+
+
+def test_annotator_quality_reads_the_row_and_falls_back_for_rows_from_before_it():
+    from hive.evaluate import annotator_quality, judgement_of
+    from hive.simulate import quality
+
+    row = {"following": 0.5, "preservation": 1.0, "stray_pixels": 0, "success": False, "stray_limit": 24.0}
+    assert annotator_quality(row) == quality(judgement_of(row)) == 0.75
+    assert annotator_quality({**row, "annotator_quality": 1.0}) == 1.0  # an added object elsewhere in its cell
 
 
 def test_annotators_see_shuffled_sides(tiny_editor, monkeypatch):
