@@ -307,6 +307,39 @@ def test_reward_errors_reference_scorers_put_the_clean_target_first_and_the_odd_
     assert to_others[0] < to_others[1] == to_others[2]  # and the one unlike the others
 
 
+def test_quality_rule_pairs_counts_the_pairs_only_the_drawn_offset_ordered():
+    """scripts/quality_rule_pairs.py: an add drawn right but elsewhere in its cell ties the dataset's
+    target under the new rule, and the unchanged source stays ordered under both."""
+    import dataclasses
+
+    from hive.train_reward import ImageCache, Ranking
+    from tests.script_loader import load_script
+
+    module = load_script("quality_rule_pairs")
+
+    def elsewhere_in_cell(ex: toy.ToyExample):  # the added object at its mirrored offset
+        placed = ex.edit.target.objects[-1]
+        moved = dataclasses.replace(placed, jitter=(-placed.jitter[0], placed.jitter[1]))
+        return ex.edit.target.replace(len(ex.edit.target.objects) - 1, moved).render()
+
+    def old_rule_orders_it(seed: int) -> bool:  # the script reads the request's example by seed alone
+        ex = toy.sample_example(seed)
+        return ex.edit.kind == "add" and quality(toy.judge(ex.input_image, ex.clean_image, elsewhere_in_cell(ex))) < 0.97
+
+    seed = next(SIM_SEED_BASE + k for k in range(300) if old_rule_orders_it(SIM_SEED_BASE + k))
+    ex = toy.sample_example(seed)
+    elsewhere = elsewhere_in_cell(ex)
+    cache = ImageCache()
+    cache.images.update({"source": ex.input_image, "target": ex.clean_image, "elsewhere": elsewhere})
+    paths = ["target", "elsewhere", "source"]
+    ranking = Ranking(ranking_id=1, request_id=1, annotator_id=1, is_simulated=True, instruction=ex.edit.instruction,
+                      source_path="source", variant_ids=[0, 1, 2], variant_paths=paths, ranks=[1, 1, 2],
+                      toy_seed=seed, true_quality=[judged_quality(ex, cache(p)) for p in paths])
+    counts = module.untied_pairs_by_kind([ranking, ranking], cache)  # a request counts once
+    # old rule: target > elsewhere > source, 3 pairs; new: target = elsewhere > source, 2 pairs
+    assert counts == {"add": (3, 2, 2)}
+
+
 def test_flaw_map_pilot_attempts_flaw_only_near_the_change_and_the_labels_mark_them():
     """scripts/flaw_map_pilot.py: a synthetic attempt moves the edit's outline by a few pixels, so far
     from the change it keeps the source (up to specks and pixel noise), and its flaw labels are the
