@@ -498,7 +498,8 @@ def blind_pairwise(model_a: str | Path | Editor | None, model_b: str | Path | Ed
             k = start + j
             # What the annotators see: two images in a random order, nothing about their makers.
             left, right = (oa[0], ob[0]) if a_left[k] else (ob[0], oa[0])
-            q_left, q_right = (simulate.judged_quality(e, im) for im in (left, right))
+            targets = toy.admissible_targets(e.edit)
+            q_left, q_right = (simulate.judged_quality(e, im, targets) for im in (left, right))
             side_votes = annotator_votes(q_left, q_right, annotators, noise, rng, tie_margin)
             # Un-shuffle: map sides back to the models.
             va = side_votes["left"] if a_left[k] else side_votes["right"]

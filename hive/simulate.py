@@ -51,13 +51,16 @@ def quality(j: toy.Judgement) -> float:
     return 0.5 * float(j.following) + 0.5 * max(0.0, min(float(j.preservation), stray_preservation))
 
 
-def judged_quality(example: toy.ToyExample, output: Image.Image) -> float:
+def judged_quality(example: toy.ToyExample, output: Image.Image,
+                   targets: Sequence[Image.Image] | None = None) -> float:
     """What a simulated annotator sees of `output`: its `quality` against the best of the
-    targets the instruction describes equally well (`toy.admissible_targets`), so that where an
+    targets the instruction describes equally well (`toy.admissible_targets`, or `targets` when
+    the caller rendered them once for several outputs of the same example), so that where an
     added or moved object sits within its cell, which no instruction names, orders nothing."""
-    size = example.clean_image.size[0]
+    if targets is None:
+        targets = toy.admissible_targets(example.edit, example.clean_image.size[0])
     best = 0.0
-    for target in toy.admissible_targets(example.edit, size):
+    for target in targets:
         best = max(best, quality(toy.judge(example.input_image, target, output)))
         if best == 1.0:
             break
@@ -160,7 +163,8 @@ def toy_variant_qualities(n: int = 200, variants: int = 4, seed: int = SIM_SEED_
     for k in range(n):
         ex = toy.sample_example(seed + k)
         imgs = stand_in_variants(ex, variants, seed + k)
-        out.append(np.array([judged_quality(ex, im) for im in imgs]))
+        targets = toy.admissible_targets(ex.edit)
+        out.append(np.array([judged_quality(ex, im, targets) for im in imgs]))
     return out
 
 
@@ -251,8 +255,10 @@ def simulate(editor, requests: int, variants: int = 4, annotators: int = 1, per_
                 for v, img in zip(vs, imgs):
                     row[v] = img
         outputs += outs
-    qualities = [np.array([judged_quality(e, o) for o in outs])
-                 for e, outs in zip(examples, outputs)]
+    qualities = []
+    for e, outs in zip(examples, outputs):
+        targets = toy.admissible_targets(e.edit)  # rendered once for the request's variants
+        qualities.append(np.array([judged_quality(e, o, targets) for o in outs]))
     calibrated = noise is None
     if noise is None:
         noise = calibrate_noise(qualities, target, tie_margin, seed=seed)

@@ -53,8 +53,8 @@ def main() -> None:
     print(f"{'kind':<12}{'old rule':>10}{'new rule':>10}{'both':>8}")
     for kind, (o, n, b) in counts.items():
         print(f"{kind:<12}{o:>10}{n:>10}{b:>8}")
-    print(f"{'all':<12}{sum(c[0] for c in counts.values()):>10}{sum(c[1] for c in counts.values()):>10}"
-          f"{sum(c[2] for c in counts.values()):>8}")
+    old_all, new_all, both_all = (sum(column) for column in zip(*counts.values()))
+    print(f"{'all':<12}{old_all:>10}{new_all:>10}{both_all:>8}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from db.engine import session_scope
 from db.models import ModelVersion, User, Variant
@@ -90,6 +91,14 @@ def test_the_noise_free_order_ties_qualities_a_person_cannot_tell_apart():
     assert expected_agreement(qualities, noise, seed=5) == pytest.approx(0.72, abs=0.03)
 
 
+def mirrored_in_cell(edit: toy.Edit, index: int) -> Image.Image:
+    """The edit's target with object `index` at its offset mirrored on x: right, elsewhere in its cell."""
+    import dataclasses
+
+    placed = edit.target.objects[index]
+    return edit.target.replace(index, dataclasses.replace(placed, jitter=(-placed.jitter[0], placed.jitter[1]))).render()
+
+
 @pytest.mark.parametrize("kind", ["add", "move"])
 def test_an_added_or_moved_object_anywhere_in_its_cell_is_as_right(kind: str):
     """The instruction names the cell, not the random offset the dataset drew within it."""
@@ -101,8 +110,7 @@ def test_an_added_or_moved_object_anywhere_in_its_cell_is_as_right(kind: str):
         placed = ex.edit.target.objects[index]
         if abs(placed.jitter[0]) * toy.DEFAULT_SIZE >= 1:
             break
-    mirrored = dataclasses.replace(placed, jitter=(-placed.jitter[0], placed.jitter[1]))
-    elsewhere_in_cell = ex.edit.target.replace(index, mirrored).render()
+    elsewhere_in_cell = mirrored_in_cell(ex.edit, index)
     against_the_dataset = quality(toy.judge(ex.input_image, ex.clean_image, elsewhere_in_cell))
     assert against_the_dataset < 1.0 - 0.02  # the one drawn offset would rank it below the target
     assert judged_quality(ex, elsewhere_in_cell) == 1.0 == judged_quality(ex, ex.clean_image)
@@ -310,17 +318,13 @@ def test_reward_errors_reference_scorers_put_the_clean_target_first_and_the_odd_
 def test_quality_rule_pairs_counts_the_pairs_only_the_drawn_offset_ordered():
     """scripts/quality_rule_pairs.py: an add drawn right but elsewhere in its cell ties the dataset's
     target under the new rule, and the unchanged source stays ordered under both."""
-    import dataclasses
-
     from hive.train_reward import ImageCache, Ranking
     from tests.script_loader import load_script
 
     module = load_script("quality_rule_pairs")
 
     def elsewhere_in_cell(ex: toy.ToyExample):  # the added object at its mirrored offset
-        placed = ex.edit.target.objects[-1]
-        moved = dataclasses.replace(placed, jitter=(-placed.jitter[0], placed.jitter[1]))
-        return ex.edit.target.replace(len(ex.edit.target.objects) - 1, moved).render()
+        return mirrored_in_cell(ex.edit, len(ex.edit.target.objects) - 1)
 
     def old_rule_orders_it(seed: int) -> bool:  # the script reads the request's example by seed alone
         ex = toy.sample_example(seed)
