@@ -772,6 +772,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dataset-noise", type=float,
                        help="training noise of the edit dataset behind --dataset-rankings (default 0: clean targets; "
                             "the paper experiment uses its SFT noise, 0.3)")
+        p.add_argument("--dataset-mistakes", action=argparse.BooleanOptionalAction, default=None,
+                       help="make the last of each dataset ranking's corruptions an editor's mistake (the named "
+                            "colour, place or change on another object; a move drawn as a copy; an add elsewhere)")
         p.add_argument("--locator-examples", type=int,
                        help="toy edit triplets to fit the change head's change locator on (where the instruction "
                             "should change the source; e.g. 20000). Default 0: no locator term, it lowered held-out "

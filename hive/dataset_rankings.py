@@ -47,12 +47,14 @@ def resolve_count(requested: int | None, toy_backbone: bool) -> int:
 
 
 @functools.lru_cache(maxsize=2)
-def dataset_examples(n: int, vae_dir: str, seed_base: int = DATASET_RANKING_SEED_BASE, noise: float = 0.0
-                     ) -> tuple[tuple[int, str, Image.Image, tuple[Image.Image, ...]], ...]:
+def dataset_examples(n: int, vae_dir: str, seed_base: int = DATASET_RANKING_SEED_BASE, noise: float = 0.0,
+                     mistakes: bool = False) -> tuple[tuple[int, str, Image.Image, tuple[Image.Image, ...]], ...]:
     """(seed, instruction, source, (target, corruption, corruption, corruption)) for `n` toy
     training seeds; kept in memory for the process (an experiment trains several models on them).
     `noise` > 0: the target is the one a dataset with that much training noise holds (`toy.sample_example`),
-    itself a corruption in about that share of the rankings."""
+    itself a corruption in about that share of the rankings. `mistakes`: the last corruption is an
+    editor's mistake (`toy.editor_mistake`: the named change on another object, a move drawn as a
+    copy, an add in another cell) where the edit allows one; the first two are the same either way."""
     from diffusers import AutoencoderKL
 
     from hive.train_vae import vae_roundtrip
@@ -62,21 +64,25 @@ def dataset_examples(n: int, vae_dir: str, seed_base: int = DATASET_RANKING_SEED
         ex = toy.sample_example(seed_base + k, noise=noise)
         rng = np.random.default_rng([seed_base + k, 11])
         examples.append(ex)
-        renders += [ex.edited_image] + [toy.corrupt(ex.edit, rng)[0] for _ in range(CORRUPTIONS_PER_RANKING)]
+        wrong = [toy.corrupt(ex.edit, rng)[0] for _ in range(CORRUPTIONS_PER_RANKING)]
+        mistake = toy.editor_mistake(ex.edit, np.random.default_rng([seed_base + k, 12])) if mistakes else None
+        if mistake is not None:
+            wrong[-1] = mistake[0]
+        renders += [ex.edited_image] + wrong
     decoded = vae_roundtrip(AutoencoderKL.from_pretrained(vae_dir).eval(), np.stack([np.asarray(im) for im in renders]))
     per = 1 + CORRUPTIONS_PER_RANKING
     return tuple((seed_base + k, ex.edit.instruction, ex.input_image,
                   tuple(Image.fromarray(a) for a in decoded[k * per:(k + 1) * per])) for k, ex in enumerate(examples))
 
 
-def dataset_rankings(n: int, cache, vae_dir: str | Path, noise: float = 0.0) -> list:
+def dataset_rankings(n: int, cache, vae_dir: str | Path, noise: float = 0.0, mistakes: bool = False) -> list:
     """`n` dataset rankings, their images put into `cache` (a `train_reward.ImageCache`) under
     `KEY_PREFIX` keys. Request ids are negative, apart from every stored request's. `noise`: that of
-    the edit dataset the rankings come from (see `dataset_examples`)."""
+    the edit dataset the rankings come from, `mistakes` (see `dataset_examples`)."""
     from hive.train_reward import Ranking
 
     rankings = []
-    for seed, instruction, source, variants in dataset_examples(n, str(vae_dir), noise=noise):
+    for seed, instruction, source, variants in dataset_examples(n, str(vae_dir), noise=noise, mistakes=mistakes):
         src_key = f"{KEY_PREFIX}{seed}:source"
         cache.images[src_key] = source
         keys = []

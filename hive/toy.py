@@ -314,6 +314,48 @@ def corrupt(edit: Edit, rng: np.random.Generator, size: int = DEFAULT_SIZE) -> t
     return target.render(size), "extra_change"
 
 
+EDITOR_MISTAKES = ("named_change_on_other_object", "move_as_copy", "added_elsewhere")
+
+
+def editor_mistake(edit: Edit, rng: np.random.Generator, size: int = DEFAULT_SIZE) -> tuple[Image.Image, str] | None:
+    """The edit done wrong the way a diffusion editor gets it wrong, and the mistake's name; None
+    when the edit allows none (a background). `corrupt` models a dataset's noise, whose wrong
+    object gets a random colour or cell, so a model learns from it only that the named colour or
+    place did not appear; an editor puts the *named* colour or place on the wrong object, or draws
+    a moved object at its new place and leaves it at the old one (docs/reward.md, session 28)."""
+    source, target = edit.source, edit.target
+    if edit.kind == "add":
+        new = target.objects[-1]
+        other_cells = [c for c in source.empty_cells() if c != new.cell]
+        if not other_cells:
+            return None
+        moved = dataclasses.replace(new, cell=other_cells[int(rng.integers(len(other_cells)))])
+        return Scene(source.objects + (moved,), source.background).render(size), "added_elsewhere"
+    if edit.kind not in ("remove", "recolour", "move", "resize"):
+        return None
+    i = edit.touched[0]
+    others = [j for j in range(len(source.objects)) if j != i]
+    if edit.kind == "move" and (not others or rng.random() < 0.5):
+        # drawn at the new place, left at the old one
+        return Scene(target.objects + (source.objects[i],), source.background).render(size), "move_as_copy"
+    if edit.kind == "recolour":
+        colour = target.objects[i].colour
+        others = [j for j in others if source.objects[j].colour != colour]
+    if not others:
+        return None
+    j = others[int(rng.integers(len(others)))]
+    o = source.objects[j]
+    if edit.kind == "remove":
+        wrong = source.replace(j, None)
+    elif edit.kind == "recolour":
+        wrong = source.replace(j, dataclasses.replace(o, colour=target.objects[i].colour))
+    elif edit.kind == "move":
+        wrong = source.replace(j, dataclasses.replace(o, cell=target.objects[i].cell))
+    else:
+        wrong = source.replace(j, dataclasses.replace(o, size="large" if o.size == "small" else "small"))
+    return wrong.render(size), "named_change_on_other_object"
+
+
 def _apply_like(edit: Edit, scene: Scene, j: int, rng: np.random.Generator) -> Scene | None:
     o = scene.objects[j]
     if edit.kind == "remove":

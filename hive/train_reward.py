@@ -343,6 +343,9 @@ class RewardTrainConfig:
     # training noise of the edit dataset those rankings come from: > 0, the rank-1 target is itself a
     # corruption in that share of them, as in a noisy dataset (the paper experiment's baseline data)
     dataset_noise: float = 0.0
+    # the last of each dataset ranking's three corruptions is an editor's mistake (toy.editor_mistake:
+    # the named colour, place or change on another object, a move drawn as a copy) where one exists
+    dataset_mistakes: bool = False
     # toy edit triplets the change head's change locator is fitted on (hive.change_locator; 0: no
     # locator term, the default: it lowered held-out accuracy on both toy simulations)
     locator_examples: int = 0
@@ -627,7 +630,8 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
         model.change_locator.load_state_dict(state)
     cache = ImageCache()
     n_dataset = resolve_count(config.dataset_rankings, toy_backbone)
-    extra = dataset_rankings(n_dataset, cache, DEFAULT_EDITOR / "vae", noise=config.dataset_noise) if n_dataset else []
+    extra = dataset_rankings(n_dataset, cache, DEFAULT_EDITOR / "vae", noise=config.dataset_noise,
+                             mistakes=config.dataset_mistakes) if n_dataset else []
     if any(p.requires_grad for p in model.clip.parameters()):
         model, loss_value, stopped, selected = _train_end_to_end(model, train, out, config, cache, progress, extra)
     else:

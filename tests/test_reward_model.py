@@ -424,6 +424,26 @@ def test_dataset_rankings_rank_the_dataset_target_above_its_corruptions():
         resolve_count(-1, toy_backbone=True)
 
 
+def test_dataset_mistakes_replace_only_the_last_corruption():
+    from hive.dataset_rankings import dataset_examples
+    from hive.zoo import DEFAULT_EDITOR
+
+    plain = dataset_examples(6, str(DEFAULT_EDITOR / "vae"))
+    mistaken = dataset_examples(6, str(DEFAULT_EDITOR / "vae"), mistakes=True)
+    replaced = changed = 0
+    for (seed, _, _, a), (_, _, _, b) in zip(plain, mistaken):
+        for k in range(3):  # the target and the first two corruptions are the same images
+            assert np.array_equal(np.asarray(a[k]), np.asarray(b[k]))
+        mistake = toy.editor_mistake(toy.sample_example(seed).edit, np.random.default_rng([seed, 12]))
+        if mistake is None:
+            assert np.array_equal(np.asarray(a[3]), np.asarray(b[3]))
+        else:  # the last is the mistake, through the VAE (a remove's may be the corruption it replaced)
+            replaced += 1
+            assert np.abs(np.asarray(b[3], dtype=float) - np.asarray(mistake[0], dtype=float)).mean() < 12
+            changed += not np.array_equal(np.asarray(a[3]), np.asarray(b[3]))
+    assert replaced >= 3 and changed >= 2
+
+
 def test_noisy_dataset_rankings_put_the_noisy_datasets_target_first():
     from hive.dataset_rankings import KEY_PREFIX, dataset_rankings
     from hive.train_reward import ImageCache

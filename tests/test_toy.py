@@ -198,3 +198,30 @@ def test_following_pixels_are_what_the_judge_reads():
             assert judgement.following == pytest.approx(float(right[read].mean()))
         read, right = toy.following_pixels(ex.input_image, ex.clean_image, ex.input_image)
         assert not right[read].all()  # the unedited source is wrong somewhere the edit should change
+
+
+def test_editor_mistakes_put_the_named_change_in_the_wrong_place_and_the_judge_fails_them():
+    """Each mistake keeps the instruction's colour or place (what `corrupt` randomises) and is
+    still a failed edit; a move as a copy keeps the object at its old place too."""
+    seen = set()
+    for seed in range(200):
+        ex = toy.sample_example(seed)
+        mistake = toy.editor_mistake(ex.edit, np.random.default_rng(seed))
+        if ex.edit.kind == "background":
+            assert mistake is None
+        if mistake is None:
+            continue
+        image, name = mistake
+        assert name in toy.EDITOR_MISTAKES
+        seen.add((ex.edit.kind, name))
+        assert not toy.judge(ex.input_image, ex.clean_image, image).success, (name, ex.edit.instruction)
+        pixels = np.asarray(image).reshape(-1, 3)
+        if ex.edit.kind in ("recolour", "add"):  # the named colour is there
+            named = ex.edit.target.objects[-1 if ex.edit.kind == "add" else ex.edit.touched[0]].colour
+            assert (pixels == toy.COLOURS[named]).all(-1).any()
+        if name == "move_as_copy":  # the object drawn at both places: more of its colour than the target
+            colour = toy.COLOURS[ex.edit.source.objects[ex.edit.touched[0]].colour]
+            target = np.asarray(ex.clean_image).reshape(-1, 3)
+            assert (pixels == colour).all(-1).sum() > (target == colour).all(-1).sum()
+    assert {name for _, name in seen} == set(toy.EDITOR_MISTAKES)
+    assert {kind for kind, _ in seen} == {"add", "remove", "recolour", "move", "resize"}
