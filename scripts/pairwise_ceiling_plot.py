@@ -19,20 +19,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, as scripts/reward_curves.py
-from hive.evaluate import expected_blind_pairwise, judgement_of, read_judgements  # noqa: E402
+from hive.evaluate import annotator_quality, expected_blind_pairwise, read_judgements  # noqa: E402
 from hive.files import write_json_atomic  # noqa: E402
-from hive.simulate import quality  # noqa: E402
 
 REPEATS = 100
 
 
 def judged(path: str, ids: list[str] | None = None) -> tuple[list[str], list[float], list[bool]]:
-    """Edit ids, judged qualities and successes of one judgements.jsonl, read once, in `ids` order."""
+    """Edit ids, the qualities the simulated annotators see (`annotator_quality`) and judge
+    successes of one judgements.jsonl, read once, in `ids` order."""
     rows = read_judgements(Path(path))
     if ids is not None and sorted(rows) != ids:
         raise SystemExit(f"{path} judges other edits than the baseline")
     ids = ids or sorted(rows)
-    return ids, [quality(judgement_of(rows[i])) for i in ids], [bool(rows[i]["success"]) for i in ids]
+    return ids, [annotator_quality(rows[i]) for i in ids], [bool(rows[i]["success"]) for i in ids]
 
 
 def main(out: str, baseline: str, specs: list[str]) -> None:
