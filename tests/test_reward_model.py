@@ -442,6 +442,10 @@ def test_dataset_mistakes_replace_only_the_last_corruption():
             assert np.abs(np.asarray(b[3], dtype=float) - np.asarray(mistake[0], dtype=float)).mean() < 12
             changed += not np.array_equal(np.asarray(a[3]), np.asarray(b[3]))
     assert replaced >= 3 and changed >= 2
+    from hive.cli import _reward_config, build_parser
+
+    assert _reward_config(build_parser().parse_args(["train-reward", "--dataset-mistakes"])).dataset_mistakes
+    assert not _reward_config(build_parser().parse_args(["train-reward"])).dataset_mistakes
 
 
 def test_noisy_dataset_rankings_put_the_noisy_datasets_target_first():
