@@ -339,20 +339,17 @@ def editor_mistake(edit: Edit, rng: np.random.Generator, size: int = DEFAULT_SIZ
         # drawn at the new place, left at the old one
         return Scene(target.objects + (source.objects[i],), source.background).render(size), "move_as_copy"
     if edit.kind == "recolour":
-        colour = target.objects[i].colour
-        others = [j for j in others if source.objects[j].colour != colour]
+        others = [j for j in others if source.objects[j].colour != target.objects[i].colour]
     if not others:
         return None
     j = others[int(rng.integers(len(others)))]
-    o = source.objects[j]
-    if edit.kind == "remove":
-        wrong = source.replace(j, None)
-    elif edit.kind == "recolour":
-        wrong = source.replace(j, dataclasses.replace(o, colour=target.objects[i].colour))
-    elif edit.kind == "move":
-        wrong = source.replace(j, dataclasses.replace(o, cell=target.objects[i].cell))
-    else:
-        wrong = source.replace(j, dataclasses.replace(o, size="large" if o.size == "small" else "small"))
+    if edit.kind in ("recolour", "move"):  # the named colour or cell, not a random one as in `corrupt`
+        named = target.objects[i]
+        o = source.objects[j]
+        wrong = source.replace(j, dataclasses.replace(o, colour=named.colour) if edit.kind == "recolour"
+                               else dataclasses.replace(o, cell=named.cell))
+    else:  # a remove or a resize names no colour or place: `corrupt`'s wrong object is already the mistake
+        wrong = _apply_like(edit, source, j, rng)
     return wrong.render(size), "named_change_on_other_object"
 
 

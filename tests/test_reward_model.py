@@ -425,6 +425,7 @@ def test_dataset_rankings_rank_the_dataset_target_above_its_corruptions():
 
 
 def test_dataset_mistakes_replace_only_the_last_corruption():
+    from hive.cli import _reward_config, build_parser
     from hive.dataset_rankings import dataset_examples
     from hive.zoo import DEFAULT_EDITOR
 
@@ -442,8 +443,6 @@ def test_dataset_mistakes_replace_only_the_last_corruption():
             assert np.abs(np.asarray(b[3], dtype=float) - np.asarray(mistake[0], dtype=float)).mean() < 12
             changed += not np.array_equal(np.asarray(a[3]), np.asarray(b[3]))
     assert replaced >= 3 and changed >= 2
-    from hive.cli import _reward_config, build_parser
-
     assert _reward_config(build_parser().parse_args(["train-reward", "--dataset-mistakes"])).dataset_mistakes
     assert not _reward_config(build_parser().parse_args(["train-reward"])).dataset_mistakes
 
