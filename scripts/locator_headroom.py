@@ -1,0 +1,104 @@
+"""How much a change locator could add to a reward model on a simulated store (docs/reward.md, session 29).
+
+    python scripts/locator_headroom.py SIM_HOME REWARD_MODEL [--test-requests 300] [--locator-examples 20000]
+
+A change locator says where the instruction should change the source (`hive.change_locator`); the
+reward model's worst pairs are binding mistakes (the named change on the wrong object), which a
+locator that knew the place would catch. This compares, on the experiment's held-out requests
+(`split_experiment`) and on the vision tower's patch grid, two maps of the expected change:
+
+- "oracle": the patches that any admissible clean toy target changes (`toy.admissible_targets`),
+  a map no reward model has (it reads the toy seed): the headroom;
+- "locator": the learned `ChangeLocator`, fitted on `--locator-examples` toy training edits.
+
+For each map: cover (the share of the expected place that changed) minus spill (the share of the
+rest that changed), alone and added to the reward model's score (both standardised over the
+pairs, weight 1: one fixed rule, not tuned), as pairwise accuracy against the noise-free order by
+quality gap and by kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hive import toy  # noqa: E402
+from hive.change_locator import DEFAULT_STEPS, changed_share, toy_change_locator  # noqa: E402
+from hive.reward import RewardModel  # noqa: E402
+from hive.simulate import truly_ordered_pairs  # noqa: E402
+from hive.train_reward import ImageCache, rankings_from_db, score_rankings, split_experiment  # noqa: E402
+
+GAPS = ((0.0, 0.05), (0.05, 0.14), (0.14, np.inf))
+
+
+def cover_minus_spill(changed: torch.Tensor, expected: torch.Tensor) -> np.ndarray:
+    """(variants, patches) changed shares against a (patches,) expected map in [0, 1]."""
+    cover = (changed * expected).sum(1) / expected.sum().clamp(min=1e-6)
+    spill = (changed * (1 - expected)).sum(1) / (1 - expected).sum().clamp(min=1e-6)
+    return (cover - spill).numpy()
+
+
+def accuracy(diff: np.ndarray, truth: np.ndarray) -> float:
+    """Pairs (a, b) with a truly better: 1 when diff > 0, 0.5 when tied, else 0."""
+    return float(np.mean(np.where(diff == 0, 0.5, (np.sign(diff) == np.sign(truth)).astype(float))))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("home", type=Path)
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--test-requests", type=int, default=300)
+    ap.add_argument("--locator-examples", type=int, default=20_000)
+    ap.add_argument("--locator-steps", type=int, default=DEFAULT_STEPS)
+    args = ap.parse_args()
+    rankings = rankings_from_db(f"sqlite:///{args.home / 'hive.db'}", home=args.home)
+    _, test = split_experiment(rankings, args.test_requests)
+    cache = ImageCache()
+    rewards = score_rankings(RewardModel.from_pretrained(args.model), test, cache)
+    backbone = RewardModel.from_pretrained(args.model).config.backbone
+    probe = RewardModel.from_backbone(backbone, change_locator=True)
+    state, fit = toy_change_locator(backbone, args.locator_examples, args.locator_steps)
+    probe.change_locator.load_state_dict(state)
+    print(f"locator fitted on {fit['examples']} toy edits, {fit['steps']} steps: {fit['val_mass_on_changed']:.3f} of its mass on the "
+          f"{fit['val_changed_share']:.3f} of patches that change (held out)")
+    # per pair: true gap, kind, reward diff, oracle diff, locator diff
+    gaps, kinds, diffs = [], [], []
+    with torch.no_grad():
+        for r, s in zip(test, rewards):
+            source = cache(r.source_path)
+            variants = [cache(p) for p in r.variant_paths]
+            edit = toy.sample_example(r.toy_seed).edit
+            oracle = torch.stack([changed_share(probe, [source], [t])[0]
+                                  for t in toy.admissible_targets(edit)]).amax(0)
+            oracle = (oracle > 0).float()
+            src = probe.encode_images(probe.pixel_values([source]))
+            text = probe.tokenize([r.instruction])
+            text = probe.encode_text(text["input_ids"], text["attention_mask"])
+            learned = probe.with_expected_change(src, text)["expected_change"][0]
+            changed = changed_share(probe, [source] * len(variants), variants)
+            o, lo = cover_minus_spill(changed, oracle), cover_minus_spill(changed, learned)
+            q = list(r.true_quality)
+            for a, b, _ in truly_ordered_pairs(q):
+                gaps.append(q[a] - q[b])
+                kinds.append(edit.kind)
+                diffs.append((s[a] - s[b], o[a] - o[b], lo[a] - lo[b]))
+    gap, kind, d = np.array(gaps), np.array(kinds), np.array(diffs)
+    z = d / d.std(0).clip(min=1e-12)
+    scorers = {"reward model": d[:, 0], "oracle map": d[:, 1], "reward + oracle": z[:, 0] + z[:, 1],
+               "locator": d[:, 2], "reward + locator": z[:, 0] + z[:, 2]}
+    groups = [("all", np.ones(len(gap), bool))]
+    groups += [(f"gap {lo:g}-{hi:g}", (abs(gap) >= lo) & (abs(gap) < hi)) for lo, hi in GAPS]
+    groups += [(k, kind == k) for k in sorted(set(kinds))]
+    print(f"{'pairs':<16}{'n':>5}" + "".join(f"{name:>18}" for name in scorers))
+    for name, sel in groups:
+        print(f"{name:<16}{int(sel.sum()):>5}" + "".join(f"{accuracy(x[sel], gap[sel]):>18.3f}" for x in scorers.values()))
+
+
+if __name__ == "__main__":
+    main()
