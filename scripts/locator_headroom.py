@@ -20,6 +20,7 @@ quality gap and by kind.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -30,9 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hive import toy  # noqa: E402
 from hive.change_locator import DEFAULT_STEPS, changed_share, toy_change_locator  # noqa: E402
+from hive.files import write_json_atomic  # noqa: E402
 from hive.reward import RewardModel  # noqa: E402
 from hive.simulate import truly_ordered_pairs  # noqa: E402
-from hive.train_reward import ImageCache, rankings_from_db, score_rankings, split_experiment  # noqa: E402
+from hive.train_reward import (  # noqa: E402
+    ImageCache,
+    rankings_from_db,
+    score_rankings,
+    split_experiment,
+)
 
 GAPS = ((0.0, 0.05), (0.05, 0.14), (0.14, np.inf))
 
@@ -56,6 +63,8 @@ def main() -> None:
     ap.add_argument("--test-requests", type=int, default=300)
     ap.add_argument("--locator-examples", type=int, default=20_000)
     ap.add_argument("--locator-steps", type=int, default=DEFAULT_STEPS)
+    ap.add_argument("--json", type=Path, help="write the table here")
+    ap.add_argument("--plot", type=Path, help="draw accuracy by quality gap as a PNG")
     args = ap.parse_args()
     rankings = rankings_from_db(f"sqlite:///{args.home / 'hive.db'}", home=args.home)
     _, test = split_experiment(rankings, args.test_requests)
@@ -95,9 +104,42 @@ def main() -> None:
     groups = [("all", np.ones(len(gap), bool))]
     groups += [(f"gap {lo:g}-{hi:g}", (abs(gap) >= lo) & (abs(gap) < hi)) for lo, hi in GAPS]
     groups += [(k, kind == k) for k in sorted(set(kinds))]
+    table = {name: {"pairs": int(sel.sum()), **{k: accuracy(x[sel], gap[sel]) for k, x in scorers.items()}}
+             for name, sel in groups if sel.any()}
     print(f"{'pairs':<16}{'n':>5}" + "".join(f"{name:>18}" for name in scorers))
-    for name, sel in groups:
-        print(f"{name:<16}{int(sel.sum()):>5}" + "".join(f"{accuracy(x[sel], gap[sel]):>18.3f}" for x in scorers.values()))
+    for name, row in table.items():
+        print(f"{name:<16}{row['pairs']:>5}" + "".join(f"{row[k]:>18.3f}" for k in scorers))
+    if args.json:
+        write_json_atomic(args.json, {"home": str(args.home), "model": str(args.model), "locator": fit,
+                                      "table": table})
+    if args.plot:
+        plot(table, list(scorers), args.plot, f"{args.home}: held-out pairs by quality gap")
+
+
+def plot(table: dict, scorers: list[str], out: Path, title: str) -> None:
+    """Grouped bars: each scorer's accuracy on all pairs and on each quality-gap band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [g for g in table if g == "all" or g.startswith("gap")]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(scorers)
+    for i, name in enumerate(scorers):
+        ax.bar([g + i * width for g in range(len(groups))], [table[g][name] for g in groups], width, label=name)
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))],
+                  [f"{g} ({table[g]['pairs']} pairs)" for g in groups])
+    ax.set_ylim(0.4, 1.02)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_ylabel("accuracy against the noise-free order")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=120)
+    os.replace(tmp, out)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
