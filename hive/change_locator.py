@@ -13,7 +13,10 @@ change_locator`): the share of the expected place that changed (cover), and of t
 Off by default (`--locator-examples 0`), because it did not pay: the locator itself works (on
 held-out toy edits 80% of its expected change falls on the 26% of patches that change), but
 trained into the heads it lowered both simulations' held-out accuracy (0.653 -> 0.627 and
-0.726 -> 0.679, docs/reward.md, session 10). It needs a frozen backbone (it reads the features
+0.726 -> 0.679, docs/reward.md, session 10). The idea is sound, the map is the limit: with the true
+map in its place, cover minus spill alone orders 0.928 and 0.840 of two simulations' held-out pairs,
+against 0.869 and 0.648 with this locator's (`scripts/locator_headroom.py`, session 29): it finds
+an object to change, not reliably the named one. It needs a frozen backbone (it reads the features
 it was fitted on) and the change head. Toy edits only: for real photos the same fit would run on an edit
 dataset's triplets (`fit_change_locator` takes any), which is not built.
 """
