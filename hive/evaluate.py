@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import textwrap
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from tqdm.auto import tqdm
 
 from hive import simulate, toy
 from hive.editor import DEFAULT_GUIDANCE, Editor
-from hive.files import save_png_atomic, write_json_atomic, write_jsonl_atomic
+from hive.files import save_figure_atomic, save_png_atomic, write_json_atomic, write_jsonl_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -302,9 +301,7 @@ def plot_tradeoff(curves: dict[str, dict], out_png: Path, title: str | None = No
         draw_tradeoff(ax, curves, title)
         fig.tight_layout()
         out_png.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_png.with_name(f".{out_png.name}.tmp")
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, out_png)
+        save_figure_atomic(fig, out_png)
     finally:
         plt.close(fig)
     return out_png

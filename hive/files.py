@@ -21,6 +21,13 @@ def save_png_atomic(img: Image.Image, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def save_figure_atomic(fig, path: Path, **savefig_kwargs) -> None:
+    """A matplotlib figure as a PNG, written beside `path` and renamed onto it."""
+    tmp = _tmp_for(path)
+    fig.savefig(tmp, format="png", **savefig_kwargs)
+    os.replace(tmp, path)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = _tmp_for(path)
     tmp.write_text(text)

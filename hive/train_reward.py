@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hive.files import write_json_atomic
+from hive.files import save_figure_atomic, write_json_atomic
 from hive.reward import RewardConfig, RewardModel, clip_directional
 from hive.simulate import TRUE_ORDER_RESOLUTION, noisy_ranks, score_agreement, truly_ordered_pairs
 
@@ -1165,7 +1165,7 @@ def finish_curve_chart(fig, ax, path: Path | str) -> None:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure_atomic(fig, Path(path), dpi=120)
     plt.close(fig)
 
 

@@ -20,7 +20,6 @@ quality gap and by kind.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -31,17 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hive import toy  # noqa: E402
 from hive.change_locator import DEFAULT_STEPS, changed_share, toy_change_locator  # noqa: E402
-from hive.files import write_json_atomic  # noqa: E402
+from hive.files import save_figure_atomic, write_json_atomic  # noqa: E402
 from hive.reward import RewardModel  # noqa: E402
 from hive.simulate import truly_ordered_pairs  # noqa: E402
-from hive.train_reward import (  # noqa: E402
-    ImageCache,
-    rankings_from_db,
-    score_rankings,
-    split_experiment,
-)
-
-GAPS = ((0.0, 0.05), (0.05, 0.14), (0.14, np.inf))
+from hive.train_reward import ImageCache, rankings_from_db, score_rankings, split_experiment  # noqa: E402
+from reward_errors import GAPS  # noqa: E402  (scripts/, the script's own folder, is on sys.path)
 
 
 def cover_minus_spill(changed: torch.Tensor, expected: torch.Tensor) -> np.ndarray:
@@ -52,7 +45,8 @@ def cover_minus_spill(changed: torch.Tensor, expected: torch.Tensor) -> np.ndarr
 
 
 def accuracy(diff: np.ndarray, truth: np.ndarray) -> float:
-    """Pairs (a, b) with a truly better: 1 when diff > 0, 0.5 when tied, else 0."""
+    """`hive.simulate.score_agreement`'s rule (1 right, 0.5 tied, 0 wrong) over arrays of pair
+    differences, so that any subset of the pairs can be scored."""
     return float(np.mean(np.where(diff == 0, 0.5, (np.sign(diff) == np.sign(truth)).astype(float))))
 
 
@@ -69,8 +63,9 @@ def main() -> None:
     rankings = rankings_from_db(f"sqlite:///{args.home / 'hive.db'}", home=args.home)
     _, test = split_experiment(rankings, args.test_requests)
     cache = ImageCache()
-    rewards = score_rankings(RewardModel.from_pretrained(args.model), test, cache)
-    backbone = RewardModel.from_pretrained(args.model).config.backbone
+    reward_model = RewardModel.from_pretrained(args.model)
+    rewards = score_rankings(reward_model, test, cache)
+    backbone = reward_model.config.backbone
     probe = RewardModel.from_backbone(backbone, change_locator=True)
     state, fit = toy_change_locator(backbone, args.locator_examples, args.locator_steps)
     probe.change_locator.load_state_dict(state)
@@ -83,9 +78,8 @@ def main() -> None:
             source = cache(r.source_path)
             variants = [cache(p) for p in r.variant_paths]
             edit = toy.sample_example(r.toy_seed).edit
-            oracle = torch.stack([changed_share(probe, [source], [t])[0]
-                                  for t in toy.admissible_targets(edit)]).amax(0)
-            oracle = (oracle > 0).float()
+            targets = toy.admissible_targets(edit)
+            oracle = (changed_share(probe, [source] * len(targets), targets).amax(0) > 0).float()
             src = probe.encode_images(probe.pixel_values([source]))
             text = probe.tokenize([r.instruction])
             text = probe.encode_text(text["input_ids"], text["attention_mask"])
@@ -136,9 +130,7 @@ def plot(table: dict, scorers: list[str], out: Path, title: str) -> None:
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=120)
-    os.replace(tmp, out)
+    save_figure_atomic(fig, out, dpi=120)
     plt.close(fig)
 
 

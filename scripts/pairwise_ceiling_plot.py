@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, as scripts/reward_curves.py
 from hive.evaluate import annotator_quality, expected_blind_pairwise, read_judgements  # noqa: E402
-from hive.files import write_json_atomic  # noqa: E402
+from hive.files import save_figure_atomic, write_json_atomic  # noqa: E402
 
 REPEATS = 100
 
@@ -78,7 +78,7 @@ def main(out: str, baseline: str, specs: list[str]) -> None:
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    save_figure_atomic(fig, Path(out), dpi=120)
     write_json_atomic(Path(out).with_suffix(".json"), {"baseline": baseline, "baseline_success": base_success,
                                                        "editors": points, "clean_target": clean, "between": between})
     print(f"wrote {out}")
