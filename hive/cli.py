@@ -779,6 +779,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="toy edit triplets to fit the change head's change locator on (where the instruction "
                             "should change the source; e.g. 20000). Default 0: no locator term, it lowered held-out "
                             "accuracy on both toy simulations (hive/change_locator.py, docs/reward.md)")
+        p.add_argument("--direction-examples", type=int,
+                       help="captioned toy edit triplets to fit the direction predictor on (the caption direction "
+                            "an instruction asks for, which the direction prior then reads instead of the "
+                            "instruction's own CLIP features; e.g. 20000; hive/direction_predictor.py). Default 0")
         p.add_argument("--val-fraction", type=float, help="train requests held out for early stopping (0: none)")
         p.add_argument("--patience", type=int, help="validations without improvement before stopping")
         p.add_argument("--one-se-rule", action=argparse.BooleanOptionalAction, default=None,

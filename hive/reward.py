@@ -17,6 +17,7 @@ A saved model is a folder that describes itself, loading offline with one call:
     reward/backbone/          the (fine-tuned) CLIPModel + tokenizer + image processor
     reward/head.safetensors   the head's weights
     reward/change_locator.safetensors   with `change_locator`: where the instruction should change the source
+    reward/direction_predictor.safetensors   with `direction_predictor`: the caption direction it should move it in
 
 `score()` returns rewards normalised by the training set's mean and std (the score scale), so
 rewards from different runs are on comparable scales for the fine-tuning issue.
@@ -36,6 +37,7 @@ from PIL import Image
 from torch import nn
 
 from hive.change_locator import ChangeLocator
+from hive.direction_predictor import DirectionPredictor
 from hive.train_clip import CLIP_MEAN, CLIP_STD
 
 MODEL_TYPE = "hive-reward"
@@ -66,6 +68,10 @@ class RewardConfig:
     # change head: a term comparing the edit's change with where a `hive.change_locator.ChangeLocator`
     # (fitted apart on edit triplets, frozen) expects it: the expected place's changed share and the rest's
     change_locator: bool = False
+    # change head: the direction prior's text side is the caption direction a `hive.direction_predictor.
+    # DirectionPredictor` (fitted apart on captioned edit triplets, frozen) predicts from the source and
+    # the instruction, instead of T(instruction); needs direction_prior != 0
+    direction_predictor: bool = False
     # change head, != 0: a term for the share of specks, the changed pixels no 3x3 block of changed
     # pixels covers (isolated dots, one- or two-pixel rims and ghosts: what the annotators count as
     # stray pixels), standardised, with this starting weight; the share also joins each change token.
@@ -152,10 +158,11 @@ class ChangeHead(nn.Module):
 
     What makes an edit good is local: the named thing changed as asked and nothing else did.
     - direction prior (`direction_prior` > 0): the backbone's CLIP directional similarity
-      against the instruction, standardised, times a learned weight that starts at
-      `direction_prior`: with a backbone trained on edits (`train clip --edits`) that score orders
-      variants before any ranking is seen, and the rankings then correct it instead of having to
-      find it among all the features;
+      against the instruction (with `direction_predictor`: against the caption direction
+      `hive.direction_predictor` predicts from the source and the instruction), standardised,
+      times a learned weight that starts at `direction_prior`: with a backbone trained on edits
+      (`train clip --edits`) that score orders variants before any ranking is seen, and the
+      rankings then correct it instead of having to find it among all the features;
     - locator prior (`change_locator`): the share of the patches the instruction should change
       (`hive.change_locator`) that changed (cover), and the share of the others (spill),
       standardised, times learned weights that start at +1 and -2 (picked on one simulation's
@@ -233,8 +240,9 @@ class ChangeHead(nn.Module):
         kept = pix[..., KEEP_COLUMN].mean(1, keepdim=True)
         t = self.text_norm(text["pooled"])
         out = self.kept_norm(kept)[:, 0] * (self.w + self.gate(t)[:, 0])
-        if self.direction_prior:
-            out = out + self.a * self.cos_norm(direction_cosine(src["pooled"], edit["pooled"], text["pooled"]))[:, 0]
+        if self.direction_prior:  # against the predicted caption direction when there is one
+            direction = text.get("expected_direction", text["pooled"])
+            out = out + self.a * self.cos_norm(direction_cosine(src["pooled"], edit["pooled"], direction))[:, 0]
         if self.locator_term:
             expected = text["expected_change"]  # RewardModel.with_expected_change, or FeatureCache
             changed = 1 - pix[..., KEEP_COLUMN]
@@ -296,6 +304,12 @@ class RewardModel(nn.Module):
         self.change_locator: ChangeLocator | None = None
         if config.change_locator:  # fitted apart (hive.change_locator), then frozen
             self.change_locator = ChangeLocator(int(vision.hidden_size), text_dim, n_patches).requires_grad_(False)
+        self.direction_predictor: DirectionPredictor | None = None
+        if config.direction_predictor:  # fitted apart (hive.direction_predictor), then frozen
+            if config.head_type != "change" or not config.direction_prior:
+                raise ValueError("direction_predictor feeds the change head's direction prior: it needs "
+                                 "head_type='change' and direction_prior != 0")
+            self.direction_predictor = DirectionPredictor(d, text_dim, d).requires_grad_(False)
         self.apply_freeze(config.freeze_layers)
 
     # -- construction -------------------------------------------------------------------------
@@ -339,6 +353,8 @@ class RewardModel(nn.Module):
         model.head.load_state_dict(state)
         if model.change_locator is not None:
             model.change_locator.load_state_dict(load_file(str(path / "change_locator.safetensors")))
+        if model.direction_predictor is not None:
+            model.direction_predictor.load_state_dict(load_file(str(path / "direction_predictor.safetensors")))
         model.eval()
         return model
 
@@ -362,6 +378,9 @@ class RewardModel(nn.Module):
         if self.change_locator is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in self.change_locator.state_dict().items()},
                       str(tmp / "change_locator.safetensors"))
+        if self.direction_predictor is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.direction_predictor.state_dict().items()},
+                      str(tmp / "direction_predictor.safetensors"))
         (tmp / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -437,10 +456,10 @@ class RewardModel(nn.Module):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """`pooled`: projected, L2-normalised text features; `tokens` and `mask`: the text tower's
         hidden states at `text_token_layer`, for the change head's cross-attention; `words` (with a
-        change locator): the token + position embeddings, what it reads (the toy CLIP's layers wash
-        out shape and position words)."""
+        change locator or a direction predictor): the token + position embeddings, what they read (the
+        toy CLIP's layers wash out shape and position words)."""
         layer = self.config.text_token_layer
-        words = self.change_locator is not None
+        words = self.change_locator is not None or self.direction_predictor is not None
         out = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask,
                                    output_hidden_states=layer != -1 or words, return_dict=True)
         tokens = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
@@ -452,11 +471,14 @@ class RewardModel(nn.Module):
 
     def with_expected_change(self, src: dict, text: dict) -> dict:
         """`text` plus, with a change locator, `expected_change`: (rows, patches) in [0, 1], where
-        the instruction should change the source."""
-        if self.change_locator is None:
-            return text
-        logits = self.change_locator(src["last_patches"], text["words"], text["mask"])
-        return {**text, "expected_change": torch.sigmoid(logits)}
+        the instruction should change the source; with a direction predictor, `expected_direction`:
+        (rows, proj_dim) unit vectors, the caption direction it should move the source in."""
+        out = dict(text)
+        if self.change_locator is not None:
+            out["expected_change"] = torch.sigmoid(self.change_locator(src["last_patches"], text["words"], text["mask"]))
+        if self.direction_predictor is not None:
+            out["expected_direction"] = self.direction_predictor(src["pooled"], text["words"], text["mask"])
+        return out
 
     def head_forward(self, src: dict, edit: dict, text: dict, members: bool = False) -> torch.Tensor:
         """Raw scores from features (one row per edit): the mean over the ensemble's heads, or

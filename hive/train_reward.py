@@ -349,6 +349,9 @@ class RewardTrainConfig:
     # toy edit triplets the change head's change locator is fitted on (hive.change_locator; 0: no
     # locator term, the default: it lowered held-out accuracy on both toy simulations)
     locator_examples: int = 0
+    # captioned toy edit triplets the change head's direction predictor is fitted on (hive.direction_predictor;
+    # 0: the direction prior reads T(instruction))
+    direction_examples: int = 0
     ensemble: int = 5  # heads averaged; with val_fraction > 0 each holds out its own fold of train requests
     # train requests held out for early stopping (0: none, train all `steps`). With dataset rankings,
     # folds of ~50 noisy rankings kept the untrained prior in 3 of 5 members (docs/reward.md)
@@ -432,6 +435,28 @@ def clip_direction_scores(clip, tokenizer, rankings: list[Ranking], cache: Image
         else:
             s = clip_directional(clip, tokenizer, src, [cache(p) for p in r.variant_paths], [r.instruction] * n)
         out.append(s)
+    return out
+
+
+@torch.no_grad()
+def predicted_direction_scores(model: RewardModel, rankings: list[Ranking], cache: ImageCache) -> list[np.ndarray]:
+    """CLIP directional similarity of every variant against the caption direction the model's
+    direction predictor expects (`hive.direction_predictor`): CLIP direction without captions and
+    without rankings, the direction prior alone."""
+    from hive.reward import direction_cosine
+
+    device = next(model.parameters()).device
+    out = []
+    for r in rankings:
+        n = len(r.variant_paths)
+        images = model.encode_images(model.pixel_values([cache(r.source_path)] + [cache(p) for p in r.variant_paths])
+                                     .to(device))
+        t = {k: v.to(device) for k, v in model.tokenize([r.instruction]).items()}
+        text = model.with_expected_change({k: v[:1] for k, v in images.items()},
+                                          model.encode_text(t["input_ids"], t["attention_mask"]))
+        pooled = images["pooled"]
+        cos = direction_cosine(pooled[:1].expand(n, -1), pooled[1:], text["expected_direction"].expand(n, -1))
+        out.append(cos[:, 0].float().cpu().numpy())
     return out
 
 
@@ -526,8 +551,10 @@ class FeatureCache:
                 parts.append(model.pixel_change(model.pixel_values([cache(a) for a, _ in chunk]),
                                                 model.pixel_values([cache(b) for _, b in chunk])).to(device))
             self.changes = torch.cat(parts)
-        self.expected = None  # per (source, instruction): the frozen change locator's map, computed once
-        if model.change_locator is not None:
+        # per (source, instruction): the frozen change locator's map and direction predictor's
+        # direction (`RewardModel.with_expected_change`), computed once
+        self.expected: dict[str, torch.Tensor] = {}
+        if model.change_locator is not None or model.direction_predictor is not None:
             pairs = sorted({(r.source_path, r.instruction) for r in rankings})
             self.expected_index = {pair: i for i, pair in enumerate(pairs)}
             dev = self.images["pooled"].device
@@ -537,10 +564,11 @@ class FeatureCache:
                     chunk = pairs[i:i + batch_size]
                     src = torch.tensor([self.image_index[p] for p, _ in chunk], device=dev)
                     txt = torch.tensor([self.text_index[t] for _, t in chunk], device=dev)
-                    parts.append(model.with_expected_change({"last_patches": self.images["last_patches"][src]},
-                                                            {k: v[txt] for k, v in self.texts.items()})["expected_change"])
-            self.expected = torch.cat(parts)
-            del self.images["last_patches"]  # read only by the locator
+                    text = model.with_expected_change({k: v[src] for k, v in self.images.items()},
+                                                      {k: v[txt] for k, v in self.texts.items()})
+                    parts.append({k: v for k, v in text.items() if k.startswith("expected_")})
+            self.expected = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            self.images.pop("last_patches", None)  # read only by the locator
 
     def batch(self, rankings: list[Ranking]) -> tuple[dict, dict, dict]:
         """(source, edit, text) features, one row per variant of the rankings, in order."""
@@ -553,9 +581,10 @@ class FeatureCache:
             rows = [self.change_index[(r.source_path, p)] for r in rankings for p in r.variant_paths]
             edit_feats["pixel_change"] = self.changes[torch.tensor(rows, device=dev)]
         text_feats = {k: v[txt] for k, v in self.texts.items()}
-        if self.expected is not None:
-            rows = [self.expected_index[(r.source_path, r.instruction)] for r in rankings for _ in r.variant_paths]
-            text_feats["expected_change"] = self.expected[torch.tensor(rows, device=dev)]
+        if self.expected:
+            rows = torch.tensor([self.expected_index[(r.source_path, r.instruction)] for r in rankings
+                                 for _ in r.variant_paths], device=dev)
+            text_feats.update({k: v[rows] for k, v in self.expected.items()})
         return {k: v[src] for k, v in self.images.items()}, edit_feats, text_feats
 
 
@@ -588,7 +617,7 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
     on its own validation fold). Dataset rankings (`dataset_rankings`) join the fitted rankings.
     Otherwise the towers' upper layers train too, under accelerate with checkpoints (a rerun
     resumes from `out/checkpoints`)."""
-    from hive import change_locator
+    from hive import change_locator, direction_predictor
     from hive.dataset_rankings import dataset_rankings, resolve_count
     from hive.zoo import DEFAULT_EDITOR, TOY_CLIP, TOY_EDIT_CLIP
 
@@ -619,15 +648,30 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
     if config.locator_examples and (config.head_type != "change" or config.freeze_layers != -1):
         raise ValueError("--locator-examples needs the change head and a frozen backbone (--freeze-layers -1): "
                          "the locator reads the backbone features it was fitted on")
+    if config.direction_examples < 0:
+        raise ValueError("direction_examples must be >= 0")
+    if config.direction_examples and not toy_backbone:
+        raise ValueError("--direction-examples fits on captioned toy edits: only for a toy backbone")
+    if config.direction_examples and (config.head_type != "change" or config.freeze_layers != -1
+                                      or not config.direction_prior):
+        raise ValueError("--direction-examples needs the change head, its direction prior (--direction-prior > 0) "
+                         "and a frozen backbone (--freeze-layers -1): the predictor reads the backbone features "
+                         "it was fitted on")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     settings = {"text_token_layer": 0 if toy_backbone else -1, **head_settings(config)}  # an explicit layer wins
-    model = RewardModel.from_backbone(backbone, change_locator=config.locator_examples > 0, **settings)
-    locator_metrics = None
+    model = RewardModel.from_backbone(backbone, change_locator=config.locator_examples > 0,
+                                      direction_predictor=config.direction_examples > 0, **settings)
+    locator_metrics = predictor_metrics = None
     if config.locator_examples:
         state, locator_metrics = change_locator.toy_change_locator(backbone, config.locator_examples,
                                                                    seed=config.seed)
         model.change_locator.load_state_dict(state)
+    if config.direction_examples:
+        # one fit per backbone and process (seed 0), like the backbone itself: the repeats of an
+        # experiment differ in their heads, not in this fixed, separately fitted part
+        state, predictor_metrics = direction_predictor.toy_direction_predictor(backbone, config.direction_examples)
+        model.direction_predictor.load_state_dict(state)
     cache = ImageCache()
     n_dataset = resolve_count(config.dataset_rankings, toy_backbone)
     extra = dataset_rankings(n_dataset, cache, DEFAULT_EDITOR / "vae", noise=config.dataset_noise,
@@ -645,6 +689,7 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
     report["stopped_at_steps"] = stopped
     report["dataset_rankings"] = n_dataset
     report["change_locator"] = locator_metrics  # None: no locator term
+    report["direction_predictor"] = predictor_metrics  # None: the direction prior reads T(instruction)
     report["selected_steps"] = selected  # the step of each member's restored state (0: untrained)
     model.config.extra = {"metrics": report}
     from accelerate import PartialState
@@ -883,6 +928,10 @@ def _report(model: RewardModel, train, test, train_scores, test_scores, cache, c
                                      clip_direction_scores(base_clip, model.tokenizer, test, cache, False))
     else:
         clip_instr = clip
+    predicted = None  # with a direction predictor: its direction alone, as a scorer
+    if model.direction_predictor is not None:
+        predicted = evaluate_scorer(train, test, predicted_direction_scores(model, train, cache),
+                                    predicted_direction_scores(model, test, cache))
     rng = np.random.default_rng(config.seed + 12345)
     rand_test = [rng.random(len(r.variant_paths)) for r in test]
     rand = evaluate_scorer(train, test, None, rand_test)
@@ -904,13 +953,16 @@ def _report(model: RewardModel, train, test, train_scores, test_scores, cache, c
         "clip_direction_uses_captions": has_captions,
         "clip_instruction_direction_accuracy": (clip_instr["true_pair_accuracy"] if simulated
                                                 else clip_instr["heldout_pair_accuracy"]),
+        "predicted_direction_accuracy": (None if predicted is None else
+                                         predicted["true_pair_accuracy"] if simulated
+                                         else predicted["heldout_pair_accuracy"]),
         "random_accuracy": rand["true_pair_accuracy"] if simulated else rand["heldout_pair_accuracy"],
         "kept_pixels_accuracy": kept["true_pair_accuracy"] if simulated else kept["heldout_pair_accuracy"],
         "clip_image_similarity_accuracy": (image_sim["true_pair_accuracy"] if simulated
                                            else image_sim["heldout_pair_accuracy"]),
         "accuracy_reference": "noise-free order" if simulated else "annotator labels",
         "baselines": {"clip_direction": clip, "clip_instruction_direction": clip_instr, "random": rand,
-                      "kept_pixels": kept, "clip_image_similarity": image_sim},
+                      "kept_pixels": kept, "clip_image_similarity": image_sim, "predicted_direction": predicted},
         "tie_threshold": ours["tie_threshold"],
         "train_requests": len({r.request_id for r in train}), "test_requests": len({r.request_id for r in test}),
         "train_rankings": len(train), "test_rankings": len(test),
@@ -1090,7 +1142,8 @@ def _simulation_summary(rankings: list[Ranking]) -> dict:
 
 CURVE_KEYS = ("heldout_pair_accuracy", "heldout_pair_accuracy_with_ties", "true_pair_accuracy",
               "single_annotator_accuracy", "clip_direction_accuracy", "clip_instruction_direction_accuracy",
-              "random_accuracy", "kept_pixels_accuracy", "clip_image_similarity_accuracy")
+              "predicted_direction_accuracy", "random_accuracy", "kept_pixels_accuracy",
+              "clip_image_similarity_accuracy")
 
 
 def _experiment(out: Path, rankings: list[Ranking], meta: dict, requests: int, test_requests: int, variants: int,
@@ -1183,11 +1236,14 @@ def _plot_curve(points: list[dict], path: Path, bound: dict | None = None) -> No
                                       ("clip_direction_accuracy", "CLIP direction (captions)", ":", "C2"),
                                       ("clip_instruction_direction_accuracy", "CLIP direction (instruction)",
                                        (0, (1, 1)), "C3"),
+                                      ("predicted_direction_accuracy", "CLIP direction (predicted captions)",
+                                       (0, (2, 1)), "C6"),
                                       ("kept_pixels_accuracy", "share of unchanged pixels (untrained)", "-.", "C4"),
                                       ("clip_image_similarity_accuracy", "CLIP image similarity (untrained)",
                                        (0, (3, 1, 1, 1)), "C5"),
                                       ("random_accuracy", "random scorer", (0, (5, 5)), "C7")):
-        ax.plot(xs, curve_values(points, key), linestyle=style, color=colour, label=label)
+        if any(p.get(key) is not None for p in points):  # the predicted direction: only with a predictor
+            ax.plot(xs, curve_values(points, key), linestyle=style, color=colour, label=label)
     if bound and bound.get("true_pair_accuracy") is not None:
         ax.plot([bound["requests"]], [bound["true_pair_accuracy"]], "*", color="C0", markersize=12,
                 label="reward model, noise-free labels")
@@ -1224,6 +1280,12 @@ def _markdown(report: dict) -> str:
                      f"{f(p.get('kept_pixels_accuracy'))} | {f(p.get('clip_image_similarity_accuracy'))} | "
                      f"{f(p['random_accuracy'])} | {f(p['heldout_pair_accuracy'])} | {lead(p.get('lead_over_annotator'))} |")
     pairs = report["curve"][0].get("test_true_pairs") if report["curve"] else None
+    predicted = [p.get("predicted_direction_accuracy") for p in report["curve"]]
+    if any(x is not None for x in predicted):
+        lines.append("\nCLIP direction against the caption direction the reward model's direction predictor "
+                     "expects (`--direction-examples`; no captions, no rankings): "
+                     + ", ".join(f"{f(x)} at {p['requests']} requests" for x, p in zip(predicted, report["curve"]))
+                     + ".")
     lines.append(f"\n{pairs} held-out pairs the noise-free order does not tie. The last column is the reward "
                  "model's accuracy minus one annotator's (the first run of a point), with a 95% interval from a "
                  "bootstrap over held-out requests: pairs of one request stand or fall together, so this interval "

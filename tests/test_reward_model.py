@@ -562,6 +562,76 @@ def test_change_locator_needs_the_change_head_and_a_frozen_backbone(tmp_path):
         assert not (tmp_path / "run").exists()
 
 
+def test_direction_predictor_learns_caption_directions_and_feeds_the_direction_prior(tmp_path):
+    """Fitted on captioned toy edits, the predicted direction is closer to the caption direction
+    T(target caption) - T(source caption) than T(instruction) is; the head's direction prior reads
+    it (another direction, other scores); a model carrying a predictor reloads to the same scores."""
+    from hive.direction_predictor import fit_direction_predictor, toy_captioned_triplets
+    from hive.zoo import TOY_EDIT_CLIP
+
+    model = RewardModel.from_backbone(TOY_EDIT_CLIP, hidden=16, ensemble=1, residual=False, direction_prior=1.0,
+                                      direction_predictor=True)
+    predictor, metrics = fit_direction_predictor(model, *toy_captioned_triplets(2000), steps=300, progress=False)
+    assert metrics["val_cosine"] > metrics["val_cosine_instruction"] + 0.2, metrics
+    model.direction_predictor.load_state_dict(predictor.state_dict())
+    sources, edited, instructions = [], [], []
+    for seed in range(931_000_000, 931_000_012):
+        ex = toy.sample_example(seed)
+        sources.append(ex.input_image)
+        edited.append(ex.clean_image)
+        instructions.append(ex.edit.instruction)
+    fitted = model.score(sources, edited, instructions, normalise=False)
+    again = RewardModel.from_pretrained(model.save_pretrained(tmp_path / "reward"))
+    assert again.direction_predictor is not None
+    np.testing.assert_allclose(again.score(sources, edited, instructions, normalise=False), fitted, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        model.direction_predictor.out.weight.neg_()
+        model.direction_predictor.out.bias.neg_()
+    flipped = model.score(sources, edited, instructions, normalise=False)
+    assert not np.allclose(flipped, fitted)
+    with pytest.raises(ValueError, match="direction_prior"):
+        RewardModel.from_backbone(TOY_EDIT_CLIP, hidden=16, direction_prior=0.0, direction_predictor=True)
+
+
+def test_reward_training_with_a_direction_predictor_scores_as_it_trained(tmp_path, monkeypatch):
+    """Through `train_reward` (frozen backbone, features cached once): the report carries the
+    predictor's fit, the saved folder carries the predictor, and the cached features the heads
+    trained on give the saved model's own scores (the cache computes the predicted direction the
+    way the forward pass does)."""
+    from hive import direction_predictor
+    from hive.train_reward import FeatureCache, ImageCache
+    from hive.zoo import TOY_EDIT_CLIP
+
+    fit = direction_predictor.toy_direction_predictor
+    monkeypatch.setattr(direction_predictor, "toy_direction_predictor", lambda backbone, n: fit(backbone, n, steps=20))
+    rankings = _write_rankings(tmp_path, 6, 64)
+    cfg = RewardTrainConfig(backbone=str(TOY_EDIT_CLIP), steps=5, batch_size=2, hidden=16, ensemble=1,
+                            test_fraction=0.5, checkpoint_every=0, dataset_rankings=0, direction_examples=50)
+    report = train_reward(rankings, tmp_path / "run", cfg, progress=False)
+    assert report["direction_predictor"]["examples"] == 50 and report["direction_predictor"]["steps"] == 20
+    model = RewardModel.from_pretrained(tmp_path / "run" / "model")
+    assert model.direction_predictor is not None
+    feats = FeatureCache(model, rankings, ImageCache(), "cpu", progress=False)
+    with torch.no_grad():
+        cached = model.head[0](*feats.batch(rankings[:2])).numpy()
+    direct = np.concatenate([model.score([Image.open(r.source_path)] * 3, [Image.open(p) for p in r.variant_paths],
+                                         [r.instruction] * 3, normalise=False) for r in rankings[:2]])
+    np.testing.assert_allclose(cached, direct, rtol=1e-4, atol=1e-5)
+
+
+def test_direction_predictor_is_refused_off_the_toy_backbone_or_without_its_prior(tiny_clip, tmp_path):
+    from hive.zoo import TOY_EDIT_CLIP
+
+    rankings = _write_rankings(tmp_path, 4, 32)
+    for backbone, bad, match in ((tiny_clip, {}, "toy backbone"), (TOY_EDIT_CLIP, {"direction_prior": 0.0}, "prior"),
+                                 (TOY_EDIT_CLIP, {"freeze_layers": 1}, "frozen backbone")):
+        cfg = RewardTrainConfig(backbone=str(backbone), steps=2, batch_size=2, hidden=16, test_fraction=0.5,
+                                checkpoint_every=0, direction_examples=10, **bad)
+        with pytest.raises(ValueError, match=match):
+            train_reward(rankings, tmp_path / "run", cfg, progress=False)
+        assert not (tmp_path / "run").exists()
+
+
 def test_lead_over_annotator_counts_requests_not_pairs():
     truth = [0.9, 0.5, 0.2, 0.1]  # six pairs the noise-free order does not tie
     right = np.array([4.0, 3.0, 2.0, 1.0])
