@@ -112,7 +112,8 @@ def fit_direction_predictor(model, sources: list[Image.Image], instructions: lis
         torch.manual_seed(seed)
         predictor = DirectionPredictor(source.shape[-1], words.shape[-1], target.shape[-1]).to(source.device)
     opt = torch.optim.AdamW(predictor.parameters(), lr=1e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=max(steps, 1), pct_start=0.05)
+    # warm up over 5% of the steps, and over at least two (OneCycleLR divides by the warm-up's length)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=max(steps, 4), pct_start=max(0.05, 2 / max(steps, 4)))
     gen = torch.Generator().manual_seed(seed)
     predictor.train()
     for _ in tqdm(range(steps), desc="fit direction predictor", disable=not progress):
