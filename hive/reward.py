@@ -88,10 +88,22 @@ class RewardConfig:
     extra: dict = field(default_factory=dict)  # e.g. training metrics and data summary
 
 
+# Below this size an image difference has no direction: a no-op edit's pooled difference is float
+# noise (~1e-7, which varies with what else is in the batch), while real toy edits move a unit
+# embedding by 0.15 and more. Dividing by at least this much keeps a no-op's cosine near 0.
+MIN_DIRECTION_NORM = 1e-2
+
+
+def unit_difference(src: torch.Tensor, edit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(edit - src as a unit vector, shrunk towards 0 below MIN_DIRECTION_NORM; its size), per row."""
+    delta = edit - src
+    size = delta.norm(dim=-1, keepdim=True)
+    return delta / size.clamp(min=MIN_DIRECTION_NORM), size
+
+
 def direction_cosine(src: torch.Tensor, edit: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """CLIP directional similarity of pooled, normalised features: cos(edit - src, text), (B, 1)."""
-    delta = edit - src
-    return ((delta / (delta.norm(dim=-1, keepdim=True) + 1e-6)) * text).sum(-1, keepdim=True)
+    return (unit_difference(src, edit)[0] * text).sum(-1, keepdim=True)
 
 
 def _global_inputs(src: torch.Tensor, edit: torch.Tensor, text: torch.Tensor, k: float) -> torch.Tensor:
@@ -99,8 +111,7 @@ def _global_inputs(src: torch.Tensor, edit: torch.Tensor, text: torch.Tensor, k:
     its direction times the text, its size, and its cosine with the text. Absolute source/edit
     features were tried too and let the head memorise scenes (toy stand-in data: 59% vs 64%)."""
     delta = edit - src
-    size = delta.norm(dim=-1, keepdim=True)
-    unit = delta / (size + 1e-6)
+    unit, size = unit_difference(src, edit)
     return torch.cat([delta * k, text, unit * text, size * k, direction_cosine(src, edit, text) * k], dim=-1)
 
 
