@@ -303,6 +303,17 @@ def lead_over_annotator(rankings: list[Ranking], scores: list[np.ndarray], seed:
     return bootstrap_lead(np.array(rows), seed=seed)
 
 
+def lead_over_scorer(rankings: list[Ranking], scores: list[np.ndarray], other: list[np.ndarray], seed: int = 0
+                     ) -> dict[str, float | int | None]:
+    """`bootstrap_lead` of a scorer over another (e.g. CLIP direction), against the noise-free order."""
+    rows: dict[int, list[float]] = {}  # request -> (right by scores, right by other, pairs)
+    for r, s, o in zip(rankings, scores, other):
+        if r.true_quality is not None and r.request_id not in rows:
+            right, n = score_agreement(r.true_quality, s)
+            rows[r.request_id] = [right, score_agreement(r.true_quality, o)[0], n]
+    return bootstrap_lead(np.array(list(rows.values())), seed=seed)
+
+
 # ---------------------------------------------------------------- training
 @dataclass
 class RewardTrainConfig:
@@ -949,6 +960,8 @@ def _report(model: RewardModel, train, test, train_scores, test_scores, cache, c
         "true_pair_accuracy": ours["true_pair_accuracy"],
         "single_annotator_accuracy": single["accuracy"],
         "lead_over_annotator": lead_over_annotator(test, test_scores, seed=config.seed) if simulated else None,
+        "lead_over_clip_direction": (lead_over_scorer(test, test_scores, clip_test, seed=config.seed)
+                                     if simulated else None),
         "clip_direction_accuracy": clip["true_pair_accuracy"] if simulated else clip["heldout_pair_accuracy"],
         "clip_direction_uses_captions": has_captions,
         "clip_instruction_direction_accuracy": (clip_instr["true_pair_accuracy"] if simulated
@@ -1166,6 +1179,7 @@ def _experiment(out: Path, rankings: list[Ranking], meta: dict, requests: int, t
             rep = train_reward(rankings, run, cfg, split=(sub, test), progress=progress)
             runs.append({"seed": cfg.seed, **{key: rep[key] for key in CURVE_KEYS},
                          "lead_over_annotator": rep["lead_over_annotator"],
+                         "lead_over_clip_direction": rep["lead_over_clip_direction"],
                          "train_rankings": rep["train_rankings"], "test_true_pairs": rep["test_true_pairs"],
                          "stopped_at_steps": rep["stopped_at_steps"], "selected_steps": rep["selected_steps"]})
         point = {"requests": n, "repeats": repeats}
@@ -1176,7 +1190,8 @@ def _experiment(out: Path, rankings: list[Ranking], meta: dict, requests: int, t
                 point[key + "_min"] = float(min(vals)) if vals else None
                 point[key + "_max"] = float(max(vals)) if vals else None
         point.update(train_rankings=runs[0]["train_rankings"], test_true_pairs=runs[0]["test_true_pairs"],
-                     lead_over_annotator=runs[0]["lead_over_annotator"], runs=runs)
+                     lead_over_annotator=runs[0]["lead_over_annotator"],
+                     lead_over_clip_direction=runs[0]["lead_over_clip_direction"], runs=runs)
         points.append(point)
     bound = None
     if noise_free_bound:
@@ -1263,8 +1278,9 @@ def _markdown(report: dict) -> str:
              "the untrained heuristics need no rankings):\n",
              "| train requests | reward model (mean, min-max) | one annotator | CLIP direction (captions) | "
              "CLIP direction (instruction) | unchanged pixels | CLIP image similarity | random | "
-             "reward vs labels (no ties) | reward minus annotator (95% interval) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "reward vs labels (no ties) | reward minus annotator (95% interval) | "
+             "reward minus CLIP direction (95% interval) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(x):
         return "n/a" if x is None else f"{x:.3f}"
@@ -1278,7 +1294,8 @@ def _markdown(report: dict) -> str:
         lines.append(f"| {p['requests']} | {f(p['true_pair_accuracy'])}{spread} | {f(p['single_annotator_accuracy'])} | "
                      f"{f(p['clip_direction_accuracy'])} | {f(p['clip_instruction_direction_accuracy'])} | "
                      f"{f(p.get('kept_pixels_accuracy'))} | {f(p.get('clip_image_similarity_accuracy'))} | "
-                     f"{f(p['random_accuracy'])} | {f(p['heldout_pair_accuracy'])} | {lead(p.get('lead_over_annotator'))} |")
+                     f"{f(p['random_accuracy'])} | {f(p['heldout_pair_accuracy'])} | {lead(p.get('lead_over_annotator'))} | "
+                     f"{lead(p.get('lead_over_clip_direction'))} |")
     pairs = report["curve"][0].get("test_true_pairs") if report["curve"] else None
     predicted = [p.get("predicted_direction_accuracy") for p in report["curve"]]
     if any(x is not None for x in predicted):
@@ -1286,10 +1303,10 @@ def _markdown(report: dict) -> str:
                      "expects (`--direction-examples`; no captions, no rankings): "
                      + ", ".join(f"{f(x)} at {p['requests']} requests" for x, p in zip(predicted, report["curve"]))
                      + ".")
-    lines.append(f"\n{pairs} held-out pairs the noise-free order does not tie. The last column is the reward "
-                 "model's accuracy minus one annotator's (the first run of a point), with a 95% interval from a "
-                 "bootstrap over held-out requests: pairs of one request stand or fall together, so this interval "
-                 "is wider than a pair-level standard error.\n")
+    lines.append(f"\n{pairs} held-out pairs the noise-free order does not tie. The last two columns are the reward "
+                 "model's accuracy minus one annotator's and minus CLIP direction's (the first run of a point), "
+                 "each with a 95% interval from a bootstrap over held-out requests: pairs of one request stand or "
+                 "fall together, so these intervals are wider than a pair-level standard error.\n")
     bound = report.get("noise_free_labels")
     if bound:
         lines.append(f"Trained on the noise-free order of the same {bound['requests']} requests instead of the "

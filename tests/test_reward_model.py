@@ -13,7 +13,7 @@ from PIL import Image
 from hive import toy
 from hive.reward import RewardModel
 from hive.train_reward import (Ranking, RewardTrainConfig, bootstrap_lead, bradley_terry_loss, head_lr_at,
-                               lead_over_annotator, noise_free, pair_accuracy, plackett_luce_loss, single_annotator_accuracy,
+                               lead_over_annotator, lead_over_scorer, noise_free, pair_accuracy, plackett_luce_loss, single_annotator_accuracy,
                                split_by_request, train_reward, true_order_accuracy)
 
 
@@ -645,6 +645,19 @@ def test_lead_over_annotator_counts_requests_not_pairs():
     # two annotators on one request: their mean agreement counts once
     both = [_ranking([1, 2, 3, 4], 1, 1, truth), _ranking([4, 3, 2, 1], 1, 2, truth)]
     assert lead_over_annotator(both, [right, right])["lead"] == pytest.approx(0.5)
+
+
+def test_lead_over_another_scorer_counts_each_request_once():
+    truth = [0.9, 0.5, 0.2, 0.1]
+    right, wrong = np.array([4.0, 3.0, 2.0, 1.0]), np.array([1.0, 2.0, 3.0, 4.0])
+    # request 1 twice (two annotators, the same variants and scores): it counts once
+    rankings = [_ranking([1, 2, 3, 4], 1, 1, truth), _ranking([1, 2, 3, 4], 1, 2, truth),
+                _ranking([1, 2, 3, 4], 2, 3, truth)]
+    lead = lead_over_scorer(rankings, [right, right, wrong], [wrong, wrong, wrong])
+    assert lead["requests"] == 2
+    assert lead["lead"] == pytest.approx(0.5)  # 6 of 12 pairs against 0 of 12
+    assert lead_over_scorer(rankings, [right] * 3, [right] * 3)["lead"] == 0.0
+    assert lead_over_scorer(rankings, [wrong] * 3, [right] * 3)["lead"] == pytest.approx(-1.0)
 
 
 def test_bootstrap_lead_interval_widens_when_pairs_cluster():
