@@ -934,9 +934,11 @@ def _report(model: RewardModel, train, test, train_scores, test_scores, cache, c
     clip_train = clip_direction_scores(base_clip, model.tokenizer, train, cache)
     clip = evaluate_scorer(train, test, clip_train, clip_test)
     has_captions = any(r.captions is not None for r in test)
+    clip_instr_test = clip_test
     if has_captions:  # captions are privileged (a reward model sees only the instruction): also without
+        clip_instr_test = clip_direction_scores(base_clip, model.tokenizer, test, cache, False)
         clip_instr = evaluate_scorer(train, test, clip_direction_scores(base_clip, model.tokenizer, train, cache, False),
-                                     clip_direction_scores(base_clip, model.tokenizer, test, cache, False))
+                                     clip_instr_test)
     else:
         clip_instr = clip
     predicted = None  # with a direction predictor: its direction alone, as a scorer
@@ -962,6 +964,8 @@ def _report(model: RewardModel, train, test, train_scores, test_scores, cache, c
         "lead_over_annotator": lead_over_annotator(test, test_scores, seed=config.seed) if simulated else None,
         "lead_over_clip_direction": (lead_over_scorer(test, test_scores, clip_test, seed=config.seed)
                                      if simulated else None),
+        "lead_over_clip_instruction_direction": (lead_over_scorer(test, test_scores, clip_instr_test, seed=config.seed)
+                                                 if simulated else None),
         "clip_direction_accuracy": clip["true_pair_accuracy"] if simulated else clip["heldout_pair_accuracy"],
         "clip_direction_uses_captions": has_captions,
         "clip_instruction_direction_accuracy": (clip_instr["true_pair_accuracy"] if simulated

@@ -184,6 +184,11 @@ def test_vit_l_shaped_backbone_trains_saves_and_reloads(tmp_path):
     for key in ("heldout_pair_accuracy", "single_annotator_accuracy", "clip_direction_accuracy", "random_accuracy"):
         assert key in report
     assert report["train_requests"] == 2 and report["test_requests"] == 2
+    # the leads over the CLIP baselines are differences on the same held-out pairs
+    for lead, baseline in (("lead_over_clip_direction", "clip_direction_accuracy"),
+                           ("lead_over_clip_instruction_direction", "clip_instruction_direction_accuracy")):
+        assert report[lead]["requests"] == 2
+        assert report[lead]["lead"] == pytest.approx(report["true_pair_accuracy"] - report[baseline])
     model = RewardModel.from_pretrained(tmp_path / "run" / "model")
     assert model.config.image_size == 224 and model.clip.config.vision_config.patch_size == 14
     src = Image.open(rankings[0].source_path)

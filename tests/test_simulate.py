@@ -218,7 +218,8 @@ def test_cli_simulate_train_register_export_and_score(tiny_pipeline, tiny_clip, 
                   "--checkpoint-every", "0", "--json"]
     rep = _run(["train-reward", "--out", str(tmp_path / "run"), "--name", "r1", *train_args], capsys)
     for key in ("heldout_pair_accuracy", "single_annotator_accuracy", "clip_direction_accuracy",
-                "clip_instruction_direction_accuracy", "random_accuracy"):
+                "clip_instruction_direction_accuracy", "random_accuracy", "lead_over_annotator",
+                "lead_over_clip_direction", "lead_over_clip_instruction_direction"):
         assert key in rep
     assert rep["clip_direction_uses_captions"]  # simulated requests carry their captions
     assert rep["train_requests"] == 2 and rep["test_requests"] == 2
