@@ -12,10 +12,10 @@ compares the edit's image direction with the predicted caption direction (`Rewar
 direction_predictor`, the direction prior's text side) instead of with T(instruction).
 
 Off by default (`--direction-examples 0`): on held-out toy edits the predicted direction has cosine
-0.886 with the true caption direction (T(instruction): 0.486), but as a scorer it orders the one
-command's simulation about as T(instruction) does (0.797 against 0.793; the captions 0.836), and the
-reward model with it gets 0.854 there (one model; the defaults 0.837-0.848): measured on that
-simulation only (docs/reward.md, session 30). Toy edits only for now: for real photos the same fit would run on an edit dataset's captioned
+0.886 with the true caption direction (T(instruction): 0.486), but in one run beside the defaults
+the reward model with it orders both toy simulations' held-out pairs slightly worse (0.829 against
+0.842 on the one command's, 0.631 against 0.639 at the editor's defaults; docs/reward.md, session 31).
+Toy edits only for now: for real photos the same fit would run on an edit dataset's captioned
 triplets (`fit_direction_predictor` takes any), which is not built.
 """
 
