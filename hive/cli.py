@@ -779,6 +779,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="toy edit triplets to fit the change head's change locator on (where the instruction "
                             "should change the source; e.g. 20000). Default 0: no locator term, it lowered held-out "
                             "accuracy on both toy simulations (hive/change_locator.py, docs/reward.md)")
+        p.add_argument("--locator-steps", type=int,
+                       help="steps of the change locator's fit (default 1500; 4000 binds it better, 2.7x the time)")
         p.add_argument("--direction-examples", type=int,
                        help="captioned toy edit triplets to fit the direction predictor on (the caption direction "
                             "an instruction asks for, which the direction prior then reads instead of the "

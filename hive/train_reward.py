@@ -360,6 +360,9 @@ class RewardTrainConfig:
     # toy edit triplets the change head's change locator is fitted on (hive.change_locator; 0: no
     # locator term, the default: it lowered held-out accuracy on both toy simulations)
     locator_examples: int = 0
+    # its fitting steps (1,500: change_locator.DEFAULT_STEPS; 4,000 put 0.902 of its mass on the
+    # changed patches instead of 0.798, docs/reward.md session 29)
+    locator_steps: int = 1_500
     # captioned toy edit triplets the change head's direction predictor is fitted on (hive.direction_predictor;
     # 0: the direction prior reads T(instruction))
     direction_examples: int = 0
@@ -652,8 +655,8 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
         raise FileNotFoundError(f"the reward backbone ({TOY_EDIT_CLIP}) is not built yet (`train clip --edits`): "
                                 "pass --backbone CLIP_FOLDER_OR_HUB_ID")
     toy_backbone = Path(backbone).resolve() in (TOY_EDIT_CLIP.resolve(), TOY_CLIP.resolve())
-    if config.locator_examples < 0:
-        raise ValueError("locator_examples must be >= 0")
+    if config.locator_examples < 0 or config.locator_steps < 1:
+        raise ValueError("locator_examples must be >= 0 and locator_steps >= 1")
     if config.locator_examples and not toy_backbone:
         raise ValueError("--locator-examples fits on toy edits: only for a toy backbone")
     if config.locator_examples and (config.head_type != "change" or config.freeze_layers != -1):
@@ -676,7 +679,7 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
     locator_metrics = predictor_metrics = None
     if config.locator_examples:
         state, locator_metrics = change_locator.toy_change_locator(backbone, config.locator_examples,
-                                                                   seed=config.seed)
+                                                                   steps=config.locator_steps, seed=config.seed)
         model.change_locator.load_state_dict(state)
     if config.direction_examples:
         # one fit per backbone and process (seed 0), like the backbone itself: the repeats of an

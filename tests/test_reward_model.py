@@ -567,6 +567,30 @@ def test_change_locator_needs_the_change_head_and_a_frozen_backbone(tmp_path):
         assert not (tmp_path / "run").exists()
 
 
+def test_locator_steps_reach_the_locator_fit(tmp_path, monkeypatch):
+    """--locator-steps sets how long the change locator is fitted (session 29: 4,000 binds better)."""
+    from hive import change_locator
+    from hive.cli import _reward_config, build_parser
+    from hive.zoo import TOY_EDIT_CLIP
+
+    args = build_parser().parse_args(["train-reward", "--locator-examples", "10", "--locator-steps", "7"])
+    assert _reward_config(args).locator_steps == 7
+    assert _reward_config(build_parser().parse_args(["train-reward"])).locator_steps == change_locator.DEFAULT_STEPS
+    seen = []
+    real = change_locator.toy_change_locator
+    monkeypatch.setattr(change_locator, "toy_change_locator",
+                        lambda backbone, n, steps, seed: seen.append(steps) or real(backbone, n, steps=steps, seed=seed))
+    rankings = _write_rankings(tmp_path, 4, 32)
+    cfg = RewardTrainConfig(backbone=str(TOY_EDIT_CLIP), steps=2, batch_size=2, hidden=16, ensemble=1,
+                            test_fraction=0.5, checkpoint_every=0, dataset_rankings=0, locator_examples=10,
+                            locator_steps=7)
+    train_reward(rankings, tmp_path / "run", cfg, progress=False)
+    assert seen == [7]
+    with pytest.raises(ValueError, match="locator_steps"):
+        train_reward(rankings, tmp_path / "run0", RewardTrainConfig(**{**cfg.__dict__, "locator_steps": 0}),
+                     progress=False)
+
+
 def test_direction_predictor_learns_caption_directions_and_feeds_the_direction_prior(tmp_path):
     """Fitted on captioned toy edits, the predicted direction is closer to the caption direction
     T(target caption) - T(source caption) than T(instruction) is; the head's direction prior reads
