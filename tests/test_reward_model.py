@@ -576,6 +576,7 @@ def test_locator_steps_reach_the_locator_fit(tmp_path, monkeypatch):
     args = build_parser().parse_args(["train-reward", "--locator-examples", "10", "--locator-steps", "7"])
     assert _reward_config(args).locator_steps == 7
     assert _reward_config(build_parser().parse_args(["train-reward"])).locator_steps == change_locator.DEFAULT_STEPS
+    monkeypatch.setenv("HIVE_HOME", str(tmp_path / "home"))  # the fit's disk cache
     seen = []
     real = change_locator.toy_change_locator
     monkeypatch.setattr(change_locator, "toy_change_locator",
@@ -589,6 +590,35 @@ def test_locator_steps_reach_the_locator_fit(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="locator_steps"):
         train_reward(rankings, tmp_path / "run0", RewardTrainConfig(**{**cfg.__dict__, "locator_steps": 0}),
                      progress=False)
+
+
+def test_toy_locator_fit_is_kept_on_disk_and_reused(tmp_path, monkeypatch):
+    """A second process (lru cache cleared) loads the fit from $HIVE_HOME/cache instead of fitting
+    again; other settings or another backbone are another entry."""
+    from hive import change_locator
+    from hive.zoo import TOY_CLIP, TOY_EDIT_CLIP
+
+    monkeypatch.setenv("HIVE_HOME", str(tmp_path / "home"))
+    change_locator._toy_fit.cache_clear()
+    state, metrics = change_locator.toy_change_locator(TOY_EDIT_CLIP, 12, steps=3, seed=5)
+    path = change_locator.fit_cache_path(TOY_EDIT_CLIP.resolve(), 12, 3, 5)
+    assert path.exists() and path.is_relative_to(tmp_path / "home" / "cache")
+    assert not list(path.parent.glob(".*tmp*"))  # written atomically, no leftovers
+    change_locator._toy_fit.cache_clear()
+
+    def no_fit(*a, **k):
+        raise AssertionError("fitted again instead of reading the cache")
+
+    monkeypatch.setattr(change_locator, "fit_change_locator", no_fit)
+    again, metrics_again = change_locator.toy_change_locator(TOY_EDIT_CLIP, 12, steps=3, seed=5)
+    assert metrics_again == metrics and metrics["steps"] == 3
+    assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)
+    others = {change_locator.fit_cache_path(TOY_EDIT_CLIP.resolve(), 12, 4, 5),
+              change_locator.fit_cache_path(TOY_EDIT_CLIP.resolve(), 13, 3, 5),
+              change_locator.fit_cache_path(TOY_EDIT_CLIP.resolve(), 12, 3, 6),
+              change_locator.fit_cache_path(TOY_CLIP.resolve(), 12, 3, 5)}
+    assert path not in others and len(others) == 4
+    change_locator._toy_fit.cache_clear()
 
 
 def test_direction_predictor_learns_caption_directions_and_feeds_the_direction_prior(tmp_path):
