@@ -777,10 +777,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "colour, place or change on another object; a move drawn as a copy; an add elsewhere)")
         p.add_argument("--locator-examples", type=int,
                        help="toy edit triplets to fit the change head's change locator on (where the instruction "
-                            "should change the source; e.g. 20000). Default 0: no locator term, it lowered held-out "
-                            "accuracy on both toy simulations (hive/change_locator.py, docs/reward.md)")
+                            "should change the source). Default: 20000 with a toy backbone, the change head and a "
+                            "frozen backbone (the fit ships in models/toy-clip-edits/change-locator), else 0; "
+                            "0 turns it off (hive/change_locator.py, docs/reward.md)")
         p.add_argument("--locator-steps", type=int,
-                       help="steps of the change locator's fit (default 1500; 4000 binds it better, 2.7x the time)")
+                       help="steps of the change locator's fit (default 4000; a new setting fits once, ~20 min on "
+                            "two CPU threads, kept under $HIVE_HOME/cache)")
         p.add_argument("--direction-examples", type=int,
                        help="captioned toy edit triplets to fit the direction predictor on (the caption direction "
                             "an instruction asks for, which the direction prior then reads instead of the "

@@ -350,6 +350,7 @@ def _run(out: Path, sc: PaperScale, base: str, clip: str | None, docs: Path | No
         cfg = RewardTrainConfig(backbone=clip, steps=sc.reward_steps, batch_size=sc.reward_batch,
                                 hidden=sc.reward_hidden, freeze_layers=sc.reward_freeze,
                                 dataset_rankings=sc.dataset_rankings, dataset_noise=sc.noise,
+                                locator_examples=0,  # as the recorded runs were trained (docs/paper.md)
                                 checkpoint_every=max(1, min(200, sc.reward_steps // 2)))
         report = train_reward(rankings_from_db(url, home), out / "reward", cfg, progress=progress)
         return {"path": str(out / "reward" / "model"), **{k: report.get(k) for k in (

@@ -20,6 +20,9 @@ DEFAULT_EDITOR = MODELS_DIR / "toy-editor"
 TOY_CLIP = MODELS_DIR / "toy-clip"
 # the toy CLIP trained further on groups of edits (`train clip --edits`): the reward model's backbone
 TOY_EDIT_CLIP = MODELS_DIR / "toy-clip-edits"
+# the change locator fitted on it with the default settings (hive.change_locator), named by the
+# hash of the backbone's weights and the fit's settings; the backbone folder still loads as a CLIPModel
+TOY_CHANGE_LOCATOR = TOY_EDIT_CLIP / "change-locator"
 TOY_VAE = MODELS_DIR / "toy-vae"
 TOY_TOKENIZER = MODELS_DIR / "toy-tokenizer"
 TOY_RESOLUTION = 64

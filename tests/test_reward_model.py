@@ -256,7 +256,7 @@ def test_text_token_layer_defaults_to_the_embeddings_on_the_toy_backbone_only(ti
 
     rankings = _write_rankings(tmp_path, 6, 32)
     base = dict(steps=2, batch_size=2, hidden=16, ensemble=1, test_fraction=0.34, checkpoint_every=0,
-                dataset_rankings=0)
+                dataset_rankings=0, locator_examples=0)
     for backbone, layer, expected in ((TOY_EDIT_CLIP, None, 0), (tiny_clip, None, -1), (tiny_clip, 0, 0)):
         cfg = RewardTrainConfig(backbone=str(backbone), text_token_layer=layer, **base)
         out = tmp_path / f"run-{expected}-{layer}-{Path(backbone).name}"
@@ -580,7 +580,7 @@ def test_locator_steps_reach_the_locator_fit(tmp_path, monkeypatch):
     seen = []
     real = change_locator.toy_change_locator
     monkeypatch.setattr(change_locator, "toy_change_locator",
-                        lambda backbone, n, steps, seed: seen.append(steps) or real(backbone, n, steps=steps, seed=seed))
+                        lambda backbone, n, steps: seen.append(steps) or real(backbone, n, steps=steps))
     rankings = _write_rankings(tmp_path, 4, 32)
     cfg = RewardTrainConfig(backbone=str(TOY_EDIT_CLIP), steps=2, batch_size=2, hidden=16, ensemble=1,
                             test_fraction=0.5, checkpoint_every=0, dataset_rankings=0, locator_examples=10,
@@ -590,6 +590,56 @@ def test_locator_steps_reach_the_locator_fit(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="locator_steps"):
         train_reward(rankings, tmp_path / "run0", RewardTrainConfig(**{**cfg.__dict__, "locator_steps": 0}),
                      progress=False)
+
+
+def test_locator_is_on_by_default_only_where_it_can_work(tmp_path, monkeypatch):
+    """Default: 20,000 toy edits and 4,000 steps with the toy backbone, the change head and a frozen
+    backbone (session 33); 0 with another backbone, the global head or trained tower layers."""
+    from hive import change_locator
+    from hive.zoo import TOY_EDIT_CLIP
+
+    resolve = change_locator.resolve_examples
+    assert resolve(None, True, "change", True) == 20_000
+    assert resolve(None, False, "change", True) == resolve(None, True, "global", True) == 0
+    assert resolve(None, True, "change", False) == 0 and resolve(7, True, "change", True) == 7
+    with pytest.raises(ValueError, match="locator_examples"):
+        resolve(-1, True, "change", True)
+    seen = []
+    real = change_locator.toy_change_locator
+    monkeypatch.setenv("HIVE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(change_locator, "toy_change_locator",  # the same shapes, fitted for a moment
+                        lambda backbone, n, steps: seen.append((n, steps)) or real(backbone, 12, steps=2))
+    rankings = _write_rankings(tmp_path, 4, 32)
+    base = dict(steps=2, batch_size=2, hidden=16, ensemble=1, test_fraction=0.5, checkpoint_every=0,
+                dataset_rankings=0)
+    report = train_reward(rankings, tmp_path / "run", RewardTrainConfig(backbone=str(TOY_EDIT_CLIP), **base),
+                          progress=False)
+    assert seen == [(20_000, 4_000)] and report["change_locator"]["examples"] == 12
+    assert RewardModel.from_pretrained(tmp_path / "run" / "model").change_locator is not None
+    report = train_reward(rankings, tmp_path / "run1", RewardTrainConfig(backbone=str(TOY_EDIT_CLIP),
+                                                                         freeze_layers=1, **base), progress=False)
+    assert seen == [(20_000, 4_000)] and report["change_locator"] is None
+
+
+def test_the_default_locator_fit_ships_for_the_embedded_backbone(monkeypatch, tmp_path):
+    """A fresh checkout reads the default fit from the backbone folder instead of fitting ~20 minutes; it
+    matches the backbone's current weights (the cache key hashes them)."""
+    from hive import change_locator
+    from hive.zoo import TOY_EDIT_CLIP
+
+    monkeypatch.setenv("HIVE_HOME", str(tmp_path / "home"))  # an empty cache
+    change_locator._toy_fit.cache_clear()
+
+    def no_fit(*a, **k):
+        raise AssertionError("fitted instead of reading the shipped fit")
+
+    monkeypatch.setattr(change_locator, "fit_change_locator", no_fit)
+    state, metrics = change_locator.toy_change_locator(TOY_EDIT_CLIP, change_locator.DEFAULT_EXAMPLES)
+    change_locator._toy_fit.cache_clear()
+    assert metrics["examples"] == 20_000 and metrics["steps"] == 4_000
+    assert metrics["val_mass_on_changed"] > 0.85, metrics  # where it expects change, the toy edits changed
+    model = RewardModel.from_backbone(TOY_EDIT_CLIP, hidden=16, ensemble=1, change_locator=True)
+    model.change_locator.load_state_dict(state)
 
 
 def test_toy_locator_fit_is_kept_on_disk_and_reused(tmp_path, monkeypatch):
@@ -665,7 +715,8 @@ def test_reward_training_with_a_direction_predictor_scores_as_it_trained(tmp_pat
     monkeypatch.setattr(direction_predictor, "toy_direction_predictor", lambda backbone, n: fit(backbone, n, steps=20))
     rankings = _write_rankings(tmp_path, 6, 64)
     cfg = RewardTrainConfig(backbone=str(TOY_EDIT_CLIP), steps=5, batch_size=2, hidden=16, ensemble=1,
-                            test_fraction=0.5, checkpoint_every=0, dataset_rankings=0, direction_examples=50)
+                            test_fraction=0.5, checkpoint_every=0, dataset_rankings=0, direction_examples=50,
+                            locator_examples=0)
     report = train_reward(rankings, tmp_path / "run", cfg, progress=False)
     assert report["direction_predictor"]["examples"] == 50 and report["direction_predictor"]["steps"] == 20
     model = RewardModel.from_pretrained(tmp_path / "run" / "model")
