@@ -44,8 +44,6 @@ from hive.zoo import TOY_CHANGE_LOCATOR
 LOCATOR_SEED_BASE = TOY_TRAIN_SEED_BASE + 60_000_000
 DEFAULT_STEPS = 4_000
 DEFAULT_EXAMPLES = 20_000
-# the fitted default, shipped so that a fresh checkout does not spend ~20 minutes fitting it
-SHIPPED_FITS = TOY_CHANGE_LOCATOR
 
 
 def resolve_examples(requested: int | None, toy_backbone: bool, head_type: str, frozen: bool) -> int:
@@ -185,7 +183,8 @@ def _toy_fit(backbone: str, n: int, steps: int, seed: int) -> tuple[dict, dict]:
     from hive.reward import RewardModel
 
     cached = fit_cache_path(Path(backbone), n, steps, seed)
-    for found in (SHIPPED_FITS / cached.name, cached):
+    # the default fit ships beside the backbone, so that a fresh checkout does not spend ~20 min on it
+    for found in (TOY_CHANGE_LOCATOR / cached.name, cached):
         if found.exists():
             with safe_open(str(found), "pt") as f:
                 metrics = json.loads(f.metadata()["metrics"])
@@ -206,6 +205,6 @@ def toy_change_locator(backbone: str | Path, n: int, steps: int = DEFAULT_STEPS,
     ~20 minutes on two CPU threads at 20,000 examples and 4,000 steps, so it is kept for the
     process (an experiment trains several reward models on one backbone) and on disk
     (`fit_cache_path`, keyed by the backbone's weights and the fit's settings); the default fit
-    for the embedded backbone ships in `SHIPPED_FITS`."""
+    for the embedded backbone ships in `zoo.TOY_CHANGE_LOCATOR`."""
     state, metrics = _toy_fit(str(Path(backbone).resolve()), n, steps, seed)
     return state, dict(metrics)

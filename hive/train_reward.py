@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hive import change_locator
 from hive.files import save_figure_atomic, write_json_atomic
 from hive.reward import RewardConfig, RewardModel, clip_directional
 from hive.simulate import TRUE_ORDER_RESOLUTION, noisy_ranks, score_agreement, truly_ordered_pairs
@@ -361,9 +362,9 @@ class RewardTrainConfig:
     # locator term). None: 20,000 with a toy backbone, the change head and a frozen backbone, else 0
     # (on by default since session 33: it gained on both toy simulations, docs/reward.md)
     locator_examples: int | None = None
-    # its fitting steps (change_locator.DEFAULT_STEPS; 1,500 until session 33, when 4,000 put 0.902
-    # of its mass on the changed patches instead of 0.798 and the reward model gained with it)
-    locator_steps: int = 4_000
+    # its fitting steps (4,000; 1,500 until session 33, when 4,000 put 0.902 of its mass on the
+    # changed patches instead of 0.798 and the reward model gained with it)
+    locator_steps: int = change_locator.DEFAULT_STEPS
     # captioned toy edit triplets the change head's direction predictor is fitted on (hive.direction_predictor;
     # 0: the direction prior reads T(instruction))
     direction_examples: int = 0
@@ -632,7 +633,7 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
     on its own validation fold). Dataset rankings (`dataset_rankings`) join the fitted rankings.
     Otherwise the towers' upper layers train too, under accelerate with checkpoints (a rerun
     resumes from `out/checkpoints`)."""
-    from hive import change_locator, direction_predictor
+    from hive import direction_predictor
     from hive.dataset_rankings import dataset_rankings, resolve_count
     from hive.zoo import DEFAULT_EDITOR, TOY_CLIP, TOY_EDIT_CLIP
 
