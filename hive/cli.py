@@ -757,7 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ensemble", type=int, help="heads averaged (each validates on its own fold)")
         p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
                        help="change head: also read the CLIP patch and pooled features (tokens, cross-attention, "
-                            "MLP) beside the main term (default: on, off with a change locator)")
+                            "MLP) beside the main term")
         p.add_argument("--direction-prior", type=float,
                        help="change head: a term for the backbone's CLIP directional similarity to the instruction, "
                             "with this starting weight (default 1; 0: none)")

@@ -344,10 +344,7 @@ class RewardTrainConfig:
     # pairs, and held-out accuracy was lower on one toy simulation, the same on the other
     # (docs/reward.md; measured on toy simulations only, not on real photos)
     dropout: float = 0.0
-    # change head: the token/attention/MLP branch beside the main term. None: on, except with a change
-    # locator (session 34: with the locator's term the branch only fitted the rankings' noise, 0.893
-    # without it against 0.866 with it on one toy simulation, 0.680 both on the other; docs/reward.md)
-    residual: bool | None = None
+    residual: bool = True  # change head: the token/attention/MLP branch beside the main term
     gate_l2: float = 0.0  # L2 penalty on the instruction's weights of the main term
     residual_l2: float = 0.0  # L2 penalty on the residual branch's weights
     direction_prior: float = 1.0  # change head: starting weight of the CLIP-direction term (0: none)
@@ -680,8 +677,7 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
                          "it was fitted on")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    # an explicit layer or residual wins
-    settings = {"text_token_layer": 0 if toy_backbone else -1, "residual": n_locator == 0, **head_settings(config)}
+    settings = {"text_token_layer": 0 if toy_backbone else -1, **head_settings(config)}  # an explicit layer wins
     model = RewardModel.from_backbone(backbone, change_locator=n_locator > 0,
                                       direction_predictor=config.direction_examples > 0, **settings)
     locator_metrics = predictor_metrics = None

@@ -594,8 +594,7 @@ def test_locator_steps_reach_the_locator_fit(tmp_path, monkeypatch):
 
 def test_locator_is_on_by_default_only_where_it_can_work(tmp_path, monkeypatch):
     """Default: 20,000 toy edits and 4,000 steps with the toy backbone, the change head and a frozen
-    backbone (session 33); 0 with another backbone, the global head or trained tower layers. With it
-    the change head's residual branch is off unless asked for (session 34)."""
+    backbone (session 33); 0 with another backbone, the global head or trained tower layers."""
     from hive import change_locator
     from hive.zoo import TOY_EDIT_CLIP
 
@@ -616,18 +615,10 @@ def test_locator_is_on_by_default_only_where_it_can_work(tmp_path, monkeypatch):
     report = train_reward(rankings, tmp_path / "run", RewardTrainConfig(backbone=str(TOY_EDIT_CLIP), **base),
                           progress=False)
     assert seen == [(20_000, 4_000)] and report["change_locator"]["examples"] == 12
-    model = RewardModel.from_pretrained(tmp_path / "run" / "model")
-    # with the locator the residual branch is off by default (session 34), an explicit --residual wins
-    assert model.change_locator is not None and not model.config.residual
-    assert not hasattr(model.head[0], "mlp")
+    assert RewardModel.from_pretrained(tmp_path / "run" / "model").change_locator is not None
     report = train_reward(rankings, tmp_path / "run1", RewardTrainConfig(backbone=str(TOY_EDIT_CLIP),
                                                                          freeze_layers=1, **base), progress=False)
     assert seen == [(20_000, 4_000)] and report["change_locator"] is None
-    assert RewardModel.from_pretrained(tmp_path / "run1" / "model").config.residual  # no locator: on
-    train_reward(rankings, tmp_path / "run2", RewardTrainConfig(backbone=str(TOY_EDIT_CLIP), residual=True,
-                                                                **base), progress=False)
-    model = RewardModel.from_pretrained(tmp_path / "run2" / "model")
-    assert model.change_locator is not None and model.config.residual and hasattr(model.head[0], "mlp")
 
 
 def test_the_default_locator_fit_ships_for_the_embedded_backbone(monkeypatch, tmp_path):
