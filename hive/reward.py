@@ -177,8 +177,8 @@ class ChangeHead(nn.Module):
     - locator prior (`change_locator`): the share of the patches the instruction should change
       (`hive.change_locator`) that changed (cover), and the share of the others (spill),
       standardised, times learned weights that start at +1 and -2 (picked on one simulation's
-      held-out pairs, docs/reward.md; the term is off by default): "get rid of the square" must
-      remove the square, not the circle beside it;
+      held-out pairs, docs/reward.md; on by default with the toy backbone since session 33): "get rid of
+      the square" must remove the square, not the circle beside it;
     - main term: the share of the image's pixels that kept their colour (`KEEP_TOLERANCE`),
       standardised, times a weight that the instruction sets (w + G t, t the standardised text
       features, G under an L2 penalty): the same amount of change is good for "make the

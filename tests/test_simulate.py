@@ -316,6 +316,28 @@ def test_reward_errors_reference_scorers_put_the_clean_target_first_and_the_odd_
     assert to_others[0] < to_others[1] == to_others[2]  # and the one unlike the others
 
 
+def test_reward_reverse_split_trains_on_the_experiments_held_out_requests():
+    """scripts/reward_reverse_split.py: the experiment's held-out requests become the training set and its
+    training requests the test set; a setting's flags reach the config as train-reward would set them."""
+    from hive.train_reward import Ranking, RewardTrainConfig, split_experiment
+    from tests.script_loader import load_script
+
+    module = load_script("reward_reverse_split")
+    rankings = [Ranking(ranking_id=k, request_id=k, annotator_id=1, is_simulated=True, instruction="x",
+                        source_path="s", variant_ids=[0, 1], variant_paths=["a", "b"], ranks=[1, 2],
+                        toy_seed=SIM_SEED_BASE + (7 - k)) for k in range(8)]
+    first, last = split_experiment(rankings, 4)
+    train, test = module.reverse_split(rankings, 4)
+    assert [r.request_id for r in train] == [r.request_id for r in last]
+    assert [r.request_id for r in test] == [r.request_id for r in first]
+    assert {r.request_id for r in train} == {0, 1, 2, 3}  # the highest toy seeds, held out by the experiment
+    with pytest.raises(ValueError, match="as many training requests"):
+        module.reverse_split(rankings, 3)
+    assert module.setting_config("") == RewardTrainConfig()
+    config = module.setting_config("--no-residual --steps 5")
+    assert config.residual is False and config.steps == 5
+
+
 def test_quality_rule_pairs_counts_the_pairs_only_the_drawn_offset_ordered():
     """scripts/quality_rule_pairs.py: an add drawn right but elsewhere in its cell ties the dataset's
     target under the new rule, and the unchanged source stays ordered under both."""
