@@ -338,6 +338,26 @@ def test_reward_reverse_split_trains_on_the_experiments_held_out_requests():
     assert config.residual is False and config.steps == 5
 
 
+def test_reward_two_folds_counts_each_request_once_over_both_halves():
+    """scripts/reward_two_folds.py: accuracy against the noise-free order over all the requests of
+    both halves, a request ranked by two annotators counted once, its tied pairs left out."""
+    from hive.train_reward import Ranking
+    from tests.script_loader import load_script
+
+    module = load_script("reward_two_folds")
+
+    def ranking(rid: int, q: list[float]) -> Ranking:
+        return Ranking(ranking_id=rid * 10 + len(q), request_id=rid, annotator_id=1, is_simulated=True,
+                       instruction="x", source_path="s", variant_ids=list(range(len(q))),
+                       variant_paths=[str(k) for k in range(len(q))], ranks=[1] * len(q), true_quality=q)
+
+    rankings = [ranking(1, [0.9, 0.5, 0.1]), ranking(1, [0.9, 0.5, 0.1]), ranking(2, [0.8, 0.8, 0.2])]
+    scores = [np.array([3.0, 2.0, 1.0]), np.array([3.0, 2.0, 1.0]), np.array([0.0, 1.0, 2.0])]
+    # request 1: 3 pairs, all right; request 2: the 0.8/0.8 pair tied by the truth, the other two wrong
+    assert module.pair_accuracy(rankings, scores) == (3 / 5, 5)
+    assert module.label(Path("runs/x/n300/model")) == "n300" and module.label(Path("runs/m")) == "m"
+
+
 def test_quality_rule_pairs_counts_the_pairs_only_the_drawn_offset_ordered():
     """scripts/quality_rule_pairs.py: an add drawn right but elsewhere in its cell ties the dataset's
     target under the new rule, and the unchanged source stays ordered under both."""
