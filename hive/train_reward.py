@@ -287,6 +287,11 @@ def bootstrap_lead(rows: np.ndarray, draws: int = 2000, seed: int = 0) -> dict[s
             "high": float(np.quantile(leads, 0.975)), "requests": int(len(rows))}
 
 
+def format_lead(x: dict | None) -> str:
+    """A `bootstrap_lead` result as "+0.031 (-0.006 to +0.071)"."""
+    return "n/a" if not x or x.get("lead") is None else f"{x['lead']:+.3f} ({x['low']:+.3f} to {x['high']:+.3f})"
+
+
 def lead_over_annotator(rankings: list[Ranking], scores: list[np.ndarray], seed: int = 0
                         ) -> dict[str, float | int | None]:
     """`bootstrap_lead` of a scorer over one annotator, against the noise-free order. An
@@ -1297,17 +1302,14 @@ def _markdown(report: dict) -> str:
     def f(x):
         return "n/a" if x is None else f"{x:.3f}"
 
-    def lead(x):
-        return "n/a" if not x or x.get("lead") is None else f"{x['lead']:+.3f} ({x['low']:+.3f} to {x['high']:+.3f})"
-
     for p in report["curve"]:
         spread = (f" ({f(p.get('true_pair_accuracy_min'))}-{f(p.get('true_pair_accuracy_max'))})"
                   if p.get("repeats", 1) > 1 else "")
         lines.append(f"| {p['requests']} | {f(p['true_pair_accuracy'])}{spread} | {f(p['single_annotator_accuracy'])} | "
                      f"{f(p['clip_direction_accuracy'])} | {f(p['clip_instruction_direction_accuracy'])} | "
                      f"{f(p.get('kept_pixels_accuracy'))} | {f(p.get('clip_image_similarity_accuracy'))} | "
-                     f"{f(p['random_accuracy'])} | {f(p['heldout_pair_accuracy'])} | {lead(p.get('lead_over_annotator'))} | "
-                     f"{lead(p.get('lead_over_clip_direction'))} |")
+                     f"{f(p['random_accuracy'])} | {f(p['heldout_pair_accuracy'])} | {format_lead(p.get('lead_over_annotator'))} | "
+                     f"{format_lead(p.get('lead_over_clip_direction'))} |")
     pairs = report["curve"][0].get("test_true_pairs") if report["curve"] else None
     predicted = [p.get("predicted_direction_accuracy") for p in report["curve"]]
     if any(x is not None for x in predicted):

@@ -17,6 +17,7 @@ their 95% intervals over requests.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
@@ -25,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hive.cli import _reward_config, build_parser  # noqa: E402
 from hive.files import write_json_atomic  # noqa: E402
-from hive.train_reward import RewardTrainConfig, rankings_from_db, split_experiment, train_reward  # noqa: E402
+from hive.train_reward import (RewardTrainConfig, format_lead, rankings_from_db, split_experiment,  # noqa: E402
+                               train_reward)
 
 KEYS = ("true_pair_accuracy", "single_annotator_accuracy", "clip_direction_accuracy",
         "clip_instruction_direction_accuracy", "lead_over_annotator", "lead_over_clip_direction", "test_true_pairs")
@@ -60,7 +62,7 @@ def main() -> None:
     for label, flags in settings.items():
         base = setting_config(flags)
         for k in range(args.repeats):
-            config = RewardTrainConfig(**{**base.__dict__, "seed": base.seed + k})
+            config = dataclasses.replace(base, seed=base.seed + k)
             run = args.out / f"{label.replace(' ', '-')}-seed{config.seed}"
             report = train_reward(rankings, run, config, split=(train, test), progress=False)
             results.setdefault(label, []).append({"seed": config.seed, **{key: report[key] for key in KEYS}})
@@ -68,11 +70,8 @@ def main() -> None:
             print(f"{label} seed {config.seed}: {r['true_pair_accuracy']:.3f} on {r['test_true_pairs']} pairs; "
                   f"one annotator {r['single_annotator_accuracy']:.3f}, CLIP captions "
                   f"{r['clip_direction_accuracy']:.3f}, instruction {r['clip_instruction_direction_accuracy']:.3f}; "
-                  f"lead over the annotator {r['lead_over_annotator']['lead']:+.3f} "
-                  f"({r['lead_over_annotator']['low']:+.3f} to {r['lead_over_annotator']['high']:+.3f}), "
-                  f"over CLIP captions {r['lead_over_clip_direction']['lead']:+.3f} "
-                  f"({r['lead_over_clip_direction']['low']:+.3f} to {r['lead_over_clip_direction']['high']:+.3f})",
-                  flush=True)
+                  f"lead over the annotator {format_lead(r['lead_over_annotator'])}, "
+                  f"over CLIP captions {format_lead(r['lead_over_clip_direction'])}", flush=True)
     write_json_atomic(args.json or args.out / "reverse.json",
                       {"home": str(args.home), "settings": settings, "results": results})
 

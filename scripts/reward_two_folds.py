@@ -18,33 +18,13 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hive.files import write_json_atomic  # noqa: E402
 from hive.reward import RewardModel  # noqa: E402
-from hive.simulate import score_agreement  # noqa: E402
-from hive.train_reward import (ImageCache, Ranking, clip_direction_scores, lead_over_annotator,  # noqa: E402
-                               lead_over_scorer, rankings_from_db, score_rankings, split_experiment)
-
-
-def pair_accuracy(rankings: list[Ranking], scores: list[np.ndarray]) -> tuple[float, int]:
-    """Accuracy against the noise-free order over the pairs it does not tie (each request once)."""
-    seen, right, pairs = set(), 0.0, 0
-    for r, s in zip(rankings, scores):
-        if r.true_quality is not None and r.request_id not in seen:
-            seen.add(r.request_id)
-            a, n = score_agreement(r.true_quality, s)
-            right, pairs = right + a, pairs + n
-    return right / max(pairs, 1), pairs
-
-
-def cross_fitted_scores(forward: Path, reverse: Path, first: list[Ranking], last: list[Ranking],
-                        cache: ImageCache) -> tuple[list[Ranking], list[np.ndarray], RewardModel]:
-    """Every ranking of the simulation with the score of the model that held its request out."""
-    fwd, rev = RewardModel.from_pretrained(forward), RewardModel.from_pretrained(reverse)
-    return last + first, score_rankings(fwd, last, cache) + score_rankings(rev, first, cache), fwd
+from hive.train_reward import (ImageCache, clip_direction_scores, format_lead, lead_over_annotator,  # noqa: E402
+                               lead_over_scorer, rankings_from_db, score_rankings, split_experiment,
+                               true_order_accuracy)
 
 
 def label(model: Path) -> str:
@@ -66,25 +46,25 @@ def main() -> None:
     rankings = rankings_from_db(f"sqlite:///{args.home / 'hive.db'}", home=args.home)
     first, last = split_experiment(rankings, args.test_requests)
     cache = ImageCache()
+    both = last + first  # each half scored by the model that held it out
     results = []
-    baselines = None
-    for f, r in zip(forward, reverse):
-        both, scores, model = cross_fitted_scores(f, r, first, last, cache)
-        if baselines is None:  # the backbone as loaded: the same for every model of one backbone
-            captions = clip_direction_scores(model.clip, model.tokenizer, both, cache)
-            instruction = clip_direction_scores(model.clip, model.tokenizer, both, cache, use_captions=False)
-            baselines = {"clip_direction_accuracy": pair_accuracy(both, captions)[0],
-                         "clip_instruction_direction_accuracy": pair_accuracy(both, instruction)[0]}
-        accuracy, pairs = pair_accuracy(both, scores)
-        row = {"forward": str(f), "reverse": str(r), "true_pair_accuracy": accuracy, "true_pairs": pairs,
-               "lead_over_annotator": lead_over_annotator(both, scores),
+    for k, (f, r) in enumerate(zip(forward, reverse)):
+        fwd = RewardModel.from_pretrained(f)
+        scores = score_rankings(fwd, last, cache) + score_rankings(RewardModel.from_pretrained(r), first, cache)
+        if k == 0:  # the backbone as loaded: the same for every model of one backbone
+            captions = clip_direction_scores(fwd.clip, fwd.tokenizer, both, cache)
+            instruction = clip_direction_scores(fwd.clip, fwd.tokenizer, both, cache, use_captions=False)
+            baselines = {"clip_direction_accuracy": true_order_accuracy(both, captions)["accuracy"],
+                         "clip_instruction_direction_accuracy": true_order_accuracy(both, instruction)["accuracy"]}
+        accuracy = true_order_accuracy(both, scores)
+        row = {"forward": str(f), "reverse": str(r), "true_pair_accuracy": accuracy["accuracy"],
+               "true_pairs": accuracy["pairs"], "lead_over_annotator": lead_over_annotator(both, scores),
                "lead_over_clip_direction": lead_over_scorer(both, scores, captions),
                "lead_over_clip_instruction_direction": lead_over_scorer(both, scores, instruction)}
         results.append(row)
-        la, lc = row["lead_over_annotator"], row["lead_over_clip_direction"]
-        print(f"{label(f)} + {label(r)}: {accuracy:.3f} on {pairs} pairs; annotator lead {la['lead']:+.3f} "
-              f"({la['low']:+.3f} to {la['high']:+.3f}); CLIP captions {baselines['clip_direction_accuracy']:.3f}, "
-              f"lead {lc['lead']:+.3f} ({lc['low']:+.3f} to {lc['high']:+.3f}); CLIP instruction "
+        print(f"{label(f)} + {label(r)}: {row['true_pair_accuracy']:.3f} on {row['true_pairs']} pairs; annotator lead "
+              f"{format_lead(row['lead_over_annotator'])}; CLIP captions {baselines['clip_direction_accuracy']:.3f}, "
+              f"lead {format_lead(row['lead_over_clip_direction'])}; CLIP instruction "
               f"{baselines['clip_instruction_direction_accuracy']:.3f}", flush=True)
     if args.json:
         write_json_atomic(args.json, {"home": str(args.home), "baselines": baselines, "results": results})

@@ -344,6 +344,8 @@ def test_reward_two_folds_counts_each_request_once_over_both_halves():
     from hive.train_reward import Ranking
     from tests.script_loader import load_script
 
+    from hive.train_reward import true_order_accuracy
+
     module = load_script("reward_two_folds")
 
     def ranking(rid: int, q: list[float]) -> Ranking:
@@ -354,7 +356,9 @@ def test_reward_two_folds_counts_each_request_once_over_both_halves():
     rankings = [ranking(1, [0.9, 0.5, 0.1]), ranking(1, [0.9, 0.5, 0.1]), ranking(2, [0.8, 0.8, 0.2])]
     scores = [np.array([3.0, 2.0, 1.0]), np.array([3.0, 2.0, 1.0]), np.array([0.0, 1.0, 2.0])]
     # request 1: 3 pairs, all right; request 2: the 0.8/0.8 pair tied by the truth, the other two wrong
-    assert module.pair_accuracy(rankings, scores) == (3 / 5, 5)
+    assert module.true_order_accuracy is true_order_accuracy  # the experiment's own measure
+    result = module.true_order_accuracy(rankings, scores)
+    assert (result["accuracy"], result["pairs"]) == (3 / 5, 5)
     assert module.label(Path("runs/x/n300/model")) == "n300" and module.label(Path("runs/m")) == "m"
 
 
