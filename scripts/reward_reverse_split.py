@@ -65,8 +65,8 @@ def main() -> None:
             config = dataclasses.replace(base, seed=base.seed + k)
             run = args.out / f"{label.replace(' ', '-')}-seed{config.seed}"
             report = train_reward(rankings, run, config, split=(train, test), progress=False)
-            results.setdefault(label, []).append({"seed": config.seed, **{key: report[key] for key in KEYS}})
-            r = results[label][-1]
+            r = {"seed": config.seed, **{key: report[key] for key in KEYS}}
+            results.setdefault(label, []).append(r)
             print(f"{label} seed {config.seed}: {r['true_pair_accuracy']:.3f} on {r['test_true_pairs']} pairs; "
                   f"one annotator {r['single_annotator_accuracy']:.3f}, CLIP captions "
                   f"{r['clip_direction_accuracy']:.3f}, instruction {r['clip_instruction_direction_accuracy']:.3f}; "

@@ -341,10 +341,8 @@ def test_reward_reverse_split_trains_on_the_experiments_held_out_requests():
 def test_reward_two_folds_counts_each_request_once_over_both_halves():
     """scripts/reward_two_folds.py: accuracy against the noise-free order over all the requests of
     both halves, a request ranked by two annotators counted once, its tied pairs left out."""
-    from hive.train_reward import Ranking
+    from hive.train_reward import Ranking, true_order_accuracy
     from tests.script_loader import load_script
-
-    from hive.train_reward import true_order_accuracy
 
     module = load_script("reward_two_folds")
 
