@@ -783,6 +783,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--locator-steps", type=int,
                        help="steps of the change locator's fit (default 4000; a new setting fits once, ~20 min on "
                             "two CPU threads, kept under $HIVE_HOME/cache)")
+        p.add_argument("--locator-pixels", action=argparse.BooleanOptionalAction, default=None,
+                       help="the change locator also reads the source's pixels through a small conv stem, "
+                            "which sees each object's shape and size (hive/change_locator.py)")
         p.add_argument("--direction-examples", type=int,
                        help="captioned toy edit triplets to fit the direction predictor on (the caption direction "
                             "an instruction asks for, which the direction prior then reads instead of the "

@@ -68,6 +68,9 @@ class RewardConfig:
     # change head: a term comparing the edit's change with where a `hive.change_locator.ChangeLocator`
     # (fitted apart on edit triplets, frozen) expects it: the expected place's changed share and the rest's
     change_locator: bool = False
+    # that locator also reads the source's pixels through a small conv stem (`hive.change_locator.
+    # PixelStem`): the shapes and sizes the toy backbone's patch tokens carry too faintly
+    locator_pixels: bool = False
     # change head: the direction prior's text side is the caption direction a `hive.direction_predictor.
     # DirectionPredictor` (fitted apart on captioned edit triplets, frozen) predicts from the source and
     # the instruction, instead of T(instruction); needs direction_prior != 0
@@ -314,7 +317,8 @@ class RewardModel(nn.Module):
         self.head = nn.ModuleList([make() for _ in range(config.ensemble)])
         self.change_locator: ChangeLocator | None = None
         if config.change_locator:  # fitted apart (hive.change_locator), then frozen
-            self.change_locator = ChangeLocator(int(vision.hidden_size), text_dim, n_patches).requires_grad_(False)
+            self.change_locator = ChangeLocator(int(vision.hidden_size), text_dim, n_patches,
+                                                pixel_stem=config.locator_pixels).requires_grad_(False)
         self.direction_predictor: DirectionPredictor | None = None
         if config.direction_predictor:  # fitted apart (hive.direction_predictor), then frozen
             if config.head_type != "change" or not config.direction_prior:
@@ -449,7 +453,8 @@ class RewardModel(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """`pooled`: projected, L2-normalised image features; `patches` (the change head's
         residual branch only): the patch tokens of the `patch_layers` hidden states, side by side;
-        `last_patches` (with a change locator): the last layer's patch tokens, what it reads."""
+        `last_patches` (with a change locator): the last layer's patch tokens, what it reads;
+        `source_pixels` (with a locator's pixel stem): the pixel values themselves, what the stem reads."""
         want = self.config.head_type == "change" and self.config.residual
         out = self.clip.vision_model(pixel_values=pixel_values, output_hidden_states=want, return_dict=True)
         feats = {"pooled": nn.functional.normalize(self.clip.visual_projection(out.pooler_output), dim=-1)}
@@ -457,6 +462,8 @@ class RewardModel(nn.Module):
             feats["patches"] = torch.cat([out.hidden_states[l][:, 1:] for l in self.config.patch_layers], dim=-1)
         if self.change_locator is not None:
             feats["last_patches"] = out.last_hidden_state[:, 1:]
+            if self.change_locator.stem is not None:
+                feats["source_pixels"] = pixel_values
         return feats
 
     def pixel_change(self, source_pixels: torch.Tensor, edited_pixels: torch.Tensor) -> torch.Tensor:
@@ -486,7 +493,8 @@ class RewardModel(nn.Module):
         (rows, proj_dim) unit vectors, the caption direction it should move the source in."""
         out = dict(text)
         if self.change_locator is not None:
-            out["expected_change"] = torch.sigmoid(self.change_locator(src["last_patches"], text["words"], text["mask"]))
+            out["expected_change"] = torch.sigmoid(self.change_locator(src["last_patches"], text["words"], text["mask"],
+                                                                       src.get("source_pixels")))
         if self.direction_predictor is not None:
             out["expected_direction"] = self.direction_predictor(src["pooled"], text["words"], text["mask"])
         return out

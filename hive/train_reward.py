@@ -370,6 +370,8 @@ class RewardTrainConfig:
     # its fitting steps (4,000; 1,500 until session 33, when 4,000 put 0.902 of its mass on the
     # changed patches instead of 0.798 and the reward model gained with it)
     locator_steps: int = change_locator.DEFAULT_STEPS
+    # the locator also reads the source's pixels through a small conv stem (hive.change_locator.PixelStem)
+    locator_pixels: bool = False
     # captioned toy edit triplets the change head's direction predictor is fitted on (hive.direction_predictor;
     # 0: the direction prior reads T(instruction))
     direction_examples: int = 0
@@ -590,6 +592,7 @@ class FeatureCache:
                     parts.append({k: v for k, v in text.items() if k.startswith("expected_")})
             self.expected = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             self.images.pop("last_patches", None)  # read only by the locator
+            self.images.pop("source_pixels", None)
 
     def batch(self, rankings: list[Ranking]) -> tuple[dict, dict, dict]:
         """(source, edit, text) features, one row per variant of the rankings, in order."""
@@ -671,6 +674,8 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
     if n_locator and (config.head_type != "change" or config.freeze_layers != -1):
         raise ValueError("--locator-examples needs the change head and a frozen backbone (--freeze-layers -1): "
                          "the locator reads the backbone features it was fitted on")
+    if config.locator_pixels and not n_locator:
+        raise ValueError("--locator-pixels is a part of the change locator: it needs --locator-examples > 0")
     if config.direction_examples < 0:
         raise ValueError("direction_examples must be >= 0")
     if config.direction_examples and not toy_backbone:
@@ -689,7 +694,8 @@ def train_reward(rankings: list[Ranking], out: Path, config: RewardTrainConfig,
     if n_locator:
         # fitted once per backbone (seed 0; kept on disk, the default fit ships): like the direction
         # predictor, a fixed, separately fitted part; the repeats of an experiment differ in their heads
-        state, locator_metrics = change_locator.toy_change_locator(backbone, n_locator, steps=config.locator_steps)
+        state, locator_metrics = change_locator.toy_change_locator(backbone, n_locator, steps=config.locator_steps,
+                                                                   pixels=config.locator_pixels)
         model.change_locator.load_state_dict(state)
     if config.direction_examples:
         # one fit per backbone and process (seed 0), like the backbone itself: the repeats of an

@@ -1,6 +1,7 @@
 """How much a change locator could add to a reward model on a simulated store (docs/reward.md, session 29).
 
     python scripts/locator_headroom.py SIM_HOME REWARD_MODEL [--test-requests 300] [--locator-examples 20000]
+        [--locator-pixels]
 
 A change locator says where the instruction should change the source (`hive.change_locator`); the
 reward model's worst pairs are binding mistakes (the named change on the wrong object), which a
@@ -57,6 +58,7 @@ def main() -> None:
     ap.add_argument("--test-requests", type=int, default=300)
     ap.add_argument("--locator-examples", type=int, default=20_000)
     ap.add_argument("--locator-steps", type=int, default=DEFAULT_STEPS)
+    ap.add_argument("--locator-pixels", action="store_true", help="the locator with the pixel stem (session 36)")
     ap.add_argument("--json", type=Path, help="write the table here")
     ap.add_argument("--plot", type=Path, help="draw accuracy by quality gap as a PNG")
     args = ap.parse_args()
@@ -66,8 +68,8 @@ def main() -> None:
     reward_model = RewardModel.from_pretrained(args.model)
     rewards = score_rankings(reward_model, test, cache)
     backbone = reward_model.config.backbone
-    probe = RewardModel.from_backbone(backbone, change_locator=True)
-    state, fit = toy_change_locator(backbone, args.locator_examples, args.locator_steps)
+    probe = RewardModel.from_backbone(backbone, change_locator=True, locator_pixels=args.locator_pixels)
+    state, fit = toy_change_locator(backbone, args.locator_examples, args.locator_steps, pixels=args.locator_pixels)
     probe.change_locator.load_state_dict(state)
     print(f"locator fitted on {fit['examples']} toy edits, {fit['steps']} steps: {fit['val_mass_on_changed']:.3f} of its mass on the "
           f"{fit['val_changed_share']:.3f} of patches that change (held out)")

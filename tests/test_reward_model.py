@@ -546,6 +546,64 @@ def test_change_locator_learns_where_edits_change_and_feeds_the_head(tmp_path):
     assert (good > bad).all(), (good, bad)
 
 
+def test_locator_pixel_stem_reads_the_source_and_reloads(tmp_path):
+    """With `locator_pixels` the locator's map depends on the source's pixels, not only on its patch
+    tokens (the stem sees each object's outline); fitted a few steps, it is saved with the reward
+    model and reloads to the same scores; called without the pixels it is an error, not a guess."""
+    from hive.change_locator import PixelStem, fit_change_locator, locator_inputs, toy_triplets
+    from hive.zoo import TOY_EDIT_CLIP
+
+    model = RewardModel.from_backbone(TOY_EDIT_CLIP, hidden=16, ensemble=1, residual=False, change_locator=True,
+                                      locator_pixels=True)
+    locator, metrics = fit_change_locator(model, *toy_triplets(200), steps=40, progress=False)
+    assert metrics["pixel_stem"] is True and locator.stem is not None
+    model.change_locator.load_state_dict(locator.state_dict())
+    sources, instructions, targets = toy_triplets(6, seed_base=931_000_000)
+    patches, words, mask, pixels = locator_inputs(model, sources, instructions)
+    assert pixels is not None and pixels.shape == (6, 3, 64, 64)
+    with torch.no_grad():
+        straight = model.change_locator(patches, words, mask, pixels)
+        mirrored = model.change_locator(patches, words, mask, pixels.flip(-1))  # same tokens, other pixels
+        assert straight.shape == (6, 64) and not torch.allclose(straight, mirrored)
+        with pytest.raises(ValueError, match="pixels"):
+            model.change_locator(patches, words, mask)
+        # another backbone's grid (224 px, 14 px patches: 16 x 16) is pooled to it
+        assert PixelStem(8, 16)(torch.zeros(2, 3, 224, 224)).shape == (2, 256, 8)
+    fitted = model.score(sources, targets, instructions, normalise=False)
+    again = RewardModel.from_pretrained(model.save_pretrained(tmp_path / "reward"))
+    assert again.config.locator_pixels and again.change_locator.stem is not None
+    np.testing.assert_allclose(again.score(sources, targets, instructions, normalise=False), fitted,
+                               rtol=1e-5, atol=1e-6)
+    # without the stem the locator reads no pixels, and its inputs carry none
+    plain = RewardModel.from_backbone(TOY_EDIT_CLIP, hidden=16, ensemble=1, residual=False, change_locator=True)
+    assert plain.change_locator.stem is None and locator_inputs(plain, sources, instructions)[3] is None
+
+
+def test_locator_pixels_reach_the_fit_and_need_a_locator(tmp_path, monkeypatch):
+    from hive import change_locator
+    from hive.cli import _reward_config, build_parser
+    from hive.zoo import TOY_EDIT_CLIP
+
+    assert _reward_config(build_parser().parse_args(["train-reward", "--locator-pixels"])).locator_pixels is True
+    assert _reward_config(build_parser().parse_args(["train-reward", "--no-locator-pixels"])).locator_pixels is False
+    monkeypatch.setenv("HIVE_HOME", str(tmp_path / "home"))
+    seen = []
+    real = change_locator.toy_change_locator
+    monkeypatch.setattr(change_locator, "toy_change_locator",  # the same shapes, fitted for a moment
+                        lambda backbone, n, steps, pixels: seen.append(pixels)
+                        or real(backbone, 12, steps=2, pixels=pixels))
+    rankings = _write_rankings(tmp_path, 4, 32)
+    base = dict(backbone=str(TOY_EDIT_CLIP), steps=2, batch_size=2, hidden=16, ensemble=1, test_fraction=0.5,
+                checkpoint_every=0, dataset_rankings=0)
+    train_reward(rankings, tmp_path / "run", RewardTrainConfig(locator_pixels=True, **base), progress=False)
+    assert seen == [True]
+    assert RewardModel.from_pretrained(tmp_path / "run" / "model").change_locator.stem is not None
+    with pytest.raises(ValueError, match="locator-pixels"):
+        train_reward(rankings, tmp_path / "run0", RewardTrainConfig(locator_pixels=True, locator_examples=0, **base),
+                     progress=False)
+    assert not (tmp_path / "run0").exists()
+
+
 def test_change_locator_is_refused_off_the_toy_backbone(tiny_clip, tmp_path):
     rankings = _write_rankings(tmp_path, 4, 32)
     cfg = RewardTrainConfig(backbone=str(tiny_clip), steps=2, batch_size=2, hidden=16, test_fraction=0.5,
@@ -580,7 +638,7 @@ def test_locator_steps_reach_the_locator_fit(tmp_path, monkeypatch):
     seen = []
     real = change_locator.toy_change_locator
     monkeypatch.setattr(change_locator, "toy_change_locator",
-                        lambda backbone, n, steps: seen.append(steps) or real(backbone, n, steps=steps))
+                        lambda backbone, n, steps, pixels: seen.append(steps) or real(backbone, n, steps=steps))
     rankings = _write_rankings(tmp_path, 4, 32)
     cfg = RewardTrainConfig(backbone=str(TOY_EDIT_CLIP), steps=2, batch_size=2, hidden=16, ensemble=1,
                             test_fraction=0.5, checkpoint_every=0, dataset_rankings=0, locator_examples=10,
@@ -608,17 +666,18 @@ def test_locator_is_on_by_default_only_where_it_can_work(tmp_path, monkeypatch):
     real = change_locator.toy_change_locator
     monkeypatch.setenv("HIVE_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(change_locator, "toy_change_locator",  # the same shapes, fitted for a moment
-                        lambda backbone, n, steps: seen.append((n, steps)) or real(backbone, 12, steps=2))
+                        lambda backbone, n, steps, pixels: seen.append((n, steps, pixels))
+                        or real(backbone, 12, steps=2))
     rankings = _write_rankings(tmp_path, 4, 32)
     base = dict(steps=2, batch_size=2, hidden=16, ensemble=1, test_fraction=0.5, checkpoint_every=0,
                 dataset_rankings=0)
     report = train_reward(rankings, tmp_path / "run", RewardTrainConfig(backbone=str(TOY_EDIT_CLIP), **base),
                           progress=False)
-    assert seen == [(20_000, 4_000)] and report["change_locator"]["examples"] == 12
+    assert seen == [(20_000, 4_000, False)] and report["change_locator"]["examples"] == 12
     assert RewardModel.from_pretrained(tmp_path / "run" / "model").change_locator is not None
     report = train_reward(rankings, tmp_path / "run1", RewardTrainConfig(backbone=str(TOY_EDIT_CLIP),
                                                                          freeze_layers=1, **base), progress=False)
-    assert seen == [(20_000, 4_000)] and report["change_locator"] is None
+    assert seen == [(20_000, 4_000, False)] and report["change_locator"] is None
 
 
 def test_the_default_locator_fit_ships_for_the_embedded_backbone(monkeypatch, tmp_path):
