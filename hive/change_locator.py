@@ -253,6 +253,7 @@ def toy_change_locator(backbone: str | Path, n: int, steps: int = DEFAULT_STEPS,
     ~20 minutes on two CPU threads at 20,000 examples and 4,000 steps, so it is kept for the
     process (an experiment trains several reward models on one backbone) and on disk
     (`fit_cache_path`, keyed by the backbone's weights and the fit's settings); the default fit
-    for the embedded backbone ships in `zoo.TOY_CHANGE_LOCATOR`."""
+    for the embedded backbone ships in `zoo.TOY_CHANGE_LOCATOR`. `pixels`: the locator with the
+    pixel stem, whose fit does not ship (the models folder's size cap): it is fitted on first use."""
     state, metrics = _toy_fit(str(Path(backbone).resolve()), n, steps, seed, pixels)
     return state, dict(metrics)
