@@ -27,9 +27,10 @@ It found the named object by its colour or place, rarely by its shape or size: a
 editor's mistake (the named change on another object) its map preferred the right object in 0.69
 of shape-only references ("the square") and 0.79 of size references ("the small circle"), 0.94-0.99
 otherwise. `pixel_stem` (`--locator-pixels`, session 36) adds a small conv stem over the source's
-pixels that sees each object's outline: 0.79 and 0.94 (0.891 -> 0.945 in all; held-out mass on
-changed patches 0.902 -> 0.943). It is an option, not the default: the reward model trained with it
-gained +0.006 on one simulation and lost 0.016 on the other (docs/reward.md).
+pixels that sees each object's outline: 0.77-0.79 and 0.94 (0.891 -> 0.932-0.945 in all, two fits;
+held-out mass on changed patches 0.902 -> 0.931-0.943). It is an option, not the default: the
+reward model trained with it moved -0.008 to +0.006 on one simulation and lost 0.016 on the other;
+with `--no-residual` +0.015 and +0.021 (docs/reward.md, session 36).
 """
 
 from __future__ import annotations

@@ -316,6 +316,8 @@ class RewardModel(nn.Module):
 
         self.head = nn.ModuleList([make() for _ in range(config.ensemble)])
         self.change_locator: ChangeLocator | None = None
+        if config.locator_pixels and not config.change_locator:
+            raise ValueError("locator_pixels is a part of the change locator: it needs change_locator=True")
         if config.change_locator:  # fitted apart (hive.change_locator), then frozen
             self.change_locator = ChangeLocator(int(vision.hidden_size), text_dim, n_patches,
                                                 pixel_stem=config.locator_pixels).requires_grad_(False)

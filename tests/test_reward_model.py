@@ -582,6 +582,7 @@ def test_locator_pixel_stem_reads_the_source_and_reloads(tmp_path):
 def test_locator_pixels_reach_the_fit_and_need_a_locator(tmp_path, monkeypatch):
     from hive import change_locator
     from hive.cli import _reward_config, build_parser
+    from hive.train_reward import FeatureCache, ImageCache
     from hive.zoo import TOY_EDIT_CLIP
 
     assert _reward_config(build_parser().parse_args(["train-reward", "--locator-pixels"])).locator_pixels is True
@@ -595,13 +596,24 @@ def test_locator_pixels_reach_the_fit_and_need_a_locator(tmp_path, monkeypatch):
     rankings = _write_rankings(tmp_path, 4, 32)
     base = dict(backbone=str(TOY_EDIT_CLIP), steps=2, batch_size=2, hidden=16, ensemble=1, test_fraction=0.5,
                 checkpoint_every=0, dataset_rankings=0)
-    train_reward(rankings, tmp_path / "run", RewardTrainConfig(locator_pixels=True, **base), progress=False)
-    assert seen == [True]
-    assert RewardModel.from_pretrained(tmp_path / "run" / "model").change_locator.stem is not None
+    report = train_reward(rankings, tmp_path / "run", RewardTrainConfig(locator_pixels=True, **base), progress=False)
+    assert seen == [True] and report["change_locator"]["pixel_stem"] is True
+    model = RewardModel.from_pretrained(tmp_path / "run" / "model")
+    assert model.change_locator.stem is not None
+    # the cached features the heads trained on (the locator's map computed once, from the sources'
+    # pixels) give the saved model's own scores, where two variants share one source row (`owner`)
+    feats = FeatureCache(model, rankings, ImageCache(), "cpu", progress=False)
+    with torch.no_grad():
+        cached = model.head[0](*feats.batch(rankings[:2])).numpy()
+    direct = np.concatenate([model.score([Image.open(r.source_path)] * 3, [Image.open(p) for p in r.variant_paths],
+                                         [r.instruction] * 3, normalise=False) for r in rankings[:2]])
+    np.testing.assert_allclose(cached, direct, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="locator-pixels"):
         train_reward(rankings, tmp_path / "run0", RewardTrainConfig(locator_pixels=True, locator_examples=0, **base),
                      progress=False)
     assert not (tmp_path / "run0").exists()
+    with pytest.raises(ValueError, match="change_locator"):
+        RewardModel.from_backbone(TOY_EDIT_CLIP, hidden=16, locator_pixels=True)
 
 
 def test_change_locator_is_refused_off_the_toy_backbone(tiny_clip, tmp_path):
@@ -725,8 +737,9 @@ def test_toy_locator_fit_is_kept_on_disk_and_reused(tmp_path, monkeypatch):
     others = {change_locator.fit_cache_path(TOY_EDIT_CLIP.resolve(), 12, 4, 5),
               change_locator.fit_cache_path(TOY_EDIT_CLIP.resolve(), 13, 3, 5),
               change_locator.fit_cache_path(TOY_EDIT_CLIP.resolve(), 12, 3, 6),
-              change_locator.fit_cache_path(TOY_CLIP.resolve(), 12, 3, 5)}
-    assert path not in others and len(others) == 4
+              change_locator.fit_cache_path(TOY_CLIP.resolve(), 12, 3, 5),
+              change_locator.fit_cache_path(TOY_EDIT_CLIP.resolve(), 12, 3, 5, pixels=True)}
+    assert path not in others and len(others) == 5
     change_locator._toy_fit.cache_clear()
 
 
