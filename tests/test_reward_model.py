@@ -505,6 +505,21 @@ def test_dataset_rankings_are_fitted_but_never_validated_or_tested(tiny_clip, tm
                            b.score(src, imgs, [r.instruction] * len(imgs), normalise=False))
 
 
+def _assert_cached_features_score_as_the_model(model: RewardModel, rankings: list[Ranking]) -> None:
+    """The features `train_reward` caches once and trains the heads on give the model's own scores
+    (`RewardModel.score`, the forward pass), for the first two rankings."""
+    from hive.train_reward import FeatureCache, ImageCache
+
+    feats = FeatureCache(model, rankings, ImageCache(), "cpu", progress=False)
+    with torch.no_grad():
+        cached = model.head[0](*feats.batch(rankings[:2])).numpy()
+    direct = np.concatenate([model.score([Image.open(r.source_path)] * len(r.variant_paths),
+                                         [Image.open(p) for p in r.variant_paths],
+                                         [r.instruction] * len(r.variant_paths), normalise=False)
+                             for r in rankings[:2]])
+    np.testing.assert_allclose(cached, direct, rtol=1e-4, atol=1e-5)
+
+
 def test_change_locator_learns_where_edits_change_and_feeds_the_head(tmp_path):
     """Fitted on toy edits, the locator puts more of its expected change on the patches the edit
     changes than their share of the grid; the head's locator term (cover - 2 spill, untrained)
@@ -582,7 +597,6 @@ def test_locator_pixel_stem_reads_the_source_and_reloads(tmp_path):
 def test_locator_pixels_reach_the_fit_and_need_a_locator(tmp_path, monkeypatch):
     from hive import change_locator
     from hive.cli import _reward_config, build_parser
-    from hive.train_reward import FeatureCache, ImageCache
     from hive.zoo import TOY_EDIT_CLIP
 
     assert _reward_config(build_parser().parse_args(["train-reward", "--locator-pixels"])).locator_pixels is True
@@ -602,12 +616,7 @@ def test_locator_pixels_reach_the_fit_and_need_a_locator(tmp_path, monkeypatch):
     assert model.change_locator.stem is not None
     # the cached features the heads trained on (the locator's map computed once, from the sources'
     # pixels) give the saved model's own scores, where two variants share one source row (`owner`)
-    feats = FeatureCache(model, rankings, ImageCache(), "cpu", progress=False)
-    with torch.no_grad():
-        cached = model.head[0](*feats.batch(rankings[:2])).numpy()
-    direct = np.concatenate([model.score([Image.open(r.source_path)] * 3, [Image.open(p) for p in r.variant_paths],
-                                         [r.instruction] * 3, normalise=False) for r in rankings[:2]])
-    np.testing.assert_allclose(cached, direct, rtol=1e-4, atol=1e-5)
+    _assert_cached_features_score_as_the_model(model, rankings)
     with pytest.raises(ValueError, match="locator-pixels"):
         train_reward(rankings, tmp_path / "run0", RewardTrainConfig(locator_pixels=True, locator_examples=0, **base),
                      progress=False)
@@ -780,7 +789,6 @@ def test_reward_training_with_a_direction_predictor_scores_as_it_trained(tmp_pat
     trained on give the saved model's own scores (the cache computes the predicted direction the
     way the forward pass does)."""
     from hive import direction_predictor
-    from hive.train_reward import FeatureCache, ImageCache
     from hive.zoo import TOY_EDIT_CLIP
 
     fit = direction_predictor.toy_direction_predictor
@@ -793,12 +801,7 @@ def test_reward_training_with_a_direction_predictor_scores_as_it_trained(tmp_pat
     assert report["direction_predictor"]["examples"] == 50 and report["direction_predictor"]["steps"] == 20
     model = RewardModel.from_pretrained(tmp_path / "run" / "model")
     assert model.direction_predictor is not None
-    feats = FeatureCache(model, rankings, ImageCache(), "cpu", progress=False)
-    with torch.no_grad():
-        cached = model.head[0](*feats.batch(rankings[:2])).numpy()
-    direct = np.concatenate([model.score([Image.open(r.source_path)] * 3, [Image.open(p) for p in r.variant_paths],
-                                         [r.instruction] * 3, normalise=False) for r in rankings[:2]])
-    np.testing.assert_allclose(cached, direct, rtol=1e-4, atol=1e-5)
+    _assert_cached_features_score_as_the_model(model, rankings)
 
 
 def test_direction_predictor_is_refused_off_the_toy_backbone_or_without_its_prior(tiny_clip, tmp_path):
