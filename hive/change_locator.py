@@ -155,6 +155,15 @@ def changed_share(model, sources: list[Image.Image], edited: list[Image.Image], 
     return torch.cat(out)
 
 
+def cover_and_spill(changed: torch.Tensor, expected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of `changed` (rows, patches: each patch's changed share): the share of the expected
+    place that changed (cover) and the share of the rest that changed (spill); `expected` is a map
+    in [0, 1] per row (rows, patches) or one for all rows (patches,)."""
+    cover = (changed * expected).sum(-1) / expected.sum(-1).clamp(min=1e-6)
+    spill = (changed * (1 - expected)).sum(-1) / (1 - expected).sum(-1).clamp(min=1e-6)
+    return cover, spill
+
+
 def fit_change_locator(model, sources: list[Image.Image], instructions: list[str], targets: list[Image.Image],
                        steps: int = DEFAULT_STEPS, seed: int = 0, val_fraction: float = 0.1,
                        progress: bool = True) -> tuple[ChangeLocator, dict]:

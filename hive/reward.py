@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from hive.change_locator import ChangeLocator
+from hive.change_locator import ChangeLocator, cover_and_spill
 from hive.direction_predictor import DirectionPredictor
 from hive.train_clip import CLIP_MEAN, CLIP_STD
 
@@ -260,8 +260,7 @@ class ChangeHead(nn.Module):
         if self.locator_term:
             expected = text["expected_change"]  # RewardModel.with_expected_change, or FeatureCache
             changed = 1 - pix[..., KEEP_COLUMN]
-            cover = (changed * expected).sum(1) / expected.sum(1).clamp(min=1e-6)
-            spill = (changed * (1 - expected)).sum(1) / (1 - expected).sum(1).clamp(min=1e-6)
+            cover, spill = cover_and_spill(changed, expected)
             out = out + (self.locator_norm(torch.stack([cover, spill], dim=1)) * self.b).sum(1)
         if self.speck_prior:  # the speck share is pixel_change's last column
             out = out + self.c * self.speck_norm(pix[..., -1].mean(1, keepdim=True))[:, 0]

@@ -28,6 +28,7 @@ from hive.change_locator import (DEFAULT_EXAMPLES, DEFAULT_STEPS, LOCATOR_SEED_B
 from hive.files import write_json_atomic  # noqa: E402
 from hive.reward import RewardModel  # noqa: E402
 from hive.zoo import TOY_EDIT_CLIP  # noqa: E402
+from locator_headroom import cover_minus_spill  # noqa: E402  (scripts/, the script's own folder, is on sys.path)
 
 
 def reference(instruction: str) -> str:
@@ -68,14 +69,9 @@ def main() -> None:
         refs.append(reference(example.edit.instruction))
     patches, words, mask, pixels = locator_inputs(model, sources, instructions)
     with torch.no_grad():
-        expected = torch.sigmoid(model.change_locator(patches, words, mask, pixels))
-
-    def cover_minus_spill(changed: torch.Tensor) -> torch.Tensor:  # per row, each with its own map
-        cover = (changed * expected).sum(1) / expected.sum(1).clamp(min=1e-6)
-        return cover - (changed * (1 - expected)).sum(1) / (1 - expected).sum(1).clamp(min=1e-6)
-
-    right = (cover_minus_spill(changed_share(model, sources, clean))
-             > cover_minus_spill(changed_share(model, sources, wrong))).numpy()
+        expected = torch.sigmoid(model.change_locator(patches, words, mask, pixels))  # one map per edit
+    right = (cover_minus_spill(changed_share(model, sources, clean), expected)
+             > cover_minus_spill(changed_share(model, sources, wrong), expected))
     kinds_a, refs_a = np.array(kinds), np.array(refs)
     table = {"all": {"pairs": len(right), "right": float(right.mean())}}
     for name, column in (("kind", kinds_a), ("reference", refs_a)):

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hive import toy  # noqa: E402
-from hive.change_locator import DEFAULT_STEPS, changed_share, toy_change_locator  # noqa: E402
+from hive.change_locator import DEFAULT_STEPS, changed_share, cover_and_spill, toy_change_locator  # noqa: E402
 from hive.files import save_figure_atomic, write_json_atomic  # noqa: E402
 from hive.reward import RewardModel  # noqa: E402
 from hive.simulate import truly_ordered_pairs  # noqa: E402
@@ -39,9 +39,8 @@ from reward_errors import GAPS  # noqa: E402  (scripts/, the script's own folder
 
 
 def cover_minus_spill(changed: torch.Tensor, expected: torch.Tensor) -> np.ndarray:
-    """(variants, patches) changed shares against a (patches,) expected map in [0, 1]."""
-    cover = (changed * expected).sum(1) / expected.sum().clamp(min=1e-6)
-    spill = (changed * (1 - expected)).sum(1) / (1 - expected).sum().clamp(min=1e-6)
+    """(variants, patches) changed shares against an expected map in [0, 1], (patches,) or one per row."""
+    cover, spill = cover_and_spill(changed, expected)
     return (cover - spill).numpy()
 
 
